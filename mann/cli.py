@@ -1,0 +1,236 @@
+"""`mann train | evaluate | data | bench`.
+
+Bad input (config, data, arguments) exits with status 2 and one line naming the culprit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError, DataConfig, load_train_config
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage dump
+        raise SystemExit(_fail(f"{self.prog}: {message}"))
+
+
+def _fail(message: str) -> int:
+    print(f"mann: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+class _Progress:
+    """Progress on stderr (a bar when it is a terminal) and one line per evaluation on stdout."""
+
+    def __init__(self, total_episodes: int):
+        from .train import Callback
+
+        self.total = total_episodes
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+        self.last = 0.0
+        outer = self
+
+        class _CB(Callback):
+            def on_step(self, step, episodes):
+                outer.step(episodes)
+
+            def on_eval(self, report):
+                outer.eval(report)
+
+        self.callback = _CB()
+
+    def step(self, episodes: int) -> None:
+        now = time.perf_counter()
+        if not self.tty or now - self.last < 0.5:
+            return
+        self.last = now
+        frac = min(1.0, episodes / self.total)
+        bar = "#" * int(30 * frac)
+        rate = episodes / max(now - self.t0, 1e-9)
+        print(f"\r[{bar:<30}] {episodes}/{self.total} episodes  {rate:.0f} ep/s", end="", file=sys.stderr)
+
+    def eval(self, report) -> None:
+        if self.tty:
+            print("\r" + " " * 70 + "\r", end="", file=sys.stderr)
+        accs = " ".join(f"{k + 1}:{a * 100:5.1f}" for k, a in enumerate(report.val.accuracy_by_instance))
+        elapsed = time.perf_counter() - self.t0
+        print(
+            f"episodes {report.episodes:>7}  train_loss {report.train_loss:.4f}  {report.val.split}_loss "
+            f"{report.val.loss:.4f}  acc by instance % {accs}  ({elapsed:.0f}s)",
+            flush=True,
+        )
+
+
+def cmd_train(args) -> int:
+    from .train import train
+
+    cfg = load_train_config(args.config, args.set)
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
+    progress = _Progress(cfg.train.episodes)
+    print(f"training {cfg.model.kind} on {cfg.task.classes} classes x {cfg.task.instances} instances; out: {out}")
+    result = train(cfg, callbacks=[progress.callback], out_dir=out, resume_from=args.resume)
+    print(f"done: {result.episodes} episodes, checkpoint {result.checkpoint}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import dataclasses
+
+    import torch
+
+    from .train import evaluate, load_checkpoint, load_splits, make_sampler, model_from_checkpoint, resolve_device
+
+    payload = load_checkpoint(args.checkpoint)
+    model, cfg = model_from_checkpoint(payload)
+    data = cfg.data
+    if args.data_dir:
+        data = dataclasses.replace(data, data_dir=args.data_dir)
+    elif data.data_dir and not Path(data.data_dir).exists():
+        data = dataclasses.replace(data, data_dir=None)  # a path from another machine: fall back to MANN_DATA_DIR
+    cfg = dataclasses.replace(cfg, data=data)
+    device = resolve_device(args.device)
+    model.to(device)
+    sampler = make_sampler(load_splits(cfg.data), args.split, cfg)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        result = evaluate(model, sampler, cfg.task, args.episodes, args.seed, device, split=args.split)
+    seconds = time.perf_counter() - t0
+    out = result.as_dict()
+    out.update(checkpoint=str(args.checkpoint), seed=args.seed, trained_episodes=payload.get("episodes"),
+               model=cfg.model.kind, seconds=round(seconds, 2))
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    cols = [k for k in (1, 2, 3, 4, 5, 10) if k <= cfg.task.instances]
+    print(f"{cfg.model.kind} checkpoint {args.checkpoint} ({payload.get('episodes')} training episodes)")
+    print(f"{args.split} split, {args.episodes} episodes, seed {args.seed}: accuracy (%) by instance, 95% CI")
+    print("  ".join(f"{k:>11}" for k in ("1st", "2nd", "3rd", "4th", "5th", "10th")[: len(cols)]))
+    print("  ".join(
+        f"{result.accuracy_by_instance[k - 1] * 100:5.1f}±{result.ci95[k - 1] * 100:4.1f}".rjust(11) for k in cols
+    ))
+    return 0
+
+
+def cmd_data(args) -> int:
+    from . import omniglot
+
+    cfg = DataConfig(
+        data_dir=args.data_dir, cache_dir=args.cache_dir, image_size=args.image_size,
+        verify_counts=not args.no_verify_counts,
+    )
+    if args.action == "download":
+        for path in omniglot.download(cfg.resolved_data_dir()):
+            print(f"ok {path}")
+        return 0
+    info = omniglot.describe(cfg)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"data dir   {info['data_dir']}")
+    for name, path in info["sources"].items():
+        print(f"  {name:<18} {path}  ({info['characters_per_source'].get(name, 0)} characters)")
+    print(f"characters {info['characters']} in {info['alphabets']} alphabets, {info['drawers']} drawers each")
+    print(f"images     {info['image_size']}x{info['image_size']} uint8, digest {info['digest'][:16]}")
+    state = "hit" if info["from_cache"] else "built"
+    print(f"cache      {info['cache']} ({state}, {info['load_seconds']} s)")
+    s = info["split"]
+    print(f"split      train {s['train']} (+rotations: {s['train_classes_with_rotations']} classes), "
+          f"val {s['val']}, test {s['test']}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="mann", description="Memory-Augmented Neural Networks (Santoro et al. 2016) on Omniglot")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a model from a YAML config")
+    t.add_argument("--config", required=True, help="configs/mann/<name>.yaml")
+    t.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value")
+    t.add_argument("--out", help="output directory (checkpoint.pt, metrics.jsonl); default runs/train-<time>")
+    t.add_argument("--resume", help="checkpoint file or directory to continue from")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("evaluate", help="accuracy by instance number of a checkpoint")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--split", choices=["test", "val", "train"], default="test")
+    e.add_argument("--episodes", type=_positive_int, default=1000)
+    e.add_argument("--seed", type=_int, default=0)
+    e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    e.add_argument("--data-dir", help="Omniglot directory (default: the checkpoint's, else MANN_DATA_DIR)")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(fn=cmd_evaluate)
+
+    d = sub.add_parser("data", help="check or download Omniglot")
+    d.add_argument("action", choices=["check", "download"])
+    d.add_argument("--data-dir", help="default: MANN_DATA_DIR")
+    d.add_argument("--cache-dir", help="default: MANN_CACHE_DIR, else ~/.cache/mann-search")
+    d.add_argument("--image-size", type=_positive_int, default=20)
+    d.add_argument("--no-verify-counts", action="store_true", help="accept a reduced data set")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(fn=cmd_data)
+
+    b = sub.add_parser("bench", help="time training steps (episodes/s)")
+    b.add_argument("--config", default=None, help="default: configs/mann/paper.yaml settings")
+    b.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
+    b.add_argument("--batch-size", type=_positive_int)
+    b.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    b.add_argument("--steps", type=_positive_int, default=20, help="timed steps per repeat")
+    b.add_argument("--repeats", type=_positive_int, default=5)
+    b.add_argument("--warmup", type=_int, default=3)
+    b.add_argument("--threads", type=_positive_int)
+    b.add_argument("--compare-plain", action="store_true", help="also time the plain step-by-step port")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .omniglot import DataError
+    from .train import TrainingDiverged
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
+        return _fail(str(exc))
+    except TrainingDiverged as exc:
+        print(f"mann: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mann: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""LRUA memory math (Santoro et al. 2016, section 3) as pure functions of tensors.
+
+No state and no ``nn.Module`` here: the model wires these functions together and carries the memory in an
+explicit state tuple. Shapes: ``B`` batch, ``R`` read heads (= write heads), ``N`` memory slots, ``W`` memory
+width. Equation numbers refer to the paper:
+
+- Eq. 2  cosine similarity        K(k_t, M_t(i)) = k_t . M_t(i) / (||k_t|| ||M_t(i)||)
+- Eq. 3  read weights             w_r_t(i) = softmax_i K(k_t, M_t(i))
+- Eq. 4  read vector              r_t = sum_i w_r_t(i) M_t(i)
+- Eq. 5  usage                    w_u_t = gamma w_u_{t-1} + w_r_t + w_w_t
+- Eq. 6  least-used weights       w_lu_t(i) = 1 if w_u_t(i) <= m(w_u_t, n) else 0  (m: n-th smallest)
+- Eq. 7  write weights            w_w_t = sigmoid(alpha) w_r_{t-1} + (1 - sigmoid(alpha)) w_lu_{t-1}
+- Eq. 8  write                    M_t(i) = M_{t-1}(i) + w_w_t(i) k_t
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+EPS = 1e-8
+
+
+def cosine_similarity(keys: Tensor, memory: Tensor, eps: float = EPS) -> Tensor:
+    """Eq. 2: cosine similarity of every key with every memory row.
+
+    Args:
+        keys: ``[B, R, W]``.
+        memory: ``[B, N, W]``.
+        eps: added to each norm, so an all-zero row or key gives similarity 0, never 0/0.
+
+    Returns:
+        ``[B, R, N]``.
+    """
+    dots = torch.bmm(keys, memory.transpose(1, 2))  # (B, R, N)
+    key_norm = keys.norm(dim=-1, keepdim=True) + eps  # (B, R, 1)
+    mem_norm = memory.norm(dim=-1).unsqueeze(1) + eps  # (B, 1, N)
+    return dots / (key_norm * mem_norm)
+
+
+def content_read_weights(keys: Tensor, memory: Tensor, strength: Tensor | None = None) -> Tensor:
+    """Eq. 3: softmax over memory rows of the cosine similarity.
+
+    Args:
+        keys: ``[B, R, W]``.
+        memory: ``[B, N, W]``.
+        strength: optional ``[B, R]`` multiplier of the similarities before the softmax (NTM's key strength;
+            the paper uses none, which equals a strength of 1).
+
+    Returns:
+        ``[B, R, N]``, each row summing to 1.
+    """
+    sim = cosine_similarity(keys, memory)
+    if strength is not None:
+        sim = sim * strength.unsqueeze(-1)
+    return torch.softmax(sim, dim=-1)
+
+
+def read(memory: Tensor, read_weights: Tensor) -> Tensor:
+    """Eq. 4: read vectors, the weighted sum of memory rows.
+
+    Args:
+        memory: ``[B, N, W]``.
+        read_weights: ``[B, R, N]``.
+
+    Returns:
+        ``[B, R, W]``.
+    """
+    return torch.bmm(read_weights, memory)
+
+
+def update_usage(usage_prev: Tensor, read_weights: Tensor, write_weights: Tensor, gamma: float) -> Tensor:
+    """Eq. 5: decayed usage plus this step's reads and writes, summed over heads.
+
+    Args:
+        usage_prev: ``[B, N]``, w_u_{t-1}.
+        read_weights: ``[B, R, N]``, w_r_t.
+        write_weights: ``[B, R, N]``, w_w_t.
+        gamma: decay in (0, 1].
+
+    Returns:
+        ``[B, N]``, w_u_t.
+    """
+    return gamma * usage_prev + read_weights.sum(1) + write_weights.sum(1)
+
+
+def least_used_order(usage: Tensor) -> Tensor:
+    """Slot indices from least to most used; ties go to the lower index (stable sort).
+
+    Args:
+        usage: ``[B, N]``.
+
+    Returns:
+        ``[B, N]`` int64.
+    """
+    return torch.sort(usage, dim=-1, stable=True).indices
+
+
+def least_used(usage: Tensor, n: int) -> Tensor:
+    """Eq. 6: 1 on the ``n`` least-used slots, 0 elsewhere (n = number of reads in the paper).
+
+    Ties at the n-th smallest usage are broken towards the lower slot index, so exactly ``n`` slots are marked
+    (the paper's ``<=`` would mark every tied slot).
+
+    Args:
+        usage: ``[B, N]``.
+        n: number of slots to mark, ``1 <= n <= N``.
+
+    Returns:
+        ``[B, N]``, same dtype as ``usage``, no gradient.
+    """
+    idx = least_used_order(usage)[:, :n]
+    return usage.new_zeros(usage.shape).scatter_(1, idx, 1.0)
+
+
+def write_weights(alpha: Tensor, read_weights_prev: Tensor, least_used_prev: Tensor) -> Tensor:
+    """Eq. 7: interpolate between the previously read slots and the least-used slots.
+
+    Args:
+        alpha: ``[B, R]`` gate logits, one per head.
+        read_weights_prev: ``[B, R, N]``, w_r_{t-1}.
+        least_used_prev: ``[B, N]``, w_lu_{t-1} (shared by all heads).
+
+    Returns:
+        ``[B, R, N]``, w_w_t.
+    """
+    gate = torch.sigmoid(alpha).unsqueeze(-1)  # (B, R, 1)
+    return gate * read_weights_prev + (1.0 - gate) * least_used_prev.unsqueeze(1)
+
+
+def zero_rows(memory: Tensor, slots: Tensor) -> Tensor:
+    """Set one row per batch element to zero (the least-used slot, before the write).
+
+    Args:
+        memory: ``[B, N, W]``.
+        slots: ``[B]`` int64 row index per batch element.
+
+    Returns:
+        ``[B, N, W]``.
+    """
+    keep = torch.ones(memory.shape[:2], dtype=memory.dtype, device=memory.device)
+    keep.scatter_(1, slots.unsqueeze(1), 0.0)  # (B, N)
+    return memory * keep.unsqueeze(-1)
+
+
+def write(memory_prev: Tensor, write_weights: Tensor, content: Tensor) -> Tensor:
+    """Eq. 8: add each head's content to memory in proportion to its write weights.
+
+    Args:
+        memory_prev: ``[B, N, W]``.
+        write_weights: ``[B, R, N]``.
+        content: ``[B, R, W]`` (the key k_t in the paper).
+
+    Returns:
+        ``[B, N, W]``.
+    """
+    return memory_prev + torch.bmm(write_weights.transpose(1, 2), content)

@@ -1,0 +1,354 @@
+"""The one training loop, evaluation by instance number, and checkpoints.
+
+``train(cfg, callbacks)`` is called by the CLI, the tests and the search service's trainable alike; extras come
+in as :class:`Callback` objects, never as a copied loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from .config import ConfigError, DataConfig, OptimConfig, TaskConfig, TrainConfig, train_config_from_dict
+from .episodes import EpisodeSampler, accuracy_by_instance
+from .model import MANN, build_model, episode_loss, predict
+from .omniglot import Splits, load_omniglot, make_splits
+
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, step: int, episodes: int, loss: float):
+        self.step, self.episodes, self.loss = step, episodes, loss
+        super().__init__(
+            f"training diverged: loss is {loss} at step {step} (episode {episodes}); "
+            "lower train.lr or set train.grad_clip"
+        )
+
+
+@dataclass
+class EvalResult:
+    """Accuracy by instance number on fixed episodes, with 95 % confidence half-widths."""
+
+    split: str
+    episodes: int
+    loss: float
+    accuracy_by_instance: list[float]  # index k-1: accuracy at the k-th instance
+    ci95: list[float]
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.accuracy_by_instance) / len(self.accuracy_by_instance)
+
+    @property
+    def accuracy_2plus(self) -> float:
+        """Mean accuracy over the 2nd..K-th instances (the search's default objective)."""
+        rest = self.accuracy_by_instance[1:] or self.accuracy_by_instance
+        return sum(rest) / len(rest)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "split": self.split,
+            "episodes": self.episodes,
+            "loss": self.loss,
+            "accuracy": self.accuracy,
+            "accuracy_2plus": self.accuracy_2plus,
+            "accuracy_by_instance": {str(k + 1): a for k, a in enumerate(self.accuracy_by_instance)},
+            "ci95_by_instance": {str(k + 1): c for k, c in enumerate(self.ci95)},
+        }
+
+
+@dataclass
+class EvalReport:
+    """What a callback receives at every evaluation."""
+
+    step: int
+    episodes: int  # training episodes so far
+    train_loss: float  # mean training loss since the last evaluation
+    val: EvalResult
+    checkpoint: Path | None  # the checkpoint written at this evaluation, if any
+    timings: dict[str, float]  # cumulative seconds: train (steps), eval, checkpoint, data
+    done: bool  # the last evaluation of the run
+
+    def metrics(self) -> dict[str, float]:
+        """Flat metric names for loggers."""
+        out: dict[str, float] = {
+            "episodes": float(self.episodes),
+            "train/loss": self.train_loss,
+            "val/loss": self.val.loss,
+            "val/acc": self.val.accuracy,
+            "val/acc_2plus": self.val.accuracy_2plus,
+        }
+        for k, a in enumerate(self.val.accuracy_by_instance):
+            out[f"val/acc_{k + 1}"] = a
+        steps = self.timings.get("train", 0.0)
+        if steps > 0:
+            out["train/episodes_per_s"] = self.episodes_trained_here / steps
+        for name, sec in self.timings.items():
+            out[f"time/{name}_s"] = sec
+        return out
+
+    episodes_trained_here: int = 0
+
+
+class Callback:
+    """Hooks into :func:`train`; override what you need."""
+
+    def on_start(self, cfg: TrainConfig, model: MANN, start_step: int) -> None:
+        pass
+
+    def on_step(self, step: int, episodes: int) -> None:
+        pass
+
+    def on_eval(self, report: EvalReport) -> None:
+        pass
+
+
+@dataclass
+class TrainResult:
+    model: MANN
+    history: list[dict[str, Any]]
+    final: EvalReport | None
+    checkpoint: Path | None
+    steps: int
+    episodes: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' requested but no CUDA device is available")
+    return torch.device(name)
+
+
+@functools.lru_cache(maxsize=2)
+def load_splits(cfg: DataConfig) -> Splits:
+    """Omniglot splits for a data config (cached in-process; the preprocessed array is cached on disk)."""
+    return make_splits(load_omniglot(cfg), cfg)
+
+
+def make_sampler(splits: Splits, split: str, cfg: TrainConfig) -> EpisodeSampler:
+    pool = getattr(splits, split)
+    try:
+        return EpisodeSampler(pool, cfg.task, max_shift=cfg.data.max_shift if split == "train" else 0)
+    except ValueError as exc:
+        raise ConfigError(f"{exc} ({split} split)") from None
+
+
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(model.parameters(), lr=cfg.lr, alpha=cfg.rmsprop_decay, momentum=cfg.momentum)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+
+@torch.no_grad()
+def evaluate(
+    model: MANN,
+    sampler: EpisodeSampler,
+    task: TaskConfig,
+    episodes: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+    split: str = "val",
+) -> EvalResult:
+    """Accuracy by instance number on ``episodes`` episodes drawn with ``seed`` (the same ones every call)."""
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    per_episode, loss_sum = [], 0.0
+    done = 0
+    while done < episodes:
+        n = min(batch_size, episodes - done)
+        ep = sampler.sample(n, g).to(device)
+        logits = model(ep.inputs)
+        loss_sum += float(episode_loss(logits, ep.labels, task)) * n
+        per_episode.append(accuracy_by_instance(predict(logits, task), ep.labels, ep.instance, task.instances))
+        done += n
+    model.train(was_training)
+    acc = torch.cat(per_episode).double().cpu()  # (episodes, K)
+    mean = acc.mean(0)
+    std = acc.std(0, unbiased=True) if episodes > 1 else torch.zeros_like(mean)
+    ci = 1.96 * std / math.sqrt(episodes)
+    return EvalResult(split, episodes, loss_sum / episodes, mean.tolist(), ci.tolist())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: state dicts and plain data only, loaded with weights_only=True.
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # never a half-written checkpoint
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file (or ``DIR/checkpoint.pt``) safely; errors name the file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged or foreign file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ValueError(f"{path}: not a readable mann checkpoint ({exc.__class__.__name__}: {first[:200]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a mann checkpoint (format {CHECKPOINT_FORMAT})")
+    return payload
+
+
+def model_from_checkpoint(payload: dict[str, Any]) -> tuple[MANN, TrainConfig]:
+    cfg = train_config_from_dict(payload["config"])
+    model = build_model(cfg.model, cfg.task, cfg.data.image_size)
+    model.load_state_dict(payload["model"])
+    return model, cfg
+
+
+def _check_resumable(cfg: TrainConfig, saved: dict[str, Any]) -> None:
+    current = cfg.to_dict()
+    for section in ("model", "task"):
+        if current[section] != saved[section]:
+            diff = [k for k in current[section] if current[section][k] != saved[section].get(k)]
+            raise ConfigError(f"{section}.{diff[0]}: differs from the checkpoint being resumed")
+    if current["data"]["image_size"] != saved["data"]["image_size"]:
+        raise ConfigError("data.image_size: differs from the checkpoint being resumed")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def train(
+    cfg: TrainConfig,
+    callbacks: Iterable[Callback] = (),
+    out_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
+) -> TrainResult:
+    """Train a model as ``cfg`` says, evaluating every ``train.eval_every`` episodes.
+
+    With ``out_dir``, a checkpoint (``checkpoint.pt``) is written at every evaluation and each evaluation is
+    appended to ``metrics.jsonl``. ``resume_from`` (a checkpoint file or directory) continues exactly where that
+    run stopped: model, optimizer, episode RNG and step.
+    """
+    callbacks = list(callbacks)
+    opt_cfg = cfg.train
+    if opt_cfg.threads:
+        torch.set_num_threads(opt_cfg.threads)
+    device = resolve_device(opt_cfg.device)
+    timings = {"data": 0.0, "train": 0.0, "eval": 0.0, "checkpoint": 0.0}
+
+    t0 = time.perf_counter()
+    splits = load_splits(cfg.data)
+    train_sampler = make_sampler(splits, "train", cfg)
+    val_sampler = make_sampler(splits, "val", cfg) if len(splits.val) else None
+    timings["data"] += time.perf_counter() - t0
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, cfg.task, cfg.data.image_size).to(device)
+    optimizer = make_optimizer(model, opt_cfg)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)  # training episodes only
+    step, history = 0, []
+    if resume_from is not None:
+        saved = load_checkpoint(resume_from)
+        _check_resumable(cfg, saved["config"])
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        gen.set_state(saved["generator"])
+        step = int(saved["step"])
+        history = list(saved.get("history", []))
+
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt_path = out / CHECKPOINT_NAME if out is not None else None
+    B = opt_cfg.batch_size
+    total_steps = max(1, math.ceil(opt_cfg.episodes / B))
+    eval_steps = max(1, opt_cfg.eval_every // B)
+    start_step = step
+    for cb in callbacks:
+        cb.on_start(cfg, model, step)
+
+    model.train()
+    loss_sum, loss_n = torch.zeros((), device=device), 0
+    final: EvalReport | None = None
+    while step < total_steps:
+        t_step = time.perf_counter()
+        ep = train_sampler.sample(B, gen).to(device)
+        loss = episode_loss(model(ep.inputs), ep.labels, cfg.task)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(step + 1, (step + 1) * B, float(loss.detach()))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if opt_cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
+        optimizer.step()
+        loss_sum += loss.detach()
+        loss_n += 1
+        step += 1
+        timings["train"] += time.perf_counter() - t_step
+        for cb in callbacks:
+            cb.on_step(step, step * B)
+
+        if step % eval_steps == 0 or step == total_steps:
+            t_eval = time.perf_counter()
+            sampler = val_sampler or make_sampler(splits, "test", cfg)
+            val = evaluate(
+                model, sampler, cfg.task, opt_cfg.eval_episodes, opt_cfg.eval_seed, device,
+                split="val" if val_sampler else "test",
+            )
+            timings["eval"] += time.perf_counter() - t_eval
+            report = EvalReport(
+                step=step,
+                episodes=step * B,
+                train_loss=float(loss_sum) / max(loss_n, 1),
+                val=val,
+                checkpoint=None,
+                timings=dict(timings),
+                done=step == total_steps,
+                episodes_trained_here=(step - start_step) * B,
+            )
+            loss_sum.zero_()
+            loss_n = 0
+            history.append({"step": step, **report.metrics()})
+            if out is not None:
+                t_ckpt = time.perf_counter()
+                save_checkpoint(
+                    ckpt_path,
+                    {
+                        "format": CHECKPOINT_FORMAT,
+                        "config": cfg.to_dict(),
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "generator": gen.get_state(),
+                        "step": step,
+                        "episodes": step * B,
+                        "history": history,
+                    },
+                )
+                with open(out / METRICS_NAME, "a") as f:
+                    f.write(json.dumps({"step": step, **report.metrics(), "val": val.as_dict()}) + "\n")
+                timings["checkpoint"] += time.perf_counter() - t_ckpt
+                report.checkpoint = ckpt_path
+                report.timings = dict(timings)
+            final = report
+            for cb in callbacks:
+                cb.on_eval(report)
+    return TrainResult(model, history, final, ckpt_path if out else None, step, step * B, timings)

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create (or refresh) the project's virtual environment in .venv: torch 2.13.0 first (the CPU build that pip
+# finds locally; a bare `torch` would pull a multi-GB CUDA build), then the project with its test extra.
+# Usage: scripts/install.sh [--fresh]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [[ "${1:-}" == "--fresh" || ! -x .venv/bin/python ]]; then
+  "$PY" -m venv --clear .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -c "import torch, ray, optuna, mlflow, mann, search; print(f'installed: torch {torch.__version__}, ray {ray.__version__}, optuna {optuna.__version__}, mlflow {mlflow.__version__}')"

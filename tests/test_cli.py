@@ -1,0 +1,81 @@
+"""`mann` CLI end to end (subprocesses): train, evaluate --json, data check, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .test_config import REPO
+from .test_train import TINY
+
+
+def mann(*args, env=None, timeout=300):
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "mann.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env=full_env)
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_smoke_config_trains_and_evaluates(tmp_path, omniglot_dir):
+    out = tmp_path / "run"
+    proc = mann("train", "--config", "configs/mann/smoke.yaml", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "acc by instance" in proc.stdout and (out / "checkpoint.pt").exists()
+    proc = mann("evaluate", "--checkpoint", str(out), "--split", "test", "--episodes", "50", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["split"] == "test" and result["episodes"] == 50
+    assert set(result["accuracy_by_instance"]) == {"1", "2", "3", "4"}
+    assert all(0.0 <= v <= 1.0 for v in result["accuracy_by_instance"].values())
+    table = mann("evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--episodes", "20")
+    assert table.returncode == 0 and "1st" in table.stdout and "±" in table.stdout
+
+
+def test_data_check(omniglot_dir):
+    proc = mann("data", "check", "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["characters"] == 1623 and info["split"] == {
+        "train": 1100, "val": 100, "test": 423, "train_classes_with_rotations": 4400}
+
+
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (["train", "--config", "configs/mann/nope.yaml"], ["nope.yaml", "not found"]),
+        (["train", "--config", "configs/mann/smoke.yaml", "--set", "model.memory.slotz=4"], ["model.memory.slotz"]),
+        (["train", "--config", "configs/mann/smoke.yaml", "--set", "train.lr=fast"], ["train.lr"]),
+        (["train", "--config", "configs/mann/smoke.yaml", "--set", "oops"], ["oops", "KEY.PATH=VALUE"]),
+        (["evaluate", "--checkpoint", "/nonexistent/ckpt.pt"], ["/nonexistent/ckpt.pt"]),
+        (["evaluate", "--checkpoint", "x", "--episodes", "0"], ["--episodes"]),
+        (["evaluate", "--checkpoint", "x", "--split", "dev"], ["--split"]),
+        (["frobnicate"], ["frobnicate"]),
+        (["data", "check", "--data-dir", "/nonexistent/omniglot"], ["/nonexistent/omniglot", "does not exist"]),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, needles):
+    assert_one_line_error(mann(*args), *needles)
+
+
+def test_missing_data_setting_is_named(tmp_path):
+    env = {"MANN_DATA_DIR": ""}
+    proc = mann("train", "--config", "configs/mann/smoke.yaml", "--out", str(tmp_path), env=env)
+    assert_one_line_error(proc, "data.data_dir", "MANN_DATA_DIR")
+
+
+def test_corrupt_checkpoint_is_named(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert_one_line_error(mann("evaluate", "--checkpoint", str(bad)), "bad.pt", "not a readable mann checkpoint")
