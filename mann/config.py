@@ -250,6 +250,23 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if value not in allowed:
             raise ConfigError(f"{path}: must be one of {', '.join(map(repr, allowed))}, got {value!r}")
         return value
+    if tp is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        _, item = typing.get_args(tp) or (str, Any)
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{path}: keys must be strings, got {k!r}")
+            out[k] = _coerce(item, v, f"{path}.{k}")
+        return out
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path)
     if tp is bool:
@@ -329,6 +346,13 @@ def apply_overrides(tree: dict[str, Any], overrides: list[tuple[str, Any]], cls:
                         f"--set {key}: unknown key '{part}' under {where} (known: {', '.join(sorted(names))})"
                     )
                 sub = typing.get_type_hints(schema)[part]
+                if typing.get_origin(sub) is dict and i < len(parts) - 1:
+                    # a mapping keyed by dotted names (e.g. fixed overrides): the rest of the path is one key
+                    child = node.setdefault(part, {})
+                    if not isinstance(child, dict):
+                        raise ConfigError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is not a mapping")
+                    child[".".join(parts[i + 1 :])] = value
+                    break
                 schema = sub if dataclasses.is_dataclass(sub) else None
                 if i < len(parts) - 1 and schema is None:
                     raise ConfigError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is a value, not a section")

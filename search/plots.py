@@ -1,0 +1,100 @@
+"""Matplotlib figures for MLflow: learning curves, accuracy by instance, search history, parallel coordinates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _instances(history: list[dict[str, float]]) -> list[int]:
+    ks = sorted({int(k.split("_")[1]) for row in history for k in row if k.startswith("val/acc_") and
+                 k.split("_")[1].isdigit()})
+    return ks
+
+
+def learning_curve(history: list[dict[str, float]], path: Path, title: str = "") -> None:
+    """Validation accuracy at selected instance numbers over training episodes."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ks = _instances(history)
+    for k in [k for k in (1, 2, 3, 5, 10) if k in ks] or ks:
+        pts = [(r["episodes"], r[f"val/acc_{k}"]) for r in history if f"val/acc_{k}" in r and "episodes" in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, label=f"instance {k}")
+    ax.set_xlabel("training episodes")
+    ax.set_ylabel("validation accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "learning curve")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def accuracy_by_instance(rows: dict[str, list[float]], path: Path, title: str = "") -> None:
+    """One line per model: accuracy at the 1st..K-th instance (the paper's figure style)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, acc in rows.items():
+        ax.plot(range(1, len(acc) + 1), acc, marker="o", label=label)
+    ax.set_xlabel("instance")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "accuracy by instance")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def search_history(values: list[float], mode: str, path: Path, metric: str) -> None:
+    """Objective of each trial in completion order, with the best so far."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    best, cur = [], None
+    for v in values:
+        cur = v if cur is None else (max(cur, v) if mode == "max" else min(cur, v))
+        best.append(cur)
+    ax.scatter(range(1, len(values) + 1), values, s=14, label="trial")
+    ax.plot(range(1, len(values) + 1), best, color="C1", label="best so far")
+    ax.set_xlabel("trial (completion order)")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def parallel_coordinates(points: list[dict[str, Any]], values: list[float], path: Path, metric: str) -> None:
+    """Each trial a line across its (normalised) parameters, coloured by the objective."""
+    keys = sorted({k for p in points for k in p})
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(keys)), 4))
+    cols = []
+    for k in keys:
+        raw = [p.get(k) for p in points]
+        nums = [v for v in raw if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if len(nums) == len([v for v in raw if v is not None]) and nums:
+            lo, hi = min(nums), max(nums)
+            cols.append([(v - lo) / (hi - lo) if hi > lo and v is not None else 0.5 for v in raw])
+        else:  # categorical: evenly spaced levels
+            levels = sorted({repr(v) for v in raw})
+            cols.append([levels.index(repr(v)) / max(len(levels) - 1, 1) for v in raw])
+    lo, hi = (min(values), max(values)) if values else (0, 1)
+    cmap = plt.get_cmap("viridis")
+    for i, v in enumerate(values):
+        ax.plot(range(len(keys)), [c[i] for c in cols], color=cmap((v - lo) / (hi - lo) if hi > lo else 0.5),
+                alpha=0.8)
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([k.split(".")[-1] for k in keys], rotation=20, fontsize=8)
+    ax.set_yticks([])
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(lo, hi))
+    fig.colorbar(sm, ax=ax, label=metric)
+    ax.set_title("parameters of every trial (normalised), coloured by objective")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

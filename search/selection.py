@@ -1,0 +1,103 @@
+"""Model selection: re-evaluate the top-k trials on held-out test characters, register the best, and move the
+``champion`` alias only when it beats the current champion's test score."""
+
+from __future__ import annotations
+
+import logging
+import time
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import LoadedSearch
+from .tracking import OUTCOME_TAG, ROLE_TAG, STUDY_TAG, StudyTracker
+
+log = logging.getLogger("mann_search.selection")
+
+CHAMPION = "champion"
+SCORE_TAG = "mann.test_acc_2plus"
+
+
+def _test_metrics(result) -> dict[str, float]:
+    out = {"test/acc_2plus": result.accuracy_2plus, "test/acc": result.accuracy, "test/loss": result.loss}
+    for k, (a, c) in enumerate(zip(result.accuracy_by_instance, result.ci95)):
+        out[f"test/acc_{k + 1}"] = a
+        out[f"test/ci95_{k + 1}"] = c
+    return out
+
+
+def evaluate_checkpoint(path: Path, episodes: int, seed: int) -> Any:
+    from mann.train import evaluate, load_checkpoint, load_splits, make_sampler, model_from_checkpoint
+
+    model, cfg = model_from_checkpoint(load_checkpoint(path))
+    sampler = make_sampler(load_splits(cfg.data), "test", cfg)
+    with torch.inference_mode():
+        return evaluate(model, sampler, cfg.task, episodes, seed, "cpu", split="test")
+
+
+def select(study, loaded: LoadedSearch, tracker: StudyTracker) -> dict[str, Any]:
+    """Returns what was decided: candidates with test scores, the new version, whether it became champion."""
+    import mlflow
+    from mlflow.entities import Metric, RunTag
+    from mlflow.exceptions import MlflowException
+
+    if not tracker.flush(force=True):
+        raise RuntimeError(f"MLflow unavailable ({tracker.last_error}); run `mann-search select {study.path}` later")
+    cfg = loaded.config
+    sel, primary = cfg.selection, cfg.primary
+    client = tracker.client
+    order = "DESC" if primary.mode == "max" else "ASC"
+    runs = client.search_runs(
+        [tracker._experiment()],
+        filter_string=f"tags.`{STUDY_TAG}` = '{study.key}' and tags.`{ROLE_TAG}` = 'trial'",
+        order_by=[f"metrics.`{primary.metric}` {order}"], max_results=1000,
+    )
+    runs = [r for r in runs if r.data.tags.get(OUTCOME_TAG) in ("completed", "early_stopped")
+            and primary.metric in r.data.metrics and r.data.tags.get("mann.model_uri")]
+    if not runs:
+        raise RuntimeError("no finished trial with a logged model to select from")
+    candidates = []
+    for run in runs[: sel.top_k]:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = client.download_artifacts(run.info.run_id, "checkpoint/checkpoint.pt", tmp)
+            result = evaluate_checkpoint(Path(local), sel.test_episodes, sel.seed)
+        metrics = _test_metrics(result)
+        ts = int(time.time() * 1000)
+        client.log_batch(run.info.run_id, metrics=[Metric(k, v, ts, 0) for k, v in metrics.items()],
+                         tags=[RunTag("mann.test_episodes", str(sel.test_episodes)),
+                               RunTag("mann.test_seed", str(sel.seed))])
+        candidates.append({"run_id": run.info.run_id, "trial": run.data.tags.get("mlflow.runName"),
+                           "val": run.data.metrics[primary.metric], "test_acc_2plus": result.accuracy_2plus,
+                           "test_accuracy_by_instance": result.accuracy_by_instance,
+                           "model_uri": run.data.tags["mann.model_uri"]})
+    best = max(candidates, key=lambda c: c["test_acc_2plus"])
+    name = cfg.mlflow.registered_model
+    mlflow.set_tracking_uri(tracker.tracking_uri)
+    current = None
+    try:
+        champ = client.get_model_version_by_alias(name, CHAMPION)
+        current = {"version": champ.version, "score": float(champ.tags.get(SCORE_TAG, "nan"))}
+    except MlflowException:
+        pass  # no registered model or no champion yet
+    version = mlflow.register_model(best["model_uri"], name, tags={
+        SCORE_TAG: str(best["test_acc_2plus"]), "mann.study": study.key, "mann.run_id": best["run_id"],
+        "mann.test_episodes": str(sel.test_episodes), "mann.test_seed": str(sel.seed)})
+    promoted = current is None or not (current["score"] >= best["test_acc_2plus"])
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    decision = {
+        "registered_model": name, "new_version": version.version, "new_score": best["test_acc_2plus"],
+        "previous_champion": current, "promoted": promoted, "candidates": candidates,
+    }
+    parent = tracker.run_id(None)
+    client.log_batch(parent, tags=[
+        RunTag("mann.selection.new_version", str(version.version)),
+        RunTag("mann.selection.new_test_acc_2plus", f"{best['test_acc_2plus']:.4f}"),
+        RunTag("mann.selection.previous_champion",
+               f"v{current['version']} {current['score']:.4f}" if current else "none"),
+        RunTag("mann.selection.promoted", str(promoted).lower()),
+    ])
+    client.log_dict(parent, decision, "summary/selection.json")
+    return decision

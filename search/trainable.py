@@ -1,0 +1,80 @@
+"""The Tune function trainable: a sampled point -> MANN config -> ``mann.train.train`` -> ``tune.report``.
+
+The only Ray calls made inside a trial are here: ``tune.get_checkpoint`` at the start (a retried trial resumes
+from its last checkpoint) and ``tune.report`` at every evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mann.config import TrainConfig, apply_overrides, from_dict
+from mann.train import CHECKPOINT_NAME, Callback, EvalReport, TrainingDiverged, train
+
+# Tune's result keys that we log; the rest are Tune's own bookkeeping.
+METRIC_PREFIXES = ("val/", "train/", "time/", "model/", "test/")
+
+
+def trial_config(base_tree: dict[str, Any], point: dict[str, Any], threads: int | None = None) -> TrainConfig:
+    """Base MANN tree + sampled dotted values -> validated TrainConfig."""
+    tree = apply_overrides(base_tree, [(k, v) for k, v in point.items()], TrainConfig)
+    if threads:
+        tree = apply_overrides(tree, [("train.threads", threads)])
+    return from_dict(TrainConfig, tree)
+
+
+def worst(mode: str) -> float:
+    return 0.0 if mode == "max" else 1e9
+
+
+class _TuneReport(Callback):
+    def __init__(self, out_dir: Path, extra: dict[str, float]):
+        self.out_dir = out_dir
+        self.extra = extra
+        self.last: dict[str, float] = {}
+
+    def on_eval(self, report: EvalReport) -> None:
+        from ray import tune
+
+        metrics = {**report.metrics(), **self.extra, "diverged": 0}
+        self.last = metrics
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(self.out_dir)))
+
+
+def run_trial(config: dict[str, Any], base_tree: dict[str, Any], threads: int,
+              objectives: list[tuple[str, str]]) -> None:
+    """Tune entry point. ``config`` holds the sampled dotted settings."""
+    from ray import tune
+
+    cfg = trial_config(base_tree, config, threads)
+    work = Path(tempfile.mkdtemp(prefix="mann-trial-"))
+    try:
+        resume = None
+        ckpt = tune.get_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                if (Path(d) / CHECKPOINT_NAME).exists():
+                    shutil.copy2(Path(d) / CHECKPOINT_NAME, work / CHECKPOINT_NAME)
+                    resume = work / CHECKPOINT_NAME
+        from mann.model import build_model
+
+        params = sum(p.numel() for p in build_model(cfg.model, cfg.task, cfg.data.image_size).parameters())
+        reporter = _TuneReport(work, {"model/parameters": float(params)})
+        try:
+            train(cfg, callbacks=[reporter], out_dir=work, resume_from=resume)
+        except TrainingDiverged as exc:
+            # Retrying would diverge again from the same checkpoint: end the trial, marked as failed, with the
+            # last good metrics (or the worst objective) so the searcher learns from it.
+            final = dict(reporter.last)
+            for metric, mode in objectives:
+                value = final.get(metric)
+                if value is None or not math.isfinite(value):
+                    final[metric] = worst(mode)
+            final.update({"diverged": 1, "episodes": float(exc.episodes), "failure": str(exc)})
+            tune.report(final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
