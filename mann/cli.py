@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -223,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
+        if os.environ.get("MANN_DEBUG"):
+            raise
         return _fail(str(exc))
     except TrainingDiverged as exc:
         print(f"mann: {exc}", file=sys.stderr)

@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (ConfigError, DataError, SearchError, FileNotFoundError) as exc:
+        if os.environ.get("MANN_DEBUG"):
+            raise
         print(f"mann-search: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

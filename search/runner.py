@@ -116,6 +116,17 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
         raise SearchError(f"RAY_ADDRESS {address}: Ray cluster not reachable ({exc.strerror or exc})") from None
 
 
+_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a submitted job's driver
+
+
+def ray_job_id() -> str | None:
+    """The submission id when running as a `ray job submit` entrypoint."""
+    try:
+        return json.loads(os.environ.get(_JOB_ENV, "{}")).get("metadata", {}).get("job_submission_id")
+    except ValueError:
+        return None
+
+
 def connect_ray(num_cpus: int | None = None) -> str:
     """Join the cluster in RAY_ADDRESS, or start a local one on 127.0.0.1 with token authentication on."""
     import ray
@@ -129,6 +140,8 @@ def connect_ray(num_cpus: int | None = None) -> str:
     runtime_env = {"env_vars": env} if env else None
     if address:
         check_ray_address(address)
+        if os.environ.get(_JOB_ENV):
+            runtime_env = None  # a `ray job submit` driver: the job's runtime env already applies
         try:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         except Exception as exc:  # Ray raises ConnectionError, RuntimeError, AuthenticationError...
@@ -239,7 +252,7 @@ def _study_record(loaded: LoadedSearch) -> tuple[dict[str, Any], dict[str, str],
         "space": ",".join(cfg.space),
     }
     tags = {"mann.git_commit": _git_commit(), **{f"mann.version.{k}": v for k, v in _versions().items()}}
-    job = os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID")
+    job = ray_job_id()
     if job:
         tags["mann.ray_job_id"] = job
     try:

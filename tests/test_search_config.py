@@ -1,0 +1,125 @@
+"""Search config validation and define-by-run sampling (no Ray needed)."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from mann.config import ConfigError
+from search.config import load_search_config
+from search.space import suggest
+
+from .test_config import REPO
+
+SEARCH = REPO / "configs" / "search"
+
+
+@pytest.mark.parametrize("name", ["smoke", "quickstart", "cluster"])
+def test_shipped_search_configs_load(name):
+    loaded = load_search_config(SEARCH / f"{name}.yaml")
+    for p in ("model.memory.slots", "model.memory.read_heads", "model.memory.gamma", "model.controller.hidden"):
+        assert p in loaded.config.space, p
+
+
+def write(tmp_path, text):
+    (tmp_path / "s.yaml").write_text(text)
+    return tmp_path / "s.yaml"
+
+
+BASE = f"base: {REPO / 'configs' / 'mann' / 'smoke.yaml'}\nname: t\n"
+
+
+@pytest.mark.parametrize(
+    "space,match",
+    [
+        ("model.memory.slots: {type: int, low: 10, high: 5}", r"space.model.memory.slots.low: must be <= high"),
+        ("model.memory.slots: {type: int, low: -4, high: 5}", r"space.model.memory.slots.low: must be >= 1"),
+        ("model.memory.gamma: {type: float, low: 0.5, high: 1.5}", r"space.model.memory.gamma.high: must be in"),
+        ("model.memory.gamma: {type: float, low: 0, high: 0.9, log: true}", r"low: must be > 0 with log"),
+        ("model.controller.kind: {type: categorical, choices: []}", r"choices: a categorical parameter needs"),
+        ("model.controller.kind: {type: categorical, choices: [lstm, gru]}", r"space.model.controller.kind.choices\[1\]"),
+        ("model.memory.slotz: {type: int, low: 1, high: 5}", r"space.model.memory.slotz: not a MANN setting"),
+        ("model.memory: {type: int, low: 1, high: 5}", r"space.model.memory: not a MANN setting"),
+        ("model.memory.slots: {type: integer, low: 1, high: 5}", r"space.model.memory.slots.type: must be one of"),
+        ("model.memory.slots: {type: int, low: 1, hgih: 5}", r"space.model.memory.slots.hgih: unknown config key"),
+        ("model.memory.slots: {type: int, low: 1.5, high: 5}", r"space.model.memory.slots.low: must be an integer"),
+    ],
+)
+def test_invalid_spaces_are_named(tmp_path, space, match):
+    with pytest.raises(ConfigError, match=match):
+        load_search_config(write(tmp_path, BASE + f"space:\n  {space}\n"))
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        ("constraints: ['model.memory.read_heads <= model.memory.slotz']", r"constraints\[0\]: 'model.memory.slotz'"),
+        ("constraints: ['model.memory.read_heads << 3']", r"constraints\[0\]: expected"),
+        ("constraints: ['model.memory.width > model.memory.slots']", r"constraints\[0\]: does not hold"),
+        ("sampler: {kind: bayes}", r"sampler.kind: must be one of"),
+        ("budget: {num_samples: 0}", r"budget.num_samples: must be >= 1"),
+        ("resources: {gpus_per_trial: -1}", r"resources.gpus_per_trial: must be >= 0"),
+        ("scheduler: {reduction_factor: 1}", r"scheduler.reduction_factor: must be >= 2"),
+        ("overrides: {model.memory.slotz: 3}", r"overrides.model.memory.slotz"),
+        ("objectives: [{metric: a, mode: max}, {metric: b, mode: min}]", r"scheduler.kind: early stopping"),
+        ("mlflow: {registered_model: 'bad name!'}", r"mlflow.registered_model"),
+    ],
+)
+def test_invalid_search_settings_are_named(tmp_path, extra, match):
+    text = BASE + "space:\n  model.memory.read_heads: {type: int, low: 1, high: 4}\n" + extra + "\n"
+    with pytest.raises(ConfigError, match=match):
+        load_search_config(write(tmp_path, text))
+
+
+def test_missing_base_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"base: .*nope.yaml: config file not found"):
+        load_search_config(write(tmp_path, "name: t\nbase: nope.yaml\nspace: {train.lr: {type: float, low: 0.1, high: 1}}\n"))
+
+
+def test_constraint_and_condition_hold_in_every_sample(tmp_path):
+    text = BASE + """space:
+  model.memory.slots: {type: int, low: 1, high: 6}
+  model.memory.read_heads: {type: int, low: 1, high: 6}
+  model.controller.kind: {type: categorical, choices: [lstm, feedforward]}
+  model.controller.hidden: {type: int, low: 8, high: 64, step: 8, when: {model.controller.kind: lstm}}
+  train.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+constraints:
+  - model.memory.read_heads <= model.memory.slots
+"""
+    loaded = load_search_config(write(tmp_path, text))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen_heads = set()
+    for _ in range(200):
+        trial = study.ask()
+        values = suggest(trial, loaded)
+        assert values["model.memory.read_heads"] <= values["model.memory.slots"]
+        assert ("model.controller.hidden" in values) == (values["model.controller.kind"] == "lstm")
+        if "model.controller.hidden" in values:
+            assert values["model.controller.hidden"] % 8 == 0
+        assert 1e-4 <= values["train.lr"] <= 1e-2
+        seen_heads.add(values["model.memory.read_heads"])
+        study.tell(trial, 0.0)
+    assert seen_heads == set(range(1, 7))
+
+
+def test_same_seed_same_points():
+    loaded = load_search_config(SEARCH / "smoke.yaml")
+
+    def points(seed):
+        study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=2))
+        out = []
+        for i in range(6):
+            t = study.ask()
+            out.append(suggest(t, loaded))
+            study.tell(t, float(i % 3))
+        return out
+
+    assert points(3) == points(3)
+    assert points(3) != points(4)
+
+
+def test_set_overrides_reach_dotted_maps():
+    loaded = load_search_config(SEARCH / "smoke.yaml", ["overrides.train.episodes=320", "budget.num_samples=2"])
+    assert loaded.base_tree["train"]["episodes"] == 320 and loaded.config.budget.num_samples == 2
+    with pytest.raises(ConfigError, match=r"--set budgte.num_samples: unknown key 'budgte'"):
+        load_search_config(SEARCH / "smoke.yaml", ["budgte.num_samples=2"])

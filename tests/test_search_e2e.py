@@ -1,0 +1,197 @@
+"""The search service end to end against real components: local Ray, a real `mlflow server` over HTTP, real
+Omniglot and real training (small sizes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import BIN, free_port, wait_port
+from .test_config import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def mann_search(*args, timeout=600, env=None, **kw):
+    full = {**os.environ, **(env or {})}
+    return subprocess.run([str(BIN / "mann-search"), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=full, **kw)
+
+
+def client_for(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def study_runs(client, experiment):
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"experiment {experiment} missing"
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("mann.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("mann.role") == "trial"]
+    return parents, children
+
+
+def artifact_paths(client, run_id, path=""):
+    out = []
+    for f in client.list_artifacts(run_id, path):
+        out += artifact_paths(client, run_id, f.path) if f.is_dir else [f.path]
+    return out
+
+
+def test_smoke_search_lineage_selection_and_champion(tmp_path, mlflow_server, omniglot_dir):
+    exp, model_name = "e2e-smoke", "mann-e2e"
+    args = ["run", "configs/search/smoke.yaml", "--set", f"storage={tmp_path}",
+            "--set", f"mlflow.tracking_uri={mlflow_server.uri}", "--set", f"mlflow.experiment={exp}",
+            "--set", f"mlflow.registered_model={model_name}"]
+    proc = mann_search(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "selection: version 1" in proc.stdout, proc.stdout[-2000:]
+    client = client_for(mlflow_server.uri)
+    parents, children = study_runs(client, exp)
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    for key in ("mann.git_commit", "mann.data_digest", "mann.version.torch", "mann.version.ray"):
+        assert parent.data.tags.get(key), key
+    assert parent.data.params["sampler.kind"] == "tpe"
+    assert {"summary/search_history.png", "summary/parallel_coordinates.png", "study/search.yaml",
+            "summary/selection.json"} <= set(artifact_paths(client, parent.info.run_id))
+    trial_ids = set()
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mann.outcome"] in ("completed", "early_stopped")
+        for p in ("model.memory.slots", "model.memory.read_heads", "model.memory.gamma", "model.controller.hidden",
+                  "train.lr", "task.classes"):
+            assert p in child.data.params, p
+        assert {"val/acc_2plus", "val/acc_1", "val/loss", "train/loss", "episodes"} <= set(child.data.metrics)
+        history = client.get_metric_history(child.info.run_id, "val/acc_2plus")
+        steps = [m.step for m in history]
+        assert steps == sorted(set(steps)) and len(steps) == int(child.data.metrics["episodes"]) // 160
+        files = set(artifact_paths(client, child.info.run_id))
+        assert {"results/learning_curve.png", "results/accuracy_by_instance.json",
+                "checkpoint/checkpoint.pt"} <= files
+        assert child.data.tags.get("mann.model_uri", "").startswith("models:/")
+        trial_ids.add(child.data.tags["mann.trial_id"])
+    assert len(trial_ids) == 4
+    tested = [c for c in client.search_runs([parent.info.experiment_id]) if "test/acc_2plus" in c.data.metrics]
+    assert len(tested) == 2  # top_k
+
+    # the champion loads and predicts on a real episode
+    import mlflow.pytorch
+
+    from mann.config import DataConfig, TaskConfig
+    from mann.episodes import EpisodeSampler
+    from mann.omniglot import load_omniglot, make_splits
+
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    model = mlflow.pytorch.load_model(f"models:/{model_name}@champion")
+    data = DataConfig(image_size=12, rotations=False, max_shift=0)
+    task = TaskConfig(classes=3, instances=4)
+    episode = EpisodeSampler(make_splits(load_omniglot(data), data).test, task).sample(
+        8, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(episode.inputs)
+    assert logits.shape == (8, 12, 3) and torch.isfinite(logits).all()
+
+    # selecting again registers a new version but keeps the champion unless the new one is better
+    study_dir = next(tmp_path.glob("smoke-*"))
+    again = mann_search("select", str(study_dir))
+    assert again.returncode == 0, again.stderr[-2000:]
+    decision = json.loads(again.stdout)
+    assert decision["new_version"] == "2" and decision["previous_champion"]["version"] == "1"
+    assert decision["promoted"] is False  # same checkpoints, same test episodes: not better
+    assert client.get_model_version_by_alias(model_name, "champion").version == "1"
+
+    status = mann_search("status", str(study_dir), "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["states"] == {"TERMINATED": 4}
+
+
+def test_resume_after_driver_killed_has_no_duplicates(tmp_path, mlflow_server, omniglot_dir):
+    exp = "e2e-resume"
+    args = [str(BIN / "mann-search"), "run", "configs/search/smoke.yaml", "--set", f"storage={tmp_path}",
+            "--set", f"mlflow.tracking_uri={mlflow_server.uri}", "--set", f"mlflow.experiment={exp}",
+            "--set", "budget.num_samples=6", "--set", "overrides.train.episodes=960",
+            "--set", "selection.enabled=false"]
+    log = open(tmp_path / "run.log", "w")
+    proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    client = client_for(mlflow_server.uri)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(2)
+            assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+            try:
+                _, children = study_runs(client, exp)
+            except AssertionError:
+                continue
+            if sum(c.info.status == "FINISHED" for c in children) >= 2:
+                break
+        else:
+            pytest.fail("no trial finished in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    study_dir = next(tmp_path.glob("smoke-*"))
+    resumed = mann_search("resume", str(study_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    parents, children = study_runs(client, exp)
+    assert len(parents) == 1
+    ids = [c.data.tags["mann.trial_id"] for c in children]
+    assert len(ids) == len(set(ids)) == 6
+    for c in children:
+        assert c.info.status in ("FINISHED", "FAILED"), (c.data.tags, c.info.status)
+        steps = [m.step for m in client.get_metric_history(c.info.run_id, "episodes")]
+        assert len(steps) == len(set(steps)), steps  # no metric point logged twice
+
+
+def test_ray_job_submit_on_two_node_local_cluster(tmp_path, mlflow_server, omniglot_dir):
+    """`ray job submit` of the smoke search to a `ray start` head + worker on 127.0.0.1, token auth on."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "PATH": f"{BIN}:{os.environ['PATH']}"}
+    gcs, dash = free_port(), free_port()
+    ray = str(BIN / "ray")
+    worker_tmp = Path(f"/tmp/ray-w{gcs}")  # short: Ray's unix socket paths must stay under 108 bytes
+
+    def sh(*args, timeout=180):
+        return subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+    try:
+        head = sh(ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=1",
+                  "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats")
+        assert head.returncode == 0, head.stderr[-2000:]
+        # A temp dir of its own: two nodes on one machine must not garbage-collect each other's job files.
+        worker = sh(ray, "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                    f"--temp-dir={worker_tmp}")
+        assert worker.returncode == 0, worker.stderr[-2000:]
+        wait_port(dash, timeout=90)
+        runtime_env = json.dumps({"env_vars": {"MANN_DATA_DIR": str(omniglot_dir)}})
+        job = sh(ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".",
+                 "--runtime-env-json", runtime_env, "--",
+                 "mann-search", "run", "configs/search/smoke.yaml", "--set", f"storage={tmp_path}",
+                 "--set", f"mlflow.tracking_uri={mlflow_server.uri}", "--set", "mlflow.experiment=e2e-job",
+                 "--set", "selection.enabled=false", timeout=600)
+        assert job.returncode == 0, job.stdout[-6000:] + job.stderr[-2000:]
+        assert "succeeded" in job.stdout
+        client = client_for(mlflow_server.uri)
+        parents, children = study_runs(client, "e2e-job")
+        assert len(parents) == 1 and len(children) == 4
+        assert parents[0].data.tags.get("mann.ray_job_id")
+        # without the token the Jobs API refuses
+        anon = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
+        refused = subprocess.run([ray, "job", "list", "--address", f"http://127.0.0.1:{dash}"], env={
+            **anon, "RAY_AUTH_TOKEN_PATH": str(tmp_path / "no-token")}, capture_output=True, text=True, timeout=60)
+        assert refused.returncode != 0
+    finally:
+        sh(ray, "stop", "--grace-period", "20")
+        shutil.rmtree(worker_tmp, ignore_errors=True)
