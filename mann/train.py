@@ -281,7 +281,6 @@ def train(
     ckpt_path = out / CHECKPOINT_NAME if out is not None else None
     B = opt_cfg.batch_size
     total_steps = max(1, math.ceil(opt_cfg.episodes / B))
-    eval_steps = max(1, opt_cfg.eval_every // B)
     start_step = step
     for cb in callbacks:
         cb.on_start(cfg, model, step)
@@ -307,7 +306,8 @@ def train(
         for cb in callbacks:
             cb.on_step(step, step * B)
 
-        if step % eval_steps == 0 or step == total_steps:
+        # Evaluate when the episode count crosses a multiple of eval_every (schedulers' rungs sit on those).
+        if (step * B) // opt_cfg.eval_every > ((step - 1) * B) // opt_cfg.eval_every or step == total_steps:
             t_eval = time.perf_counter()
             sampler = val_sampler or make_sampler(splits, "test", cfg)
             val = evaluate(

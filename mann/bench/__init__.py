@@ -1,0 +1,103 @@
+"""`mann bench`: time training steps (forward + backward + optimizer) and episode sampling.
+
+Medians over repeats after warm-up; with ``--compare-plain`` the plain port (``mann.bench.plain``) is timed in
+the same process, interleaved with the model, and the ratio printed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import load_train_config
+from ..model import build_model, episode_loss
+from ..train import load_splits, make_optimizer, make_sampler
+
+PAPER = Path(__file__).resolve().parents[2] / "configs" / "mann" / "paper.yaml"
+
+
+def _time_steps(model, optimizer, batches, task, clip, steps: int) -> float:
+    """Seconds per training step, over ``steps`` steps cycling through ``batches``."""
+    t0 = time.perf_counter()
+    for i in range(steps):
+        ep = batches[i % len(batches)]
+        loss = episode_loss(model(ep.inputs), ep.labels, task)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+    if batches[0].inputs.is_cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def run_bench(args) -> int:
+    cfg = load_train_config(args.config or PAPER, args.set)
+    if args.batch_size:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=args.batch_size))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    B = cfg.train.batch_size
+    splits = load_splits(cfg.data)
+    sampler = make_sampler(splits, "train", cfg)
+    g = torch.Generator().manual_seed(0)
+
+    t0 = time.perf_counter()
+    n_sample = 20
+    batches = [sampler.sample(B, g) for _ in range(n_sample)]
+    sample_s = (time.perf_counter() - t0) / n_sample
+    batches = [b.to(device) for b in batches[:8]]
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.task, cfg.data.image_size).to(device)
+    opt = make_optimizer(model, cfg.train)
+    contenders = {"model": (model, opt)}
+    if args.compare_plain:
+        from .plain import PlainMANN
+
+        plain = PlainMANN.from_model(model).to(device)
+        contenders["plain"] = (plain, make_optimizer(plain, cfg.train))
+    for m, o in contenders.values():
+        if args.warmup:
+            _time_steps(m, o, batches, cfg.task, cfg.train.grad_clip, args.warmup)
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    for _ in range(args.repeats):  # interleaved, so both see the same machine noise
+        for name, (m, o) in contenders.items():
+            times[name].append(_time_steps(m, o, batches, cfg.task, cfg.train.grad_clip, args.steps))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out = {
+        "config": str(args.config or PAPER),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "batch_size": B,
+        "steps_per_episode": cfg.task.steps,
+        "median_step_s": med["model"],
+        "episodes_per_s": B / med["model"],
+        "sample_s_per_batch": sample_s,
+        "sampling_vs_step": med["model"] / sample_s,
+        "repeats": args.repeats,
+        "steps_per_repeat": args.steps,
+    }
+    if "plain" in med:
+        out.update(plain_median_step_s=med["plain"], plain_episodes_per_s=B / med["plain"],
+                   speedup_vs_plain=med["plain"] / med["model"])
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"{out['config']}: batch {B}, {cfg.task.steps} steps/episode, {out['device']}, {out['threads']} threads")
+    print(f"model  {out['episodes_per_s']:8.1f} episodes/s  (median step {med['model'] * 1000:.1f} ms over "
+          f"{args.repeats} x {args.steps} steps)")
+    if "plain" in med:
+        print(f"plain  {out['plain_episodes_per_s']:8.1f} episodes/s  (median step {med['plain'] * 1000:.1f} ms)")
+        print(f"speed-up vs plain port: {out['speedup_vs_plain']:.2f}x")
+    print(f"episode sampling {sample_s * 1000:.2f} ms per batch ({out['sampling_vs_step']:.0f}x faster than a step)")
+    return 0
