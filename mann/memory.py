@@ -138,8 +138,7 @@ def zero_rows(memory: Tensor, slots: Tensor) -> Tensor:
     Returns:
         ``[B, N, W]``.
     """
-    keep = torch.ones(memory.shape[:2], dtype=memory.dtype, device=memory.device)
-    keep.scatter_(1, slots.unsqueeze(1), 0.0)  # (B, N)
+    keep = torch.arange(memory.shape[1], device=memory.device) != slots.unsqueeze(1)  # (B, N)
     return memory * keep.unsqueeze(-1)
 
 
@@ -154,4 +153,4 @@ def write(memory_prev: Tensor, write_weights: Tensor, content: Tensor) -> Tensor
     Returns:
         ``[B, N, W]``.
     """
-    return memory_prev + torch.bmm(write_weights.transpose(1, 2), content)
+    return torch.baddbmm(memory_prev, write_weights.transpose(1, 2), content)

@@ -104,9 +104,11 @@ class MANN(nn.Module):
         if self.recurrent is not None:
             gates = gates + self.recurrent(torch.cat(rec, dim=-1) if len(rec) > 1 else rec[0])
         if self.lstm:
-            i, f, g, o = gates.chunk(4, dim=-1)
-            c = torch.sigmoid(f) * state.c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
+            H = self.hidden
+            i, f, _, o = torch.sigmoid(gates).chunk(4, dim=-1)  # one sigmoid for three gates
+            g = torch.tanh(gates[:, 2 * H : 3 * H])
+            c = f * state.c + i * g
+            h = o * torch.tanh(c)
         else:
             c = state.c
             h = torch.tanh(gates)
@@ -158,8 +160,9 @@ class MANN(nn.Module):
             state = self.initial_state(B, inputs.device, inputs.dtype)
         x_proj = self.input_proj(inputs)  # (B, T, G), hoisted out of the loop
         feats = []
-        for t in range(T):
-            state = self.step(x_proj[:, t], state)
+        # unbind, not x_proj[:, t]: indexing would make backward write a full-size zero gradient per step.
+        for x_t in x_proj.unbind(1):
+            state = self.step(x_t, state)
             if self.use_memory:
                 feats.append(torch.cat([state.h, state.read_vectors.reshape(B, -1)], dim=-1))
             else:
