@@ -22,8 +22,13 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(_fail(f"{self.prog}: {message}"))
 
 
+def one_line(message: str) -> str:
+    """Escape control characters (from hostile input), so an error is always exactly one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
 def _fail(message: str) -> int:
-    print(f"mann: error: {message}", file=sys.stderr)
+    print(f"mann: error: {one_line(message)}", file=sys.stderr)
     return EXIT_USAGE
 
 

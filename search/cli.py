@@ -11,12 +11,14 @@ import logging
 import os
 import sys
 
+from mann.cli import one_line
+
 EXIT_USAGE = 2
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:
-        print(f"mann-search: error: {self.prog}: {message}", file=sys.stderr)
+        print(f"mann-search: error: {one_line(f'{self.prog}: {message}')}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
 
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, SearchError, FileNotFoundError) as exc:
         if os.environ.get("MANN_DEBUG"):
             raise
-        print(f"mann-search: error: {exc}", file=sys.stderr)
+        print(f"mann-search: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("mann-search: interrupted; continue with `mann-search resume <study folder>`", file=sys.stderr)

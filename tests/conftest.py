@@ -137,6 +137,12 @@ class MlflowServer:
         wait_http(f"{self.uri}/health", timeout=90)
         return self
 
+    def kill(self) -> None:
+        """Crash it (SIGKILL to its process group), as an outage would."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)

@@ -1,0 +1,125 @@
+"""Faults against real components: MLflow server down mid-search (buffered, delivered, or replayed), a diverging
+trial (failed with its reason while the study goes on)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from .conftest import BIN, MlflowServer
+from .test_config import REPO
+from .test_search_e2e import client_for, mann_search, study_runs
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["--set", "budget.num_samples=4", "--set", "overrides.train.episodes=960", "--set", "selection.enabled=false"]
+
+
+def metric_points(client, run_id, key="val/acc_2plus"):
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def test_mlflow_down_then_back_loses_nothing(tmp_path, omniglot_dir):
+    server = MlflowServer(tmp_path / "mlflow").start()
+    exp = "faults-outage"
+    proc = subprocess.Popen(
+        [str(BIN / "mann-search"), "run", "configs/search/smoke.yaml", "--set", f"storage={tmp_path / 'runs'}",
+         "--set", f"mlflow.tracking_uri={server.uri}", "--set", f"mlflow.experiment={exp}",
+         "--set", "budget.num_samples=6", "--set", "overrides.train.episodes=3200", "--set", "scheduler.kind=none",
+         "--set", "selection.enabled=false"],
+        cwd=REPO, stdout=open(tmp_path / "run.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        client = client_for(server.uri)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # wait for the first child run with metrics
+            time.sleep(1)
+            try:
+                _, children = study_runs(client, exp)
+            except AssertionError:
+                continue
+            if any(c.data.metrics for c in children):
+                break
+        server.kill()  # down while trials train
+        time.sleep(5)
+        server.start()  # back on the same port, same store
+        assert proc.poll() is None, "the study ended before the server came back: make it longer"
+        assert proc.wait(600) == 0, (tmp_path / "run.log").read_text()[-3000:]
+        log = (tmp_path / "run.log").read_text()
+        assert "MLflow unavailable" in log  # the outage was noticed...
+        assert "could not be logged" not in log  # ...and everything was delivered after it
+        parents, children = study_runs(client, exp)
+        assert len(parents) == 1 and len(children) == 6
+        for c in children:
+            assert c.info.status == "FINISHED"
+            points = metric_points(client, c.info.run_id)
+            assert len(points) == len(set(points)) == int(c.data.metrics["episodes"]) // 160, points
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop()
+
+
+def test_mlflow_never_back_study_completes_and_replay_delivers(tmp_path, omniglot_dir):
+    server = MlflowServer(tmp_path / "mlflow").start()
+    uri = server.uri
+    exp = "faults-replay"
+    proc = subprocess.Popen(
+        [str(BIN / "mann-search"), "run", "configs/search/smoke.yaml", "--set", f"storage={tmp_path / 'runs'}",
+         "--set", f"mlflow.tracking_uri={uri}", "--set", f"mlflow.experiment={exp}", *SMALL],
+        cwd=REPO, stdout=open(tmp_path / "run.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        client = client_for(uri)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # the study has started (past the reachability check)
+            time.sleep(1)
+            try:
+                parents, _ = study_runs(client, exp)
+            except AssertionError:
+                continue
+            if parents:
+                break
+        server.stop()
+        assert proc.wait(600) == 0, (tmp_path / "run.log").read_text()[-3000:]
+        log = (tmp_path / "run.log").read_text()
+        assert "could not be logged to MLflow; replay them with: mann-search replay" in log
+        replay = next((tmp_path / "runs").glob("smoke-*/mlflow-replay.jsonl"))
+        server.start()
+        done = mann_search("replay", str(replay))
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert not replay.exists()
+        client = client_for(uri)
+        parents, children = study_runs(client, exp)
+        assert len(parents) == 1 and len(children) == 4
+        total = 0
+        for c in children:
+            points = metric_points(client, c.info.run_id)
+            assert len(points) == int(c.data.metrics["episodes"]) // 160
+            total += len(points)
+        assert f"delivered" in done.stdout and total >= 4
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop()
+
+
+def test_diverging_trial_is_failed_with_reason_and_study_goes_on(tmp_path, mlflow_server, omniglot_dir):
+    exp = "faults-nan"
+    # lr is searched in [1e-3, 1e-2] by default; here one trial in two gets an absurd lr and diverges.
+    proc = mann_search("run", "configs/search/smoke.yaml", "--set", f"storage={tmp_path}",
+                       "--set", f"mlflow.tracking_uri={mlflow_server.uri}", "--set", f"mlflow.experiment={exp}",
+                       "--set", "space.train.lr={type: categorical, choices: [0.003, 1.0e+36]}",
+                       "--set", "overrides.train.grad_clip=null", "--set", "sampler.kind=random",
+                       "--set", "scheduler.kind=none", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = client_for(mlflow_server.uri)
+    _, children = study_runs(client, exp)
+    assert len(children) == 4
+    outcomes = {c.data.tags["mann.outcome"] for c in children}
+    failed = [c for c in children if c.data.tags["mann.outcome"] == "diverged"]
+    assert failed and outcomes <= {"diverged", "completed"} and "completed" in outcomes
+    for c in failed:
+        assert c.info.status == "FAILED"
+        assert "training diverged" in c.data.tags["mann.failure_reason"]
+        assert float(c.data.params["train.lr"]) > 1
