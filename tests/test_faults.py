@@ -123,3 +123,77 @@ def test_diverging_trial_is_failed_with_reason_and_study_goes_on(tmp_path, mlflo
         assert c.info.status == "FAILED"
         assert "training diverged" in c.data.tags["mann.failure_reason"]
         assert float(c.data.params["train.lr"]) > 1
+
+
+def test_trial_worker_killed_resumes_from_checkpoint_in_same_run(tmp_path, mlflow_server, omniglot_dir):
+    """SIGKILL a training trial's worker process mid-training: Tune retries it from its last checkpoint
+    (FailureConfig), it continues in the same MLflow child run and ends at the full episode budget."""
+    import os
+    import signal
+
+    exp = "faults-worker"
+    proc = subprocess.Popen(
+        [str(BIN / "mann-search"), "run", "configs/search/smoke.yaml", "--set", f"storage={tmp_path}",
+         "--set", f"mlflow.tracking_uri={mlflow_server.uri}", "--set", f"mlflow.experiment={exp}",
+         "--set", "budget.num_samples=2", "--set", "overrides.train.episodes=3200",
+         "--set", "overrides.train.eval_every=320", "--set", "scheduler.kind=none",
+         "--set", "selection.enabled=false", "--set", "budget.max_failures=2"],
+        cwd=REPO, stdout=open(tmp_path / "run.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    killed = None
+    try:
+        client = client_for(mlflow_server.uri)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and killed is None:
+            time.sleep(1)
+            try:
+                _, children = study_runs(client, exp)
+            except AssertionError:
+                continue
+            if not any(c.data.metrics.get("episodes", 0) >= 640 for c in children):
+                continue
+            # the trial actors of this study: Ray names their processes after the trainable
+            out = subprocess.run(["pgrep", "-f", "-s", str(os.getpgid(proc.pid)), "ImplicitFunc"],
+                                 capture_output=True, text=True).stdout.split()
+            if out:
+                killed = int(out[0])
+                os.kill(killed, signal.SIGKILL)
+        assert killed, "no trial worker process found to kill"
+        assert proc.wait(600) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    _, children = study_runs(client, exp)
+    assert len(children) == 2  # the retried trial kept its run: no duplicate
+    for c in children:
+        assert c.info.status == "FINISHED" and c.data.tags["mann.outcome"] == "completed"
+        assert c.data.metrics["episodes"] == 3200
+        steps = [m.step for m in client.get_metric_history(c.info.run_id, "episodes")]
+        assert steps == sorted(set(steps)) and steps[-1] == 3200  # resumed, not restarted; nothing twice
+    # Tune's own record of every result: the retried trial went on from its checkpoint instead of starting
+    # again from episode 0 (which would report the first evaluation, 320 episodes, a second time).
+    import json
+
+    firsts = []
+    for result_file in tmp_path.glob("smoke-*/run_trial_*/result.json"):
+        episodes = [json.loads(line)["episodes"] for line in result_file.read_text().splitlines() if line.strip()]
+        firsts.append(episodes.count(320.0))
+        assert episodes[-1] == 3200
+    assert firsts == [1, 1], firsts
+
+
+def test_no_credentials_in_mlflow_params_or_tags(tmp_path, monkeypatch):
+    from search.tracking import StudyTracker, redact
+
+    assert redact("db_password", "hunter2") == "***"
+    assert redact("uri", "postgresql://mlflow:hunter2@db:5432/mlflow") == "postgresql://***@db:5432/mlflow"
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    tracker = StudyTracker(uri, "creds", "study-1", tmp_path / "staging")
+    tracker.start_study({"storage": "s3://AKIAXXX:hunter2@bucket/x", "aws_secret_access_key": "hunter2",
+                         "mlflow.tracking_uri": "http://user:hunter2@mlflow:5000"},
+                        {"api_token": "hunter2", "note": "https://u:hunter2@example.invalid/"}, {})
+    tracker.trial_started("t1", "trial-1", {"train.lr": 0.01, "MLFLOW_TRACKING_PASSWORD": "hunter2"})
+    assert tracker.flush(force=True)
+    client = tracker.client
+    for run in client.search_runs([tracker._experiment()]):
+        everything = {**run.data.params, **run.data.tags}
+        assert all("hunter2" not in str(v) for v in everything.values()), everything
