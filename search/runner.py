@@ -369,6 +369,8 @@ def prepare(config_file: str, overrides: list[str]) -> tuple[LoadedSearch, str]:
         check_tracking_uri(uri)
     except ConnectionError as exc:
         raise SearchError(str(exc)) from None
+    if os.environ.get("RAY_ADDRESS"):
+        check_ray_address(os.environ["RAY_ADDRESS"])
     return loaded, uri
 
 

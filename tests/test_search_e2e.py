@@ -195,3 +195,26 @@ def test_ray_job_submit_on_two_node_local_cluster(tmp_path, mlflow_server, omnig
     finally:
         sh(ray, "stop", "--grace-period", "20")
         shutil.rmtree(worker_tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    "extra,env,needle",
+    [
+        (["--set", "mlflow.tracking_uri=http://127.0.0.1:{port}"], {}, "tracking server not reachable"),
+        ([], {"RAY_ADDRESS": "127.0.0.1:{port}"}, "Ray cluster not reachable"),
+        (["--set", "space.model.memory.gamma={{type: float, low: 0.5, high: 1.5}}"], {},
+         "space.model.memory.gamma.high"),
+    ],
+)
+def test_unreachable_services_and_bad_configs_fail_fast_before_anything_starts(tmp_path, extra, env, needle):
+    port = free_port()  # nothing listens there
+    extra = [e.format(port=port) for e in extra]
+    env = {k: v.format(port=port) for k, v in env.items()}
+    t0 = time.monotonic()
+    proc = mann_search("run", "configs/search/smoke.yaml", "--set", f"storage={tmp_path}", *extra, env=env,
+                       timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert time.monotonic() - t0 < 60
+    assert not list(tmp_path.glob("smoke-*")), "a study was started"
