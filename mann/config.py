@@ -76,6 +76,8 @@ class ModelConfig:
     kind: Literal["mann", "lstm", "feedforward"] = "mann"
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    # Use the fused memory step (same math, hand-written backward) where it applies; false: the readable path.
+    fused_memory: bool = True
 
     def __post_init__(self) -> None:
         if self.kind in ("lstm", "feedforward"):

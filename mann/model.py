@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from . import memory as mem
+from .fused import DeferredLinear, DeferredWeight, LRUAStep
 from .config import ModelConfig, TaskConfig
 from .labels import STRING_ALPHABET, STRING_LENGTH, digits_to_label, label_dim, string_digits
 
@@ -60,6 +61,8 @@ class MANN(nn.Module):
             # One matmul for every head's key, gate alpha, optional add vector and optional key strength.
             head_out = R * W + R + (R * W if self.add else 0) + (R if self.strength else 0)
             self.head = nn.Linear(H, head_out)
+            # The fused step (mann.fused) covers the paper's read-after-write without key strength.
+            self.fused = cfg.fused_memory and m.read_after_write and not self.strength
         self.output = nn.Linear(H + R * W, output_size)
         self._reset_parameters()
 
@@ -84,12 +87,14 @@ class MANN(nn.Module):
             read_vectors=torch.full((batch, R, W), init, **opts),
         )
 
-    def step(self, x_proj: Tensor, state: MANNState) -> MANNState:
+    def step(self, x_proj: Tensor, state: MANNState, tapes: dict | None = None) -> MANNState:
         """One time step.
 
         Args:
             x_proj: ``[B, G]`` the projected input ``input_proj([x_t, y_{t-1}])``.
             state: the state after step t-1.
+            tapes: from :meth:`_deferred_weights`, inside :meth:`forward`: the per-step layers then leave their
+                weight gradients to one product after the loop (same values, fewer operations).
 
         Returns:
             The state after step t; its ``h`` and ``read_vectors`` feed the output layer.
@@ -102,7 +107,8 @@ class MANN(nn.Module):
             rec.append(state.h)
         gates = x_proj
         if self.recurrent is not None:
-            gates = gates + self.recurrent(torch.cat(rec, dim=-1) if len(rec) > 1 else rec[0])
+            z = torch.cat(rec, dim=-1) if len(rec) > 1 else rec[0]
+            gates = gates + (self._linear(z, "recurrent", tapes))
         if self.lstm:
             H = self.hidden
             i, f, _, o = torch.sigmoid(gates).chunk(4, dim=-1)  # one sigmoid for three gates
@@ -114,13 +120,33 @@ class MANN(nn.Module):
             h = torch.tanh(gates)
         if not self.use_memory:
             return state._replace(h=h, c=c)
-        memory, usage, read_weights, read_vectors = self._memory_step(h, state)
+        memory, usage, read_weights, read_vectors = self._memory_step(h, state, tapes)
         return MANNState(h, c, memory, usage, read_weights, read_vectors)
 
-    def _memory_step(self, h: Tensor, state: MANNState) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _linear(self, x: Tensor, name: str, tapes: dict | None) -> Tensor:
+        layer = getattr(self, name)
+        if tapes is None:
+            return layer(x)
+        weight, tape = tapes[name]
+        out = DeferredLinear.apply(x, weight, tape)
+        return out if layer.bias is None else out + layer.bias
+
+    def _deferred_weights(self) -> dict | None:
+        """Per-step weights wrapped so their gradients are computed once after the time loop."""
+        if not torch.is_grad_enabled():
+            return None
+        tapes = {}
+        for name in ("recurrent", "head"):
+            layer = getattr(self, name, None)
+            if layer is not None:
+                tape: list = []
+                tapes[name] = (DeferredWeight.apply(layer.weight, tape), tape)
+        return tapes
+
+    def _memory_step(self, h: Tensor, state: MANNState, tapes: dict | None = None):
         m = self.cfg.memory
         B, R, W = h.shape[0], self.heads, self.width
-        out = self.head(h)
+        out = self._linear(h, "head", tapes)
         keys = torch.tanh(out[:, : R * W]).view(B, R, W)  # (B, R, W)
         alpha = out[:, R * W : R * W + R]  # (B, R)
         pos = R * W + R
@@ -132,6 +158,12 @@ class MANN(nn.Module):
 
         # Eq. 6-7: write weights from the previous reads and the least-used slots of w_u_{t-1}.
         lu_prev = mem.least_used(state.usage, R)  # (B, N)
+        if self.fused:
+            keep = torch.arange(self.slots, device=h.device) != torch.argmin(state.usage, -1, keepdim=True)
+            if not m.zero_least_used:
+                keep = torch.ones_like(keep)
+            return LRUAStep.apply(keys, content, alpha, state.memory, state.usage, state.read_weights, lu_prev,
+                                  keep.to(h.dtype), m.gamma)
         ww = mem.write_weights(alpha, state.read_weights, lu_prev)  # (B, R, N)
         memory = state.memory
         if not m.read_after_write:
@@ -160,9 +192,10 @@ class MANN(nn.Module):
             state = self.initial_state(B, inputs.device, inputs.dtype)
         x_proj = self.input_proj(inputs)  # (B, T, G), hoisted out of the loop
         feats = []
+        tapes = self._deferred_weights()
         # unbind, not x_proj[:, t]: indexing would make backward write a full-size zero gradient per step.
         for x_t in x_proj.unbind(1):
-            state = self.step(x_t, state)
+            state = self.step(x_t, state, tapes)
             if self.use_memory:
                 feats.append(torch.cat([state.h, state.read_vectors.reshape(B, -1)], dim=-1))
             else:

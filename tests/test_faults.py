@@ -28,7 +28,7 @@ def test_mlflow_down_then_back_loses_nothing(tmp_path, omniglot_dir):
         [str(BIN / "mann-search"), "run", "configs/search/smoke.yaml", "--set", f"storage={tmp_path / 'runs'}",
          "--set", f"mlflow.tracking_uri={server.uri}", "--set", f"mlflow.experiment={exp}",
          "--set", "budget.num_samples=6", "--set", "overrides.train.episodes=3200", "--set", "scheduler.kind=none",
-         "--set", "selection.enabled=false"],
+         "--set", "overrides.train.eval_every=640", "--set", "selection.enabled=false"],
         cwd=REPO, stdout=open(tmp_path / "run.log", "w"), stderr=subprocess.STDOUT)
     try:
         client = client_for(server.uri)
@@ -54,7 +54,7 @@ def test_mlflow_down_then_back_loses_nothing(tmp_path, omniglot_dir):
         for c in children:
             assert c.info.status == "FINISHED"
             points = metric_points(client, c.info.run_id)
-            assert len(points) == len(set(points)) == int(c.data.metrics["episodes"]) // 160, points
+            assert len(points) == len(set(points)) == int(c.data.metrics["episodes"]) // 640 == 5, points
     finally:
         if proc.poll() is None:
             proc.kill()
