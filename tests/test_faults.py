@@ -197,3 +197,67 @@ def test_no_credentials_in_mlflow_params_or_tags(tmp_path, monkeypatch):
     for run in client.search_runs([tracker._experiment()]):
         everything = {**run.data.params, **run.data.tags}
         assert all("hunter2" not in str(v) for v in everything.values()), everything
+
+
+def test_worker_node_lost_trials_move_to_the_remaining_node(tmp_path, mlflow_server, omniglot_dir):
+    """A 2-node `ray start` cluster on 127.0.0.1; the worker node is killed mid-search (all its processes,
+    SIGKILL): its trials are retried on the head node and the study completes with one MLflow run per trial."""
+    import os
+    import secrets
+    import shutil
+
+    from .conftest import free_port, wait_port
+
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "PATH": f"{BIN}:{os.environ['PATH']}"}
+    gcs, dash = free_port(), free_port()
+    ray = str(BIN / "ray")
+    worker_tmp = f"/tmp/ray-w{gcs}"
+    exp = "faults-node"
+
+    def sh(*args, timeout=180):
+        return subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+    proc = None
+    try:
+        head = sh(ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=1",
+                  "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats")
+        assert head.returncode == 0, head.stderr[-2000:]
+        worker = sh(ray, "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                    f"--temp-dir={worker_tmp}")
+        assert worker.returncode == 0, worker.stderr[-2000:]
+        wait_port(dash, timeout=90)
+        proc = subprocess.Popen(
+            [str(BIN / "mann-search"), "run", "configs/search/smoke.yaml", "--set", f"storage={tmp_path}",
+             "--set", f"mlflow.tracking_uri={mlflow_server.uri}", "--set", f"mlflow.experiment={exp}",
+             "--set", "budget.num_samples=4", "--set", "overrides.train.episodes=1920",
+             "--set", "overrides.train.eval_every=320", "--set", "scheduler.kind=none",
+             "--set", "selection.enabled=false", "--set", "budget.max_failures=3"],
+            cwd=REPO, env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}, stdout=open(tmp_path / "run.log", "w"),
+            stderr=subprocess.STDOUT)
+        client = client_for(mlflow_server.uri)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # both nodes busy with a trial that has reported
+            time.sleep(1)
+            try:
+                _, children = study_runs(client, exp)
+            except AssertionError:
+                continue
+            if sum(1 for c in children if c.data.metrics.get("episodes", 0) >= 320) >= 2:
+                break
+        else:
+            pytest.fail("trials did not start on both nodes in time")
+        killed = subprocess.run(["pkill", "-9", "-f", worker_tmp], capture_output=True)
+        assert killed.returncode == 0, "no worker-node process found"
+        assert proc.wait(600) == 0, (tmp_path / "run.log").read_text()[-4000:]
+        assert "Trial task failed" in (tmp_path / "run.log").read_text()  # a trial did die with the node
+        _, children = study_runs(client, exp)
+        assert len(children) == 4
+        for c in children:
+            assert c.info.status == "FINISHED" and c.data.metrics["episodes"] == 1920, c.data.tags
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        sh(ray, "stop", "--grace-period", "20")
+        subprocess.run(["pkill", "-9", "-f", worker_tmp], capture_output=True)
+        shutil.rmtree(worker_tmp, ignore_errors=True)
