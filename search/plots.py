@@ -17,6 +17,18 @@ def _instances(history: list[dict[str, float]]) -> list[int]:
     return ks
 
 
+def _save_accuracy_plot(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def learning_curve(history: list[dict[str, float]], path: Path, title: str = "") -> None:
     """Validation accuracy at selected instance numbers over training episodes."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -25,15 +37,7 @@ def learning_curve(history: list[dict[str, float]], path: Path, title: str = "")
         pts = [(r["episodes"], r[f"val/acc_{k}"]) for r in history if f"val/acc_{k}" in r and "episodes" in r]
         if pts:
             ax.plot(*zip(*pts), marker="o", ms=3, label=f"instance {k}")
-    ax.set_xlabel("training episodes")
-    ax.set_ylabel("validation accuracy")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title or "learning curve")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_accuracy_plot(fig, ax, path, "training episodes", "validation accuracy", title or "learning curve")
 
 
 def accuracy_by_instance(rows: dict[str, list[float]], path: Path, title: str = "") -> None:
@@ -41,15 +45,7 @@ def accuracy_by_instance(rows: dict[str, list[float]], path: Path, title: str = 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, acc in rows.items():
         ax.plot(range(1, len(acc) + 1), acc, marker="o", label=label)
-    ax.set_xlabel("instance")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title or "accuracy by instance")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_accuracy_plot(fig, ax, path, "instance", "accuracy", title or "accuracy by instance")
 
 
 def search_history(values: list[float], mode: str, path: Path, metric: str) -> None:
@@ -94,7 +90,7 @@ def parallel_coordinates(points: list[dict[str, Any]], values: list[float], path
     ax.set_yticks([])
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(lo, hi))
     fig.colorbar(sm, ax=ax, label=metric)
-    ax.set_title("parameters of every trial (normalised), coloured by objective")
+    ax.set_title("every trial: parameters (normalised), colour = objective", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

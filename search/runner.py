@@ -20,8 +20,6 @@ from urllib.parse import urlparse
 
 import yaml
 
-from mann.config import ConfigError
-
 from . import plots
 from .config import LoadedSearch, load_search_config
 from .space import DefineByRun, make_sampler
@@ -149,7 +147,9 @@ def connect_ray(num_cpus: int | None = None) -> str:
                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
         return address
     try:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=runtime_env)
+        # address="local": always a new cluster of our own, never one that `ray start` left on this machine
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 runtime_env=runtime_env)
     except Exception as exc:
         raise SearchError(f"cannot start a local Ray ({exc.__class__.__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None

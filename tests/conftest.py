@@ -79,6 +79,7 @@ def tiny_data(tmp_path) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 # Real services on 127.0.0.1: an MLflow tracking server, Ray clusters started with `ray start`
 
+import contextlib  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
@@ -158,3 +159,47 @@ def mlflow_server(tmp_path_factory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
     yield server
     server.stop()
+
+
+@contextlib.contextmanager
+def two_node_ray(cpus_per_node: int = 1):
+    """A head and a worker node started with `ray start` on 127.0.0.1, token authentication on. Yields
+    ``(env, gcs_port, dashboard_port, worker_temp_dir)``; stops both nodes (and removes the worker's temp dir)."""
+    import secrets
+    import shutil
+
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "PATH": f"{BIN}:{os.environ['PATH']}"}
+    gcs, dash = free_port(), free_port()
+    ray = str(BIN / "ray")
+    # The worker gets a temp dir of its own: two nodes on one machine must not garbage-collect each other's job
+    # files; short, because Ray's unix socket paths must stay under 108 bytes.
+    worker_tmp = f"/tmp/ray-w{gcs}"
+
+    def sh(*args, timeout=180):
+        return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+
+    try:
+        head = sh(ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", f"--num-cpus={cpus_per_node}",
+                  "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats")
+        assert head.returncode == 0, head.stderr[-2000:]
+        worker = sh(ray, "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
+                    f"--num-cpus={cpus_per_node}", f"--temp-dir={worker_tmp}")
+        assert worker.returncode == 0, worker.stderr[-2000:]
+        wait_port(dash, timeout=90)
+        yield env, gcs, dash, worker_tmp
+    finally:
+        sh(ray, "stop", "--grace-period", "20")
+        subprocess.run(["pkill", "-9", "-f", worker_tmp], capture_output=True)
+        shutil.rmtree(worker_tmp, ignore_errors=True)
+
+
+def wait_for(check, timeout: float, what: str, every: float = 1.0):
+    """Poll ``check()`` until it returns something truthy; fail the test naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")

@@ -10,7 +10,6 @@ import sys
 import pytest
 
 from .test_config import REPO
-from .test_train import TINY
 
 
 def mann(*args, env=None, timeout=300):

@@ -8,13 +8,22 @@ import time
 
 import pytest
 
-from .conftest import BIN, MlflowServer
+from .conftest import BIN, MlflowServer, two_node_ray, wait_for
 from .test_config import REPO
 from .test_search_e2e import client_for, mann_search, study_runs
 
 pytestmark = pytest.mark.slow
 
 SMALL = ["--set", "budget.num_samples=4", "--set", "overrides.train.episodes=960", "--set", "selection.enabled=false"]
+
+
+def children_with(client, exp, pred):
+    """Child runs of the study in ``exp`` that satisfy ``pred`` (none while the experiment does not exist)."""
+    try:
+        _, children = study_runs(client, exp)
+    except AssertionError:
+        return []
+    return [c for c in children if pred(c)]
 
 
 def metric_points(client, run_id, key="val/acc_2plus"):
@@ -32,15 +41,7 @@ def test_mlflow_down_then_back_loses_nothing(tmp_path, omniglot_dir):
         cwd=REPO, stdout=open(tmp_path / "run.log", "w"), stderr=subprocess.STDOUT)
     try:
         client = client_for(server.uri)
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:  # wait for the first child run with metrics
-            time.sleep(1)
-            try:
-                _, children = study_runs(client, exp)
-            except AssertionError:
-                continue
-            if any(c.data.metrics for c in children):
-                break
+        wait_for(lambda: children_with(client, exp, lambda c: c.data.metrics), 240, "a child run with metrics")
         server.kill()  # down while trials train
         time.sleep(5)
         server.start()  # back on the same port, same store
@@ -71,15 +72,8 @@ def test_mlflow_never_back_study_completes_and_replay_delivers(tmp_path, omniglo
         cwd=REPO, stdout=open(tmp_path / "run.log", "w"), stderr=subprocess.STDOUT)
     try:
         client = client_for(uri)
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:  # the study has started (past the reachability check)
-            time.sleep(1)
-            try:
-                parents, _ = study_runs(client, exp)
-            except AssertionError:
-                continue
-            if parents:
-                break
+        # the study has started (past its start-up reachability check) when its parent run exists
+        wait_for(lambda: client.get_experiment_by_name(exp), 240, "the study's experiment")
         server.stop()
         assert proc.wait(600) == 0, (tmp_path / "run.log").read_text()[-3000:]
         log = (tmp_path / "run.log").read_text()
@@ -97,7 +91,7 @@ def test_mlflow_never_back_study_completes_and_replay_delivers(tmp_path, omniglo
             points = metric_points(client, c.info.run_id)
             assert len(points) == int(c.data.metrics["episodes"]) // 160
             total += len(points)
-        assert f"delivered" in done.stdout and total >= 4
+        assert "delivered" in done.stdout and total >= 4
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -142,22 +136,14 @@ def test_trial_worker_killed_resumes_from_checkpoint_in_same_run(tmp_path, mlflo
     killed = None
     try:
         client = client_for(mlflow_server.uri)
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and killed is None:
-            time.sleep(1)
-            try:
-                _, children = study_runs(client, exp)
-            except AssertionError:
-                continue
-            if not any(c.data.metrics.get("episodes", 0) >= 640 for c in children):
-                continue
-            # the trial actors of this study: Ray names their processes after the trainable
-            out = subprocess.run(["pgrep", "-f", "-s", str(os.getpgid(proc.pid)), "ImplicitFunc"],
-                                 capture_output=True, text=True).stdout.split()
-            if out:
-                killed = int(out[0])
-                os.kill(killed, signal.SIGKILL)
-        assert killed, "no trial worker process found to kill"
+        wait_for(lambda: children_with(client, exp, lambda c: c.data.metrics.get("episodes", 0) >= 640), 240,
+                 "a trial past its second checkpoint")
+        # the trial actors of this study: Ray names their processes after the trainable
+        out = subprocess.run(["pgrep", "-f", "-s", str(os.getpgid(proc.pid)), "ImplicitFunc"],
+                             capture_output=True, text=True).stdout.split()
+        assert out, "no trial worker process found to kill"
+        killed = int(out[0])
+        os.kill(killed, signal.SIGKILL)
         assert proc.wait(600) == 0, (tmp_path / "run.log").read_text()[-3000:]
     finally:
         if proc.poll() is None:
@@ -202,62 +188,29 @@ def test_no_credentials_in_mlflow_params_or_tags(tmp_path, monkeypatch):
 def test_worker_node_lost_trials_move_to_the_remaining_node(tmp_path, mlflow_server, omniglot_dir):
     """A 2-node `ray start` cluster on 127.0.0.1; the worker node is killed mid-search (all its processes,
     SIGKILL): its trials are retried on the head node and the study completes with one MLflow run per trial."""
-    import os
-    import secrets
-    import shutil
-
-    from .conftest import free_port, wait_port
-
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-           "PATH": f"{BIN}:{os.environ['PATH']}"}
-    gcs, dash = free_port(), free_port()
-    ray = str(BIN / "ray")
-    worker_tmp = f"/tmp/ray-w{gcs}"
     exp = "faults-node"
-
-    def sh(*args, timeout=180):
-        return subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
     proc = None
-    try:
-        head = sh(ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=1",
-                  "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats")
-        assert head.returncode == 0, head.stderr[-2000:]
-        worker = sh(ray, "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                    f"--temp-dir={worker_tmp}")
-        assert worker.returncode == 0, worker.stderr[-2000:]
-        wait_port(dash, timeout=90)
-        proc = subprocess.Popen(
-            [str(BIN / "mann-search"), "run", "configs/search/smoke.yaml", "--set", f"storage={tmp_path}",
-             "--set", f"mlflow.tracking_uri={mlflow_server.uri}", "--set", f"mlflow.experiment={exp}",
-             "--set", "budget.num_samples=4", "--set", "overrides.train.episodes=1920",
-             "--set", "overrides.train.eval_every=320", "--set", "scheduler.kind=none",
-             "--set", "selection.enabled=false", "--set", "budget.max_failures=3"],
-            cwd=REPO, env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}, stdout=open(tmp_path / "run.log", "w"),
-            stderr=subprocess.STDOUT)
-        client = client_for(mlflow_server.uri)
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:  # both nodes busy with a trial that has reported
-            time.sleep(1)
-            try:
-                _, children = study_runs(client, exp)
-            except AssertionError:
-                continue
-            if sum(1 for c in children if c.data.metrics.get("episodes", 0) >= 320) >= 2:
-                break
-        else:
-            pytest.fail("trials did not start on both nodes in time")
-        killed = subprocess.run(["pkill", "-9", "-f", worker_tmp], capture_output=True)
-        assert killed.returncode == 0, "no worker-node process found"
-        assert proc.wait(600) == 0, (tmp_path / "run.log").read_text()[-4000:]
-        assert "Trial task failed" in (tmp_path / "run.log").read_text()  # a trial did die with the node
-        _, children = study_runs(client, exp)
-        assert len(children) == 4
-        for c in children:
-            assert c.info.status == "FINISHED" and c.data.metrics["episodes"] == 1920, c.data.tags
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-        sh(ray, "stop", "--grace-period", "20")
-        subprocess.run(["pkill", "-9", "-f", worker_tmp], capture_output=True)
-        shutil.rmtree(worker_tmp, ignore_errors=True)
+    with two_node_ray() as (env, gcs, _, worker_tmp):
+        try:
+            proc = subprocess.Popen(
+                [str(BIN / "mann-search"), "run", "configs/search/smoke.yaml", "--set", f"storage={tmp_path}",
+                 "--set", f"mlflow.tracking_uri={mlflow_server.uri}", "--set", f"mlflow.experiment={exp}",
+                 "--set", "budget.num_samples=4", "--set", "overrides.train.episodes=1920",
+                 "--set", "overrides.train.eval_every=320", "--set", "scheduler.kind=none",
+                 "--set", "selection.enabled=false", "--set", "budget.max_failures=3"],
+                cwd=REPO, env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}, stdout=open(tmp_path / "run.log", "w"),
+                stderr=subprocess.STDOUT)
+            client = client_for(mlflow_server.uri)
+            wait_for(lambda: len(children_with(client, exp, lambda c: c.data.metrics.get("episodes", 0) >= 320)) >= 2,
+                     240, "a reporting trial on each node")
+            killed = subprocess.run(["pkill", "-9", "-f", worker_tmp], capture_output=True)
+            assert killed.returncode == 0, "no worker-node process found"
+            assert proc.wait(600) == 0, (tmp_path / "run.log").read_text()[-4000:]
+        finally:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    assert "Trial task failed" in (tmp_path / "run.log").read_text()  # a trial did die with the node
+    _, children = study_runs(client, exp)
+    assert len(children) == 4
+    for c in children:
+        assert c.info.status == "FINISHED" and c.data.metrics["episodes"] == 1920, c.data.tags

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from .conftest import BIN, free_port, wait_port
+from .conftest import BIN, free_port, two_node_ray
 from .test_config import REPO
 
 pytestmark = pytest.mark.slow
@@ -157,30 +154,16 @@ def test_resume_after_driver_killed_has_no_duplicates(tmp_path, mlflow_server, o
 
 def test_ray_job_submit_on_two_node_local_cluster(tmp_path, mlflow_server, omniglot_dir):
     """`ray job submit` of the smoke search to a `ray start` head + worker on 127.0.0.1, token auth on."""
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-           "PATH": f"{BIN}:{os.environ['PATH']}"}
-    gcs, dash = free_port(), free_port()
     ray = str(BIN / "ray")
-    worker_tmp = Path(f"/tmp/ray-w{gcs}")  # short: Ray's unix socket paths must stay under 108 bytes
-
-    def sh(*args, timeout=180):
-        return subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-    try:
-        head = sh(ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=1",
-                  "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats")
-        assert head.returncode == 0, head.stderr[-2000:]
-        # A temp dir of its own: two nodes on one machine must not garbage-collect each other's job files.
-        worker = sh(ray, "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                    f"--temp-dir={worker_tmp}")
-        assert worker.returncode == 0, worker.stderr[-2000:]
-        wait_port(dash, timeout=90)
+    with two_node_ray() as (env, gcs, dash, _):
         runtime_env = json.dumps({"env_vars": {"MANN_DATA_DIR": str(omniglot_dir)}})
-        job = sh(ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".",
-                 "--runtime-env-json", runtime_env, "--",
-                 "mann-search", "run", "configs/search/smoke.yaml", "--set", f"storage={tmp_path}",
-                 "--set", f"mlflow.tracking_uri={mlflow_server.uri}", "--set", "mlflow.experiment=e2e-job",
-                 "--set", "selection.enabled=false", timeout=600)
+        job = subprocess.run(
+            [ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".",
+             "--runtime-env-json", runtime_env, "--",
+             "mann-search", "run", "configs/search/smoke.yaml", "--set", f"storage={tmp_path}",
+             "--set", f"mlflow.tracking_uri={mlflow_server.uri}", "--set", "mlflow.experiment=e2e-job",
+             "--set", "selection.enabled=false"],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
         assert job.returncode == 0, job.stdout[-6000:] + job.stderr[-2000:]
         assert "succeeded" in job.stdout
         client = client_for(mlflow_server.uri)
@@ -192,9 +175,6 @@ def test_ray_job_submit_on_two_node_local_cluster(tmp_path, mlflow_server, omnig
         refused = subprocess.run([ray, "job", "list", "--address", f"http://127.0.0.1:{dash}"], env={
             **anon, "RAY_AUTH_TOKEN_PATH": str(tmp_path / "no-token")}, capture_output=True, text=True, timeout=60)
         assert refused.returncode != 0
-    finally:
-        sh(ray, "stop", "--grace-period", "20")
-        shutil.rmtree(worker_tmp, ignore_errors=True)
 
 
 @pytest.mark.parametrize(
