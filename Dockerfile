@@ -1,0 +1,52 @@
+# syntax=docker/dockerfile:1
+# Images of the Kubernetes deployment (k8s/), versions pinned to pyproject.toml (tests/test_k8s.py checks):
+#   docker build -t mann-search:0.1.0-ray2.60.0 .                               Ray head/worker (default target)
+#   docker build --target mlflow -t mann-search-mlflow:0.1.0-mlflow3.17.2 .    MLflow tracking server
+# Both run as uid 1000 (the Ray image's `ray` user, group 100), never as root.
+
+# The MLflow version of the server and of the clients in the Ray image: one pin for both.
+ARG MLFLOW_VERSION=3.17.2
+
+# ---------------------------------------------------------------------------------------------------------------
+# MLflow tracking server: a small CPU image (the server needs neither Ray nor torch), PostgreSQL driver included.
+FROM python:3.11.13-slim AS mlflow
+ARG MLFLOW_VERSION
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN pip install --no-cache-dir "mlflow==${MLFLOW_VERSION}" "psycopg2-binary==2.9.13" \
+    && useradd --uid 1000 --gid 100 --create-home --home-dir /home/mlflow --shell /usr/sbin/nologin mlflow
+USER 1000:100
+WORKDIR /home/mlflow
+EXPOSE 5000
+ENTRYPOINT ["mlflow"]
+CMD ["server", "--host", "0.0.0.0", "--port", "5000"]
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ray head/worker image: the pinned Ray release with CUDA, the project's pinned dependencies and the project.
+FROM rayproject/ray:2.60.0-py311-gpu AS ray
+ARG MLFLOW_VERSION
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+# torch from PyPI is the CUDA build on Linux x86_64 (it brings its CUDA libraries; the node needs the NVIDIA
+# driver only). The other pins are the versions the test suite runs with, inside pyproject.toml's ranges.
+RUN pip install --no-cache-dir \
+        "torch==2.13.0" \
+        "ray[default,tune]==2.60.0" \
+        "optuna==5.0.0" \
+        "mlflow==${MLFLOW_VERSION}" \
+        "numpy==2.4.6" \
+        "pillow==13.0.0" \
+        "pyyaml==6.0.4" \
+        "matplotlib==3.11.2"
+# The project folder is also the Ray job's working_dir (k8s/rayjob/rayjob.yaml): `mann-search run
+# configs/search/cluster.yaml` resolves from here.
+WORKDIR /home/ray/mann-search
+COPY --chown=1000:100 pyproject.toml README.md ./
+COPY --chown=1000:100 mann ./mann
+COPY --chown=1000:100 search ./search
+COPY --chown=1000:100 configs ./configs
+RUN pip install --no-cache-dir --no-deps . \
+    && mann --help > /dev/null && mann-search --help > /dev/null
+USER 1000:100
