@@ -131,6 +131,11 @@ def connect_ray(num_cpus: int | None = None) -> str:
 
     if ray.is_initialized():
         return "existing"
+    import search
+
+    if search.RAY_IMPORTED_FIRST:
+        raise SearchError("Ray was imported before mann-search with RAY_AUTH_MODE unset: import search first, or "
+                          "export RAY_AUTH_MODE=token before starting Python")
     if os.environ.get("RAY_AUTH_MODE", "token") != "token":
         log.warning("RAY_AUTH_MODE=%s: Ray token authentication is OFF", os.environ["RAY_AUTH_MODE"])
     address = os.environ.get("RAY_ADDRESS")

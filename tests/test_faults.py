@@ -185,6 +185,51 @@ def test_no_credentials_in_mlflow_params_or_tags(tmp_path, monkeypatch):
         assert all("hunter2" not in str(v) for v in everything.values()), everything
 
 
+LISTENERS = r"""
+import json, os, subprocess
+from search.runner import connect_ray  # before ray: search turns token authentication on
+import ray
+
+connect_ray(1)  # what `mann-search run` does without RAY_ADDRESS
+
+
+@ray.remote
+def task():
+    return os.environ.get("RAY_AUTH_MODE")
+
+
+mode = ray.get(task.remote())  # a worker process and the runtime-env agent are up as well
+out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
+print(json.dumps({"mode": mode, "listen": [line.split() for line in out.splitlines()]}))
+ray.shutdown()
+"""
+
+
+def test_local_cluster_listens_on_loopback_only_with_token_auth():
+    """Every TCP port of the local Ray that mann-search starts (GCS, raylet, object manager, agents, workers) is
+    bound to 127.0.0.1, none to 0.0.0.0 / ::; token authentication is on in its processes."""
+    import json
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    proc = subprocess.run([str(BIN / "python"), "-c", LISTENERS], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["mode"] == "token"
+    ray_sockets = [row for row in report["listen"] if any(n in row[-1] for n in ("gcs_server", "raylet", "ray::"))]
+    names = " ".join(row[-1] for row in ray_sockets)
+    assert "gcs_server" in names and "raylet" in names, report["listen"]
+    assert len(ray_sockets) >= 5, report["listen"]
+    for row in ray_sockets:
+        address = row[3].rsplit(":", 1)[0]
+        assert address in ("127.0.0.1", "[::ffff:127.0.0.1]"), f"{row[-1]} listens on {row[3]}"
+    # imported the other way round with RAY_AUTH_MODE unset: a clear refusal, not a hang
+    late = subprocess.run([str(BIN / "python"), "-c", "import ray, search.runner as r; r.connect_ray(1)"], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert late.returncode != 0 and "import search first" in late.stderr, late.stderr[-2000:]
+
+
 def test_worker_node_lost_trials_move_to_the_remaining_node(tmp_path, mlflow_server, omniglot_dir):
     """A 2-node `ray start` cluster on 127.0.0.1; the worker node is killed mid-search (all its processes,
     SIGKILL): its trials are retried on the head node and the study completes with one MLflow run per trial."""
