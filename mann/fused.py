@@ -126,3 +126,159 @@ class DeferredLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         ctx.tape.append((x, grad))
         return grad @ weight, None, None
+
+
+def sequence_forward_step(x_t, w_rec_t, w_head_t, b_head, h, c, memory, usage, wr, reads, gamma: float,
+                          zero: bool, add: bool):
+    """One step of :class:`MANNSequence` without autograd: :meth:`mann.model.MANN.step` with the LSTM controller
+    and the fused memory math of :class:`LRUAStep`. Shapes as in :class:`MANNState`; ``x_t``: ``[B, 4H]``,
+    ``w_rec_t``: ``[R*W + H, 4H]``, ``w_head_t``: ``[H, P]``.
+
+    Returns:
+        ``(h, c, memory, usage, wr, reads)`` at step t and the tuple of what the backward step needs.
+    """
+    B, N = usage.shape
+    R, W = reads.shape[1], reads.shape[2]
+    H = h.shape[1]
+    RW = R * W
+    z = torch.cat([reads.reshape(B, RW), h], 1)  # (B, RW + H)
+    gates = torch.addmm(x_t, z, w_rec_t)
+    sg = torch.sigmoid(gates)
+    i, f, o = sg[:, :H], sg[:, H : 2 * H], sg[:, 3 * H :]
+    g = torch.tanh(gates[:, 2 * H : 3 * H])
+    c_prev = c
+    c = torch.addcmul(f * c_prev, i, g)
+    tc = torch.tanh(c)
+    h = o * tc
+    out = torch.addmm(b_head, h, w_head_t)
+    keys = torch.tanh(out[:, :RW]).view(B, R, W)
+    alpha = out[:, RW : RW + R]
+    content = torch.tanh(out[:, RW + R : 2 * RW + R]).view(B, R, W) if add else keys
+    # Eq. 6 on w_u_{t-1} (ties to the lower index), and the least-used row that is zeroed before the write
+    lu = torch.zeros_like(usage).scatter_(1, torch.sort(usage, dim=-1, stable=True).indices[:, :R], 1.0)
+    if zero:
+        keep = torch.ones_like(usage).scatter_(1, torch.argmin(usage, -1, keepdim=True), 0.0)
+    else:
+        keep = torch.ones_like(usage)
+    # LRUAStep.forward (Eq. 7-8, 2-5)
+    s = torch.sigmoid(alpha).unsqueeze(-1)
+    lu1 = lu.unsqueeze(1)
+    diff = wr - lu1
+    ww = lu1 + s * diff
+    memory = torch.baddbmm(memory * keep.unsqueeze(-1), ww.transpose(1, 2), content)
+    m_raw = memory.norm(dim=-1)
+    k_raw = keys.norm(dim=-1, keepdim=True)
+    q = (k_raw + EPS) * (m_raw + EPS).unsqueeze(1)
+    sim = torch.bmm(keys, memory.transpose(1, 2)) / q
+    wr = torch.softmax(sim, dim=-1)
+    reads = torch.bmm(wr, memory)
+    usage = wr.sum(1) + ww.sum(1) + gamma * usage
+    saved = (z, sg, g, c_prev, tc, keys, content, s, diff, keep, memory, m_raw, k_raw, q, sim, wr, ww)
+    return (h, c, memory, usage, wr, reads), saved
+
+
+def sequence_backward_step(saved, d_h, d_reads, dh_next, dr_next, dc, dm, du, dwr, w_rec, w_head, gamma: float,
+                           add: bool):
+    """The backward of :func:`sequence_forward_step` (through time: the ``d*`` carries come from step t+1).
+
+    Returns:
+        ``(dh_next, dr_next, dc, dm, du, dwr)`` for step t-1, ``d_gates [B, 4H]`` (the gradient of ``x_t``) and
+        ``d_out [B, P]`` (of the head layer's output).
+    """
+    z, sg, g, c_prev, tc, keys, content, s, diff, keep, m1, m_raw, k_raw, q, sim, wr, ww = saved
+    B, R, W = keys.shape
+    H = c_prev.shape[1]
+    RW = R * W
+    d_reads = d_reads + dr_next
+    # LRUAStep.backward
+    du1 = du.unsqueeze(1)
+    g_wr = torch.baddbmm(dwr + du1, d_reads, m1.transpose(1, 2))
+    g_sim = wr * (g_wr - (g_wr * wr).sum(-1, keepdim=True))
+    g_d = g_sim / q
+    g_q = -(g_sim * sim) / q
+    g_knorm = (g_q * (m_raw + EPS).unsqueeze(1)).sum(-1, keepdim=True)
+    g_mnorm = (g_q * (k_raw + EPS)).sum(1)
+    g_m1 = torch.baddbmm(dm, torch.cat([wr, g_d], 1).transpose(1, 2), torch.cat([d_reads, keys], 1))
+    g_m1 = g_m1 + (g_mnorm / m_raw.clamp_min(1e-30)).unsqueeze(-1) * m1
+    g_keys = torch.bmm(g_d, m1) + (g_knorm / k_raw.clamp_min(1e-30)) * keys
+    g_ww = torch.bmm(content, g_m1.transpose(1, 2)) + du1
+    g_content = torch.bmm(ww, g_m1)
+    dm = g_m1 * keep.unsqueeze(-1)
+    g_alpha = (g_ww * diff).sum(-1) * (s * (1 - s)).squeeze(-1)
+    dwr = g_ww * s
+    du = du * gamma
+    # the head layer: keys = tanh(.), alpha, add vectors = tanh(.)
+    if add:
+        d_out = torch.cat([(g_keys * (1 - keys * keys)).reshape(B, RW), g_alpha,
+                           (g_content * (1 - content * content)).reshape(B, RW)], 1)
+    else:
+        d_out = torch.cat([((g_keys + g_content) * (1 - keys * keys)).reshape(B, RW), g_alpha], 1)
+    dh = d_h + dh_next + d_out @ w_head
+    # the LSTM cell
+    i, f, o = sg[:, :H], sg[:, H : 2 * H], sg[:, 3 * H :]
+    dc = dc + dh * o * (1 - tc * tc)
+    d_gates = torch.cat([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g),
+                         dh * tc * o * (1 - o)], 1)
+    dc = dc * f
+    dz = d_gates @ w_rec
+    return (dz[:, RW:], dz[:, :RW].reshape(B, R, W), dc, dm, du, dwr), d_gates, d_out
+
+
+class MANNSequence(torch.autograd.Function):
+    """A whole episode of the LSTM-controlled MANN (paper reading: write, then read M_t) as one autograd node:
+    the forward runs all T steps without building a graph (:func:`sequence_forward_step`), the backward runs back
+    through time by hand (:func:`sequence_backward_step`, the backward of :class:`LRUAStep` term by term and of
+    the LSTM cell); the recurrent and head weight gradients are one product each over all steps.
+    ``tests/test_fused.py`` checks outputs and gradients against the readable step-by-step model.
+
+    Args:
+        x_proj: ``[B, T, 4H]`` the hoisted input projection (bias included).
+        w_rec: ``[4H, R*W + H]`` recurrent weight on ``[r_{t-1}, h_{t-1}]``.
+        w_head: ``[P, H]`` and ``b_head``: ``[P]`` the head layer (keys, alphas, then add vectors if ``add``).
+        h, c, memory, usage, wr, reads: the initial :class:`~mann.model.MANNState`, constants (no gradient).
+        gamma: usage decay; ``zero``: zero the least-used row before the write; ``add``: write a separate vector.
+
+    Returns:
+        ``(h [B, T, H], reads [B, T, R*W])``.
+    """
+
+    @staticmethod
+    def forward(ctx, x_proj, w_rec, w_head, b_head, h, c, memory, usage, wr, reads, gamma: float, zero: bool,
+                add: bool):
+        B = x_proj.shape[0]
+        state = (h, c, memory, usage, wr, reads)
+        w_rec_t, w_head_t = w_rec.t().contiguous(), w_head.t().contiguous()
+        hs, rs, saved = [], [], []
+        for x_t in x_proj.unbind(1):
+            state, tape = sequence_forward_step(x_t, w_rec_t, w_head_t, b_head, *state, gamma, zero, add)
+            hs.append(state[0])
+            rs.append(state[5].reshape(B, -1))
+            saved.append(tape)
+        ctx.saved, ctx.hs = saved, hs
+        ctx.gamma, ctx.add = gamma, add
+        ctx.save_for_backward(w_rec, w_head)
+        return torch.stack(hs, 1), torch.stack(rs, 1)
+
+    @staticmethod
+    def backward(ctx, d_hs, d_rs):
+        w_rec, w_head = ctx.saved_tensors
+        saved, hs = ctx.saved, ctx.hs
+        B, T, H = d_hs.shape
+        keys, m1 = saved[0][5], saved[0][10]
+        R, W, N = keys.shape[1], keys.shape[2], m1.shape[1]
+        d_hs = d_hs.contiguous()
+        d_rs = d_rs.reshape(B, T, R, W)
+        new = d_hs.new_zeros
+        carry = (new(B, H), new(B, R, W), new(B, H), new(B, N, W), new(B, N), new(B, R, N))
+        w_rec, w_head = w_rec.contiguous(), w_head.contiguous()
+        zs = torch.cat([step[0] for step in saved])  # (T*B, RW + H), step-major
+        d_gates_all, d_out_all = [None] * T, [None] * T
+        for t in range(T - 1, -1, -1):
+            carry, d_gates_all[t], d_out_all[t] = sequence_backward_step(
+                saved[t], d_hs[:, t], d_rs[:, t], *carry, w_rec, w_head, ctx.gamma, ctx.add)
+        d_out = torch.cat(d_out_all)  # (T*B, P)
+        d_gates = torch.cat(d_gates_all)  # (T*B, G)
+        g_w_rec = d_gates.t() @ zs
+        g_w_head = d_out.t() @ torch.cat(hs)
+        g_x = d_gates.view(T, B, -1).transpose(0, 1)
+        return (g_x, g_w_rec, g_w_head, d_out.sum(0), None, None, None, None, None, None, None, None, None)

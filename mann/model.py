@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from . import memory as mem
-from .fused import DeferredLinear, DeferredWeight, LRUAStep
+from .fused import DeferredLinear, DeferredWeight, LRUAStep, MANNSequence
 from .config import ModelConfig, TaskConfig
 from .labels import STRING_ALPHABET, STRING_LENGTH, digits_to_label, label_dim, string_digits
 
@@ -191,6 +191,12 @@ class MANN(nn.Module):
         if state is None:
             state = self.initial_state(B, inputs.device, inputs.dtype)
         x_proj = self.input_proj(inputs)  # (B, T, G), hoisted out of the loop
+        if self.use_memory and self.lstm and self.fused:
+            # the whole episode as one node with a hand-written backward through time (mann.fused)
+            m = self.cfg.memory
+            hs, reads = MANNSequence.apply(x_proj, self.recurrent.weight, self.head.weight, self.head.bias,
+                                           *(t.detach() for t in state), m.gamma, m.zero_least_used, self.add)
+            return self.output(torch.cat([hs, reads], -1))
         feats = []
         tapes = self._deferred_weights()
         # unbind, not x_proj[:, t]: indexing would make backward write a full-size zero gradient per step.

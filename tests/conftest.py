@@ -133,6 +133,8 @@ class MlflowServer:
             [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--backend-store-uri", f"sqlite:///{self.db}", "--artifacts-destination", str(self.root / "artifacts"),
              "--serve-artifacts", "--workers", "1"],
+            # MLflow 3's job runner (GenAI jobs; six huey consumers polling) is not used by mann-search
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
         )
         wait_http(f"{self.uri}/health", timeout=90)
