@@ -155,11 +155,11 @@ def sequence_forward_step(x_t, w_rec_t, w_head_t, b_head, h, c, memory, usage, w
     alpha = out[:, RW : RW + R]
     content = torch.tanh(out[:, RW + R : 2 * RW + R]).view(B, R, W) if add else keys
     # Eq. 6 on w_u_{t-1} (ties to the lower index), and the least-used row that is zeroed before the write
-    lu = torch.zeros_like(usage).scatter_(1, torch.sort(usage, dim=-1, stable=True).indices[:, :R], 1.0)
+    order = torch.sort(usage, dim=-1, stable=True).indices  # order[:, 0] is argmin (its first occurrence)
+    lu = torch.zeros_like(usage).scatter_(1, order[:, :R], 1.0)
+    keep = torch.ones_like(usage)
     if zero:
-        keep = torch.ones_like(usage).scatter_(1, torch.argmin(usage, -1, keepdim=True), 0.0)
-    else:
-        keep = torch.ones_like(usage)
+        keep.scatter_(1, order[:, :1], 0.0)
     # LRUAStep.forward (Eq. 7-8, 2-5)
     s = torch.sigmoid(alpha).unsqueeze(-1)
     lu1 = lu.unsqueeze(1)
@@ -216,9 +216,10 @@ def sequence_backward_step(saved, d_h, d_reads, dh_next, dr_next, dc, dm, du, dw
     dh = d_h + dh_next + d_out @ w_head
     # the LSTM cell
     i, f, o = sg[:, :H], sg[:, H : 2 * H], sg[:, 3 * H :]
-    dc = dc + dh * o * (1 - tc * tc)
-    d_gates = torch.cat([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g),
-                         dh * tc * o * (1 - o)], 1)
+    dc = torch.addcmul(dc, dh * o, 1 - tc * tc)
+    d_act = sg * (1 - sg)  # sigmoid' of the i, f, o blocks; the g block is replaced by tanh'
+    d_act[:, 2 * H : 3 * H] = 1 - g * g
+    d_gates = torch.cat([dc * g, dc * c_prev, dc * i, dh * tc], 1).mul_(d_act)
     dc = dc * f
     dz = d_gates @ w_rec
     return (dz[:, RW:], dz[:, :RW].reshape(B, R, W), dc, dm, du, dwr), d_gates, d_out
