@@ -196,6 +196,14 @@ def two_node_ray(cpus_per_node: int = 1):
         shutil.rmtree(worker_tmp, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def ray_jobs_cluster():
+    """One 2-node cluster that the `ray job submit` tests share (starting one takes ~20 s). Tests that kill or
+    stop nodes start their own with :func:`two_node_ray` instead."""
+    with two_node_ray() as cluster:
+        yield cluster
+
+
 def wait_for(check, timeout: float, what: str, every: float = 1.0):
     """Poll ``check()`` until it returns something truthy; fail the test naming ``what`` after ``timeout``."""
     deadline = time.monotonic() + timeout

@@ -152,6 +152,32 @@ def test_resume_after_driver_killed_has_no_duplicates(tmp_path, mlflow_server, o
         assert len(steps) == len(set(steps)), steps  # no metric point logged twice
 
 
+def test_ray_job_submit_on_two_node_local_cluster(tmp_path, mlflow_server, omniglot_dir,
+                                                  ray_jobs_cluster):
+    """`ray job submit` of the smoke search to a `ray start` head + worker on 127.0.0.1, token auth on."""
+    ray = str(BIN / "ray")
+    env, _, dash, _ = ray_jobs_cluster
+    runtime_env = json.dumps({"env_vars": {"MANN_DATA_DIR": str(omniglot_dir)}})
+    job = subprocess.run(
+        [ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".",
+         "--runtime-env-json", runtime_env, "--",
+         "mann-search", "run", "configs/search/smoke.yaml", "--set", f"storage={tmp_path}",
+         "--set", f"mlflow.tracking_uri={mlflow_server.uri}", "--set", "mlflow.experiment=e2e-job",
+         "--set", "selection.enabled=false"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, job.stdout[-6000:] + job.stderr[-2000:]
+    assert "succeeded" in job.stdout
+    client = client_for(mlflow_server.uri)
+    parents, children = study_runs(client, "e2e-job")
+    assert len(parents) == 1 and len(children) == 4
+    assert parents[0].data.tags.get("mann.ray_job_id")
+    # without the token the Jobs API refuses
+    anon = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
+    refused = subprocess.run([ray, "job", "list", "--address", f"http://127.0.0.1:{dash}"], env={
+        **anon, "RAY_AUTH_TOKEN_PATH": str(tmp_path / "no-token")}, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0
+
+
 @pytest.mark.parametrize(
     "extra,env,needle",
     [
