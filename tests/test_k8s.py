@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 import shlex
@@ -137,6 +138,7 @@ def strict_schema(node):
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def crd_validator(kind: str) -> jsonschema.protocols.Validator:
     if not CRD_DIR.is_dir():
         pytest.fail(f"KubeRay CRDs not found at {CRD_DIR} (../shared/k8s beside the checkout)")
