@@ -248,7 +248,7 @@ def train(
 
     With ``out_dir``, a checkpoint (``checkpoint.pt``) is written at every evaluation and each evaluation is
     appended to ``metrics.jsonl``. ``resume_from`` (a checkpoint file or directory) continues exactly where that
-    run stopped: model, optimizer, episode RNG and step.
+    run stopped: model, optimizer, episode RNG and step; the ``time/*_s`` totals go on from the checkpoint's.
     """
     callbacks = list(callbacks)
     opt_cfg = cfg.train
@@ -276,6 +276,9 @@ def train(
         gen.set_state(saved["generator"])
         step = int(saved["step"])
         history = list(saved.get("history", []))
+        # the run's time so far: time/*_s stay totals over every leg of a resumed run
+        for name, sec in saved.get("timings", {}).items():
+            timings[name] = timings.get(name, 0.0) + float(sec)
 
     out = Path(out_dir) if out_dir is not None else None
     ckpt_path = out / CHECKPOINT_NAME if out is not None else None
@@ -341,6 +344,7 @@ def train(
                         "step": step,
                         "episodes": step * B,
                         "history": history,
+                        "timings": dict(timings),
                     },
                 )
                 with open(out / METRICS_NAME, "a") as f:

@@ -49,6 +49,20 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
+def run_wall(lines: list[dict]) -> float:
+    """Seconds of data loading, training, evaluation and checkpointing of a run from its metrics.jsonl lines.
+    A run resumed by a process that started its time totals again (before they were kept in checkpoints) shows
+    as a drop in ``time/train_s``: each such leg's last totals are added."""
+    def total(x: dict) -> float:
+        return sum(x.get(f"time/{k}_s", 0.0) for k in ("data", "train", "eval", "checkpoint"))
+
+    wall = 0.0
+    for prev, cur in zip(lines, lines[1:]):
+        if cur.get("time/train_s", 0.0) < prev.get("time/train_s", 0.0):
+            wall += total(prev)
+    return wall + (total(lines[-1]) if lines else 0.0)
+
+
 def record(args) -> int:
     import torch
 
@@ -59,8 +73,7 @@ def record(args) -> int:
     payload = load_checkpoint(run)
     model, cfg = model_from_checkpoint(payload)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    last = lines[-1]
-    wall = sum(last.get(f"time/{k}_s", 0.0) for k in ("data", "train", "eval", "checkpoint"))
+    wall = run_wall(lines)
     sampler = make_sampler(load_splits(cfg.data), "test", cfg)
     with torch.inference_mode():
         result = evaluate(model, sampler, cfg.task, EPISODES, SEED, torch.device("cpu"), split="test")

@@ -16,6 +16,15 @@ REQUIRED = {"name", "paper_row", "command", "evaluate", "seed", "git_commit", "e
             "machine", "config", "test", "curve", "finished"}
 
 
+def _paper_results():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import paper_results
+    finally:
+        sys.path.pop(0)
+    return paper_results
+
+
 def test_results_are_recorded():
     assert ROWS, "results/*.json missing (scripts/paper_results.py record)"
     assert (RESULTS / "accuracy_by_instance.png").is_file() and (RESULTS / "learning_curves.png").is_file()
@@ -27,12 +36,18 @@ def test_each_row_is_complete_and_in_the_readme(path):
     assert REQUIRED <= set(row), REQUIRED - set(row)
     assert row["test"]["split"] == "test" and row["test"]["episodes"] >= 1000
     assert row["command"].startswith("mann train --config configs/mann/")
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import paper_results
-    finally:
-        sys.path.pop(0)
-    assert paper_results.table_line(row) in (REPO / "README.md").read_text(), "README's table is out of date"
+    assert _paper_results().table_line(row) in (REPO / "README.md").read_text(), "README's table is out of date"
+
+
+def test_wall_time_adds_up_the_legs_of_a_resumed_run():
+    def line(train, data=1.0):
+        return {"time/data_s": data, "time/train_s": train, "time/eval_s": 2.0, "time/checkpoint_s": 0.5}
+
+    run_wall = _paper_results().run_wall
+    assert run_wall([line(10.0), line(20.0)]) == 23.5  # one leg: its last totals
+    # resumed by a process that started its totals again at 0: 23.5 (first leg) + 1 + 15 + 2 + 0.5
+    assert run_wall([line(10.0), line(20.0), line(5.0), line(15.0)]) == 23.5 + 18.5
+    assert run_wall([]) == 0.0
 
 
 def test_committed_checkpoint_reproduces_its_row(omniglot_dir):

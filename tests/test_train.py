@@ -63,6 +63,14 @@ def test_resume_continues_exactly(tmp_path, omniglot_dir):
     for name, value in full.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[name], value), name
     assert [h["val/loss"] for h in resumed.history] == [h["val/loss"] for h in full.history]
+    # time totals go on over the legs of a resumed run: the second leg's report includes the first leg's time
+    lines = [json.loads(line) for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["episodes"] for x in lines] == [16, 32, 48, 64]
+    for name in ("train", "eval"):
+        times = [x[f"time/{name}_s"] for x in lines]
+        assert 0 < times[0] < times[1] < times[2] < times[3], (name, times)
+    times = [x["time/checkpoint_s"] for x in lines]  # a line is written before its own checkpoint is timed
+    assert times == sorted(times) and times[3] > times[1] > 0, times
 
 
 def test_resume_rejects_a_different_model(tmp_path, omniglot_dir):
