@@ -163,10 +163,62 @@ def mlflow_server(tmp_path_factory):
     server.stop()
 
 
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def node_processes(temp_dir: str) -> set[int]:
+    """Every process of the Ray node(s) started with ``--temp-dir=temp_dir``: those whose command line names it
+    (GCS, raylet, agents, monitors) and all their descendants (the workers, which rename themselves ``ray::...``)."""
+    found = subprocess.run(["pgrep", "-f", f"{temp_dir}([/ ]|$)"], capture_output=True, text=True).stdout.split()
+    tree, todo, pids = _children(), [int(p) for p in found], set()
+    while todo:
+        pid = todo.pop()
+        if pid not in pids and pid != os.getpid():
+            pids.add(pid)
+            todo.extend(tree.get(pid, []))
+    return pids
+
+
+def stop_nodes(temp_dirs: list[str], grace: float = 20.0) -> None:
+    """Stop the Ray nodes this test started, by their processes' ids (SIGTERM, then SIGKILL after ``grace``
+    seconds); unlike ``ray stop``, any other Ray on the machine is left alone."""
+    pids = set().union(*(node_processes(d) for d in temp_dirs))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while sig == signal.SIGTERM and time.monotonic() < deadline:
+            if not any(os.path.exists(f"/proc/{pid}") and not _zombie(pid) for pid in pids):
+                return
+            time.sleep(0.5)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 @contextlib.contextmanager
 def two_node_ray(cpus_per_node: int = 1):
     """A head and a worker node started with `ray start` on 127.0.0.1, token authentication on. Yields
-    ``(env, gcs_port, dashboard_port, worker_temp_dir)``; stops both nodes (and removes the worker's temp dir)."""
+    ``(env, gcs_port, dashboard_port, worker_temp_dir)``; stops both nodes by their processes' ids and removes
+    their temp dirs."""
     import secrets
     import shutil
 
@@ -174,16 +226,18 @@ def two_node_ray(cpus_per_node: int = 1):
            "PATH": f"{BIN}:{os.environ['PATH']}"}
     gcs, dash = free_port(), free_port()
     ray = str(BIN / "ray")
-    # The worker gets a temp dir of its own: two nodes on one machine must not garbage-collect each other's job
-    # files; short, because Ray's unix socket paths must stay under 108 bytes.
-    worker_tmp = f"/tmp/ray-w{gcs}"
+    # Each node gets a temp dir of its own: two nodes on one machine must not garbage-collect each other's job
+    # files, and the dirs name the nodes' processes for stopping them; short, because Ray's unix socket paths
+    # must stay under 108 bytes.
+    head_tmp, worker_tmp = f"/tmp/ray-h{gcs}", f"/tmp/ray-w{gcs}"
 
     def sh(*args, timeout=180):
         return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
 
     try:
         head = sh(ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", f"--num-cpus={cpus_per_node}",
-                  "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats")
+                  "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
+                  f"--temp-dir={head_tmp}")
         assert head.returncode == 0, head.stderr[-2000:]
         worker = sh(ray, "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
                     f"--num-cpus={cpus_per_node}", f"--temp-dir={worker_tmp}")
@@ -191,9 +245,9 @@ def two_node_ray(cpus_per_node: int = 1):
         wait_port(dash, timeout=90)
         yield env, gcs, dash, worker_tmp
     finally:
-        sh(ray, "stop", "--grace-period", "20")
-        subprocess.run(["pkill", "-9", "-f", worker_tmp], capture_output=True)
-        shutil.rmtree(worker_tmp, ignore_errors=True)
+        stop_nodes([worker_tmp, head_tmp])
+        for d in (worker_tmp, head_tmp):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

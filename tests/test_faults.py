@@ -3,12 +3,14 @@ trial (failed with its reason while the study goes on)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 
 import pytest
 
-from .conftest import BIN, MlflowServer, two_node_ray, wait_for
+from .conftest import BIN, MlflowServer, node_processes, two_node_ray, wait_for
 from .test_config import REPO
 from .test_search_e2e import client_for, mann_search, study_runs
 
@@ -122,8 +124,6 @@ def test_diverging_trial_is_failed_with_reason_and_study_goes_on(tmp_path, mlflo
 def test_trial_worker_killed_resumes_from_checkpoint_in_same_run(tmp_path, mlflow_server, omniglot_dir):
     """SIGKILL a training trial's worker process mid-training: Tune retries it from its last checkpoint
     (FailureConfig), it continues in the same MLflow child run and ends at the full episode budget."""
-    import os
-    import signal
 
     exp = "faults-worker"
     proc = subprocess.Popen(
@@ -209,7 +209,6 @@ def test_local_cluster_listens_on_loopback_only_with_token_auth():
     """Every TCP port of the local Ray that mann-search starts (GCS, raylet, object manager, agents, workers) is
     bound to 127.0.0.1, none to 0.0.0.0 / ::; token authentication is on in its processes."""
     import json
-    import os
 
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     proc = subprocess.run([str(BIN / "python"), "-c", LISTENERS], env=env, cwd=REPO, capture_output=True,
@@ -292,8 +291,10 @@ def test_worker_node_lost_trials_move_to_the_remaining_node(tmp_path, mlflow_ser
 
             victim, victim_pid, at = wait_for(training_on_worker, 240, "a trial training on the worker node",
                                               every=0.2)
-            killed = subprocess.run(["pkill", "-9", "-f", worker_tmp], capture_output=True)
-            assert killed.returncode == 0, "no worker-node process found"
+            doomed = node_processes(worker_tmp)  # the raylet, its agents and workers (the victim among them)
+            assert victim_pid in doomed, (victim_pid, doomed)
+            for pid in doomed:
+                os.kill(pid, signal.SIGKILL)
             assert proc.wait(600) == 0, (tmp_path / "run.log").read_text()[-4000:]
         finally:
             if proc is not None and proc.poll() is None:
