@@ -78,11 +78,11 @@ class EpisodeSampler:
         padded = torch.nn.functional.pad(images, (s, s, s, s))  # (B, T, S+2s, S+2s)
         dy = torch.randint(0, 2 * s + 1, (B, T, 1, 1), generator=g)
         dx = torch.randint(0, 2 * s + 1, (B, T, 1, 1), generator=g)
+        P = S + 2 * s
         ar = torch.arange(S)
-        rows = (dy + ar.view(1, 1, S, 1)).expand(B, T, S, S)
-        cols = (dx + ar.view(1, 1, 1, S)).expand(B, T, S, S)
-        flat = padded.flatten(2)  # (B, T, (S+2s)^2)
-        return flat.gather(2, (rows * (S + 2 * s) + cols).flatten(2)).view(B, T, S, S)
+        window = (ar.view(S, 1) * P + ar.view(1, S)).flatten()  # (S*S,) the unshifted pixels in the padded image
+        start = (dy * P + dx).view(B, T, 1)  # (B, T, 1) each image's top-left corner
+        return padded.flatten(2).gather(2, start + window).view(B, T, S, S)
 
 
 def accuracy_by_instance(pred: Tensor, labels: Tensor, instance: Tensor, instances: int) -> Tensor:

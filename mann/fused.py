@@ -8,14 +8,83 @@ gradients against the readable functions in float64, zero rows included.
 
 Covers the paper's reading (write, then read M_t) with the key or an add vector as content and with or without
 zeroing; the model falls back to the readable functions for the other options.
+
+:class:`MANNSequence` goes further: a whole episode is one node. On CPU its time loops run in C++
+(``mann/csrc/lrua_sequence.cpp``: the same steps, the memory math as loops over each episode's rows, AVX2 where
+the CPU has it, one episode per thread), compiled on first use; where that cannot be built the same steps run
+from Python (:func:`sequence_forward_step`, :func:`sequence_backward_step`), which is also the readable account
+of what the C++ computes.
 """
 
 from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from .memory import EPS
+
+CPP_SOURCE = Path(__file__).with_name("csrc") / "lrua_sequence.cpp"
+_extension: object = None  # the loaded module, False once it could not be, None before the first try
+# Per shape, the saved stacks of finished episodes (their backward has run): the next forward writes over them
+# instead of touching fresh pages, which cost more than the writes (about 25 MB per paper-size batch).
+_WORKSPACES: dict[tuple, list[list[Tensor]]] = {}
+
+
+class _Recycle:
+    """Held by a graph node: gives its saved stacks back to the pool when the node is freed (after its last
+    backward, or when the graph is dropped), never while a backward could still read them."""
+
+    def __init__(self, saved: list[Tensor], pool: list):
+        self.saved, self.pool = saved, pool
+
+    def __del__(self):
+        if len(self.pool) < 2:
+            self.pool.append(self.saved)
+
+
+def _cflags() -> list[str]:
+    flags = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for runs serially without it (torch's own libgomp is reused)
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def extension():
+    """The C++ time loops of :class:`MANNSequence` (``mann/csrc/lrua_sequence.cpp``), or None.
+
+    Compiled with the C++ compiler on first use (about a minute) and cached by PyTorch (``TORCH_EXTENSIONS_DIR``,
+    default ``~/.cache/torch_extensions``; rebuilt when the source changes). None, after one warning naming the
+    reason, where it cannot be built; ``MANN_CPP=0`` turns it off. Either way the model computes the same thing:
+    without it :class:`MANNSequence` runs the same steps from Python, slower (``mann bench`` says how much).
+    """
+    global _extension
+    if _extension is None:
+        if os.environ.get("MANN_CPP", "1") == "0":
+            _extension = False
+        else:
+            try:
+                from torch.utils.cpp_extension import load
+
+                # the ninja of this environment (the `ninja` package) even when it is not on PATH
+                here, path = str(Path(sys.executable).parent), os.environ.get("PATH", "")
+                if here not in path.split(os.pathsep):
+                    os.environ["PATH"] = os.pathsep.join([here, path])
+                flags = _cflags()
+                name = "mann_lrua_sequence" + ("_avx2" if "-mavx2" in flags else "")
+                _extension = load(name=name, sources=[str(CPP_SOURCE)], extra_cflags=flags,
+                                  extra_ldflags=["-fopenmp"], verbose=False)
+            except Exception as e:  # no compiler, no ninja, no headers: fall back to the Python loops
+                reason = " ".join(str(e).split())[:300]
+                warnings.warn(f"mann: C++ time loops unavailable ({type(e).__name__}: {reason}); "
+                              f"using the Python loops (same results, slower; MANN_CPP=0 silences this)",
+                              stacklevel=2)
+                _extension = False
+    return _extension or None
 
 
 class LRUAStep(torch.autograd.Function):
@@ -229,8 +298,9 @@ class MANNSequence(torch.autograd.Function):
     """A whole episode of the LSTM-controlled MANN (paper reading: write, then read M_t) as one autograd node:
     the forward runs all T steps without building a graph (:func:`sequence_forward_step`), the backward runs back
     through time by hand (:func:`sequence_backward_step`, the backward of :class:`LRUAStep` term by term and of
-    the LSTM cell); the recurrent and head weight gradients are one product each over all steps.
-    ``tests/test_fused.py`` checks outputs and gradients against the readable step-by-step model.
+    the LSTM cell); the recurrent and head weight gradients are one product each over all steps. On CPU both time
+    loops run in C++ where :func:`extension` builds. ``tests/test_fused.py`` checks outputs and gradients of both
+    against the readable step-by-step model.
 
     Args:
         x_proj: ``[B, T, 4H]`` the hoisted input projection (bias included).
@@ -249,6 +319,20 @@ class MANNSequence(torch.autograd.Function):
         B = x_proj.shape[0]
         state = (h, c, memory, usage, wr, reads)
         w_rec_t, w_head_t = w_rec.t().contiguous(), w_head.t().contiguous()
+        ctx.gamma, ctx.add = gamma, add
+        ctx.save_for_backward(w_rec, w_head)
+        ext = extension() if x_proj.device.type == "cpu" else None
+        ctx.ext = ext
+        if ext is not None:  # the same steps with the time loop in C++
+            key = (tuple(x_proj.shape), tuple(memory.shape), tuple(wr.shape), x_proj.dtype, add)
+            pool = _WORKSPACES.setdefault(key, [])
+            hs, rs, *saved = ext.sequence_forward(x_proj, w_rec_t, w_head_t, b_head, *state, gamma, zero, add,
+                                                  pool.pop() if pool else [])
+            if any(ctx.needs_input_grad):
+                ctx.saved, ctx.hs, ctx.recycle = saved, hs, _Recycle(saved, pool)
+            elif len(pool) < 2:
+                pool.append(saved)  # nothing will read them: the next call may write over them
+            return hs.transpose(0, 1), rs.transpose(0, 1)
         hs, rs, saved = [], [], []
         for x_t in x_proj.unbind(1):
             state, tape = sequence_forward_step(x_t, w_rec_t, w_head_t, b_head, *state, gamma, zero, add)
@@ -256,14 +340,17 @@ class MANNSequence(torch.autograd.Function):
             rs.append(state[5].reshape(B, -1))
             saved.append(tape)
         ctx.saved, ctx.hs = saved, hs
-        ctx.gamma, ctx.add = gamma, add
-        ctx.save_for_backward(w_rec, w_head)
         return torch.stack(hs, 1), torch.stack(rs, 1)
 
     @staticmethod
     def backward(ctx, d_hs, d_rs):
         w_rec, w_head = ctx.saved_tensors
         saved, hs = ctx.saved, ctx.hs
+        w_rec, w_head = w_rec.contiguous(), w_head.contiguous()
+        if ctx.ext is not None:
+            g_x, g_w_rec, g_w_head, g_b_head = ctx.ext.sequence_backward(saved, hs, d_hs, d_rs, w_rec, w_head,
+                                                                         ctx.gamma, ctx.add)
+            return (g_x, g_w_rec, g_w_head, g_b_head, None, None, None, None, None, None, None, None, None)
         B, T, H = d_hs.shape
         keys, m1 = saved[0][5], saved[0][10]
         R, W, N = keys.shape[1], keys.shape[2], m1.shape[1]
@@ -271,7 +358,6 @@ class MANNSequence(torch.autograd.Function):
         d_rs = d_rs.reshape(B, T, R, W)
         new = d_hs.new_zeros
         carry = (new(B, H), new(B, R, W), new(B, H), new(B, N, W), new(B, N), new(B, R, N))
-        w_rec, w_head = w_rec.contiguous(), w_head.contiguous()
         zs = torch.cat([step[0] for step in saved])  # (T*B, RW + H), step-major
         d_gates_all, d_out_all = [None] * T, [None] * T
         for t in range(T - 1, -1, -1):

@@ -11,4 +11,6 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[dev]"
+# Build the C++ time loops of the fused MANN now (about a minute, cached), not inside the first training run.
+.venv/bin/python -c "from mann.fused import extension; print('C++ time loops:', 'built' if extension() else 'unavailable (Python loops)')"
 .venv/bin/python -c "import torch, ray, optuna, mlflow, mann, search; print(f'installed: torch {torch.__version__}, ray {ray.__version__}, optuna {optuna.__version__}, mlflow {mlflow.__version__}')"

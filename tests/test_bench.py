@@ -39,3 +39,5 @@ def test_bench_json(omniglot_dir):
     out = json.loads(proc.stdout)
     assert out["episodes_per_s"] > 0 and out["plain_episodes_per_s"] > 0 and out["batch_size"] == 16
     assert out["device"] == "cpu" and out["threads"] >= 1 and out["speedup_vs_plain"] > 0
+    lo, hi = out["speedup_range"]
+    assert lo <= out["speedup_vs_plain"] <= hi

@@ -97,6 +97,19 @@ def _pair(write_content="key", zero=True, dtype=torch.float64, **sizes):
     return fast, slow
 
 
+@pytest.fixture(params=["cpp", "python"])
+def loops(request, monkeypatch):
+    """Run the whole-episode path with its time loops in C++ (mann/csrc) and in Python. The C++ build must work
+    here (the CI machine has a compiler): a missing build fails the test rather than testing Python twice."""
+    import mann.fused as fused
+
+    if request.param == "cpp":
+        assert fused.extension() is not None, "the C++ time loops did not build (see the warning above)"
+    else:
+        monkeypatch.setattr(fused, "_extension", False)
+    return request.param
+
+
 def _outputs_and_grads(model, x, upstream):
     y = model(x)
     return y, torch.autograd.grad((y * upstream).sum(), [p for p in model.parameters()])
@@ -104,7 +117,7 @@ def _outputs_and_grads(model, x, upstream):
 
 @pytest.mark.parametrize("write_content", ["key", "add"])
 @pytest.mark.parametrize("zero", [True, False])
-def test_whole_episode_path_matches_readable_model_in_float64(write_content, zero):
+def test_whole_episode_path_matches_readable_model_in_float64(write_content, zero, loops):
     fast, slow = _pair(write_content, zero, **{"memory.slots": 12, "memory.width": 6, "memory.read_heads": 3,
                                                "controller.hidden": 10})
     g = torch.Generator().manual_seed(1)
@@ -116,7 +129,7 @@ def test_whole_episode_path_matches_readable_model_in_float64(write_content, zer
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8, msg=name)
 
 
-def test_whole_episode_path_matches_readable_model_in_float32_at_paper_size():
+def test_whole_episode_path_matches_readable_model_in_float32_at_paper_size(loops):
     """The paper's sizes (128 x 40 memory, 4 heads, LSTM 200), 50 steps, float32: agreement to float32 tolerance."""
     fast, slow = _pair(dtype=torch.float32)
     g = torch.Generator().manual_seed(2)
@@ -128,7 +141,7 @@ def test_whole_episode_path_matches_readable_model_in_float32_at_paper_size():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=name)
 
 
-def test_whole_episode_gradcheck():
+def test_whole_episode_gradcheck(loops):
     from mann.fused import MANNSequence
 
     fast, _ = _pair(**{"memory.slots": 5, "memory.width": 3, "memory.read_heads": 2, "controller.hidden": 4})
@@ -142,3 +155,53 @@ def test_whole_episode_gradcheck():
         return MANNSequence.apply(x, w_rec, w_head, b_head, *state, 0.9, True, False)
 
     assert torch.autograd.gradcheck(run, [x_proj, *weights], eps=1e-6, atol=1e-6)
+
+
+def test_reused_buffers_never_change_a_pending_backward(loops):
+    """The C++ path writes a new episode over the saved stacks of a finished one: a graph that is still alive
+    (a second forward before the first backward, or retain_graph) must keep its own, and give the same gradients."""
+    fast, _ = _pair(**{"memory.slots": 12, "memory.width": 6, "memory.read_heads": 3, "controller.hidden": 10})
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(3, 20, 21, generator=g, dtype=torch.float64) for _ in range(3)]
+    ups = [torch.randn(3, 20, 5, generator=g, dtype=torch.float64) for _ in range(3)]
+    params = list(fast.parameters())
+
+    def grads(y, up, retain=False):
+        return torch.autograd.grad((y * up).sum(), params, retain_graph=retain)
+
+    alone = [grads(fast(x), up) for x, up in zip(xs, ups)]
+    ys = [fast(x) for x in xs]  # three graphs alive at once
+    together = [grads(y, up, retain=True) for y, up in zip(ys, ups)]
+    for x in xs:  # these forwards may take only buffers no graph can still read
+        fast(x).sum().backward()
+    again = grads(ys[0], ups[0])  # a second backward through the first graph
+    for a, b in zip(alone, together):
+        for ga, gb in zip(a, b):
+            torch.testing.assert_close(ga, gb, atol=0, rtol=0)
+    for ga, gb in zip(alone[0], again):
+        torch.testing.assert_close(ga, gb, atol=0, rtol=0)
+    with torch.no_grad():  # evaluation: no graph, buffers handed back at once
+        torch.testing.assert_close(fast(xs[1]), ys[1].detach(), atol=0, rtol=0)
+
+
+def test_without_a_compiler_the_python_loops_run_after_one_clear_warning(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, warnings\n"
+            "from mann.fused import extension\n"
+            "from tests.test_fused import _pair\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    assert extension() is None and extension() is None\n"
+            "print(len(w), w[0].message)\n"
+            "fast, slow = _pair(**{'memory.slots': 6, 'memory.width': 3, 'memory.read_heads': 2, "
+            "'controller.hidden': 4})\n"
+            "x = torch.randn(2, 7, 21, dtype=torch.float64)\n"
+            "torch.testing.assert_close(fast(x), slow(x))\n")
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("1 mann: C++ time loops unavailable"), proc.stdout

@@ -1,0 +1,463 @@
+// The whole-episode LRUA sequence of mann/fused.py (MANNSequence) with its time loops in C++.
+//
+// Same operations, in the same order, as sequence_forward_step / sequence_backward_step in mann/fused.py (read
+// those first: they carry the equations and the shapes); only the per-operation Python cost goes away, and each
+// step writes what the backward needs straight into [T, ...] buffers instead of Python lists.
+// tests/test_fused.py checks this path against the readable model, outputs and gradients, in float64.
+//
+// Shapes: B batch, T steps, H controller width, G = 4H gates, R heads, W memory width, N slots, RW = R*W,
+// P head-layer outputs (R*W keys, R alphas, then R*W add vectors when `add`).
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+using at::Tensor;
+constexpr double kEps = 1e-8;  // mann.memory.EPS
+
+// Saved per step, stacked over time (index order of `Saved` below).
+enum : int { kZ, kSG, kGt, kCprev, kTC, kKeys, kContent, kS, kDiff, kKeep, kM, kMraw, kKraw, kSim, kWr, kWw,
+             kSaved };
+
+// An out= argument from a temporary view (it lives to the end of the full expression).
+Tensor& L(Tensor&& t) { return t; }
+
+
+// ---- Small dense helpers on W-long rows: portable loops, and AVX2 + FMA versions for float where compiled in.
+
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  T acc = 0;
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+template <typename T>
+inline void axpy(T a, const T* x, T* y, int64_t n) {  // y += a x
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+// out[r * stride] = a[r] . x for r < R (rows a[r] = a + r * W).
+template <typename T>
+inline void dots(const T* a, const T* x, int64_t R, int64_t W, T* out, int64_t stride) {
+  for (int64_t r = 0; r < R; ++r) out[r * stride] = dot(a + r * W, x, W);
+}
+
+// out[0:W] = sum_n coef[n] rows[n] (rows: N x W, row-major).
+template <typename T>
+inline void combine(const T* coef, const T* rows, int64_t N, int64_t W, T* out) {
+  std::fill(out, out + W, T(0));
+  for (int64_t n = 0; n < N; ++n) axpy(coef[n], rows + n * W, out, W);
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline float hsum(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+template <>
+inline float dot<float>(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <>
+inline void axpy<float>(float a, const float* x, float* y, int64_t n) {
+  const __m256 va = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+template <>
+inline void dots<float>(const float* a, const float* x, int64_t R, int64_t W, float* out, int64_t stride) {
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) {  // four rows per pass over x
+    const float *a0 = a + r * W, *a1 = a0 + W, *a2 = a1 + W, *a3 = a2 + W;
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t w = 0;
+    for (; w + 8 <= W; w += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + w);
+      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0 + w), xv, s0);
+      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1 + w), xv, s1);
+      s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2 + w), xv, s2);
+      s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3 + w), xv, s3);
+    }
+    float t0 = hsum(s0), t1 = hsum(s1), t2 = hsum(s2), t3 = hsum(s3);
+    for (; w < W; ++w) {
+      t0 += a0[w] * x[w];
+      t1 += a1[w] * x[w];
+      t2 += a2[w] * x[w];
+      t3 += a3[w] * x[w];
+    }
+    out[r * stride] = t0;
+    out[(r + 1) * stride] = t1;
+    out[(r + 2) * stride] = t2;
+    out[(r + 3) * stride] = t3;
+  }
+  for (; r < R; ++r) out[r * stride] = dot(a + r * W, x, W);
+}
+
+// K chunks of 8 columns of `combine`, accumulated in registers over all N rows.
+template <int K>
+inline void combine_block(const float* coef, const float* rows, int64_t N, int64_t W, float* out) {
+  __m256 acc[K];
+  for (int k = 0; k < K; ++k) acc[k] = _mm256_setzero_ps();
+  for (int64_t n = 0; n < N; ++n) {
+    const __m256 c = _mm256_set1_ps(coef[n]);
+    const float* row = rows + n * W;
+    for (int k = 0; k < K; ++k) acc[k] = _mm256_fmadd_ps(c, _mm256_loadu_ps(row + 8 * k), acc[k]);
+  }
+  for (int k = 0; k < K; ++k) _mm256_storeu_ps(out + 8 * k, acc[k]);
+}
+
+template <>
+inline void combine<float>(const float* coef, const float* rows, int64_t N, int64_t W, float* out) {
+  int64_t w = 0;
+  for (; w + 32 <= W; w += 32) combine_block<4>(coef, rows + w, N, W, out + w);
+  switch ((W - w) / 8) {
+    case 3: combine_block<3>(coef, rows + w, N, W, out + w); w += 24; break;
+    case 2: combine_block<2>(coef, rows + w, N, W, out + w); w += 16; break;
+    case 1: combine_block<1>(coef, rows + w, N, W, out + w); w += 8; break;
+    default: break;
+  }
+  for (; w < W; ++w) {
+    float acc = 0;
+    for (int64_t n = 0; n < N; ++n) acc += coef[n] * rows[n * W + w];
+    out[w] = acc;
+  }
+}
+#endif
+
+// ---- The memory step (Eq. 5-8, then Eq. 2-4 on M_t) for one episode b, forward and backward.
+// Row-major pointers to episode b's slices.
+
+struct Dims {
+  int64_t R, N, W;
+};
+
+// Eq. 6 on w_u_{t-1}: the R least-used rows in the order of a stable sort (ties to the lower index, NaN last).
+template <typename T>
+void least_used(const T* usage, int64_t N, int64_t R, std::vector<int64_t>& idx) {
+  idx.clear();
+  for (int64_t n = 0; n < N; ++n) {
+    const T u = usage[n];
+    const int64_t size = static_cast<int64_t>(idx.size());
+    if (size == R && !(u < usage[idx.back()])) continue;
+    int64_t p = size;
+    while (p > 0 && u < usage[idx[p - 1]]) --p;  // after every equal one: stable
+    idx.insert(idx.begin() + p, n);
+    if (static_cast<int64_t>(idx.size()) > R) idx.pop_back();
+  }
+}
+
+// In: keys, content [R, W]; alpha [R]; mem_prev [N, W]; usage_prev [N]; wr_prev [R, N].
+// Out: s [R] sigmoid(alpha); keep [1] the zeroed row (-1: none); diff [R, N] = w_r_{t-1} - w_lu; ww [R, N]
+// (Eq. 7); m1 [N, W] (Eq. 8); m_raw [N], k_raw [R] the norms; sim [R, N] (Eq. 2, before the softmax).
+template <typename T>
+void memory_write(Dims d, const T* keys, const T* content, const T* alpha, const T* mem_prev, const T* usage_prev,
+                  const T* wr_prev, bool zero, T* s, int64_t* keep, T* diff, T* ww, T* m1, T* m_raw, T* k_raw,
+                  T* sim) {
+  const int64_t R = d.R, N = d.N, W = d.W;
+  thread_local std::vector<int64_t> lu;
+  thread_local std::vector<T> w_lu;
+  lu.reserve(R + 1);
+  least_used(usage_prev, N, R, lu);
+  w_lu.assign(N, T(0));
+  for (int64_t i : lu) w_lu[i] = T(1);
+  const int64_t zeroed = zero ? lu[0] : -1;
+  *keep = zeroed;
+  for (int64_t r = 0; r < R; ++r) {
+    const T sr = T(1) / (T(1) + std::exp(-alpha[r]));
+    s[r] = sr;
+    for (int64_t n = 0; n < N; ++n) {
+      const T dd = wr_prev[r * N + n] - w_lu[n];
+      diff[r * N + n] = dd;
+      ww[r * N + n] = w_lu[n] + sr * dd;  // Eq. 7
+    }
+    k_raw[r] = std::sqrt(dot(keys + r * W, keys + r * W, W));
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    T* row = m1 + n * W;
+    const T* prev = mem_prev + n * W;
+    if (n == zeroed)
+      std::fill(row, row + W, T(0));
+    else
+      std::copy(prev, prev + W, row);
+    for (int64_t r = 0; r < R; ++r) axpy(ww[r * N + n], content + r * W, row, W);  // Eq. 8
+    const T norm = std::sqrt(dot(row, row, W));
+    m_raw[n] = norm;
+    dots(keys, row, R, W, sim + n, N);
+    for (int64_t r = 0; r < R; ++r) sim[r * N + n] /= (k_raw[r] + T(kEps)) * (norm + T(kEps));  // Eq. 2
+  }
+}
+
+// In: wr [R, N] (Eq. 3, the softmax of sim), ww, m1, usage_prev. Out: reads [R, W] (Eq. 4), usage [N] (Eq. 5).
+template <typename T>
+void memory_read(Dims d, const T* wr, const T* ww, const T* m1, const T* usage_prev, double gamma, T* reads,
+                 T* usage) {
+  const int64_t R = d.R, N = d.N, W = d.W;
+  for (int64_t r = 0; r < R; ++r) combine(wr + r * N, m1, N, W, reads + r * W);  // Eq. 4
+  for (int64_t n = 0; n < N; ++n) {
+    T wsum = 0;
+    for (int64_t r = 0; r < R; ++r) wsum += wr[r * N + n] + ww[r * N + n];
+    usage[n] = wsum + T(gamma) * usage_prev[n];  // Eq. 5
+  }
+}
+
+// In: what the forward saved, and d_reads [R, W] (the reads' gradient, from the output and from step t+1).
+// In/out: the carries from step t+1 to step t: dm [N, W] (M_t), du [N] (w_u_t), dwr [R, N] (w_r_t).
+// Out: g_keys, g_content [R, W] (with `same_content`, g_keys holds both), g_alpha [R].
+// Scratch: g_a, g_b [R, N], g_mnorm [N].
+template <typename T>
+void memory_backward(Dims d, const T* keys, const T* content, bool same_content, const T* s, int64_t keep,
+                     const T* diff, const T* ww, const T* m1, const T* m_raw, const T* k_raw, const T* sim,
+                     const T* wr, const T* d_reads, double gamma, T* dm, T* du, T* dwr, T* g_keys, T* g_content,
+                     T* g_alpha, T* g_a, T* g_b, T* g_mnorm) {
+  const int64_t R = d.R, N = d.N, W = d.W;
+  // read (Eq. 4) and usage (Eq. 5) into the read weights: g_a = d w_r_t
+  for (int64_t n = 0; n < N; ++n) dots(d_reads, m1 + n * W, R, W, g_a + n, N);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t n = 0; n < N; ++n) g_a[r * N + n] += dwr[r * N + n] + du[n];
+  // softmax (Eq. 3), then the cosine (Eq. 2): sim = D / q, q = (|k| + eps)(|M| + eps); g_b = dD
+  std::fill(g_mnorm, g_mnorm + N, T(0));
+  for (int64_t r = 0; r < R; ++r) {
+    const T* gw = g_a + r * N;
+    const T* p = wr + r * N;
+    const T inner = dot(gw, p, N);
+    const T kq = k_raw[r] + T(kEps);
+    T g_knorm = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      const T g_sim = p[n] * (gw[n] - inner);
+      const T q = kq * (m_raw[n] + T(kEps));
+      const T gq = -(g_sim * sim[r * N + n]) / q;
+      g_b[r * N + n] = g_sim / q;
+      g_knorm += gq * (m_raw[n] + T(kEps));
+      g_mnorm[n] += gq * kq;
+    }
+    g_alpha[r] = g_knorm;  // d|k_r| until the end
+  }
+  // every path into row n of M_t: the next step, the read, the dot products, the row norm; dm becomes dM_t
+  for (int64_t n = 0; n < N; ++n) {
+    const T* row = m1 + n * W;
+    T* g_row = dm + n * W;
+    for (int64_t r = 0; r < R; ++r) {
+      axpy(wr[r * N + n], d_reads + r * W, g_row, W);
+      axpy(g_b[r * N + n], keys + r * W, g_row, W);
+    }
+    axpy(g_mnorm[n] / std::max(m_raw[n], T(1e-30)), row, g_row, W);  // d|M|/dM = M/|M|, 0 at 0
+    // the write (Eq. 8) into the write weights (Eq. 7); g_a now holds d w_w_t
+    dots(content, g_row, R, W, g_a + n, N);
+    for (int64_t r = 0; r < R; ++r) g_a[r * N + n] += du[n];
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    combine(g_b + r * N, m1, N, W, g_keys + r * W);  // through the dot products
+    axpy(g_alpha[r] / std::max(k_raw[r], T(1e-30)), keys + r * W, g_keys + r * W, W);  // through |k|
+    combine(ww + r * N, dm, N, W, g_content + r * W);  // through the write
+    if (same_content) axpy(T(1), g_content + r * W, g_keys + r * W, W);
+    const T sr = s[r];
+    const T* gw = g_a + r * N;
+    g_alpha[r] = dot(gw, diff + r * N, N) * sr * (T(1) - sr);
+    for (int64_t n = 0; n < N; ++n) dwr[r * N + n] = gw[n] * sr;
+  }
+  if (keep >= 0) std::fill(dm + keep * W, dm + keep * W + W, T(0));  // the row zeroed before the write
+  for (int64_t n = 0; n < N; ++n) du[n] *= T(gamma);
+}
+
+}  // namespace
+
+template <typename T>
+T* ptr(const Tensor& t) {
+  return t.data_ptr<T>();
+}
+
+// Returns {hs [T, B, H], reads [T, B, RW], saved...} (saved: the kSaved stacks named above). `workspace`: empty,
+// or the saved stacks of an earlier call that are no longer needed, to be written over.
+std::vector<Tensor> sequence_forward(const Tensor& x_proj, const Tensor& w_rec_t, const Tensor& w_head_t,
+                                     const Tensor& b_head, Tensor h, Tensor c, Tensor memory, Tensor usage,
+                                     Tensor wr, Tensor reads, double gamma, bool zero, bool add,
+                                     const std::vector<Tensor>& workspace) {
+  at::NoGradGuard no_grad;
+  const int64_t B = x_proj.size(0), T = x_proj.size(1), H = h.size(1), N = usage.size(1);
+  const int64_t R = reads.size(1), W = reads.size(2), RW = R * W, P = w_head_t.size(1);
+  const Dims dims{R, N, W};
+  auto opts = x_proj.options();
+  Tensor hs = at::empty({T, B, H}, opts), rs = at::empty({T, B, RW}, opts);
+  // the saved stacks: the caller's buffers from an earlier call where they fit (fresh pages cost more than the
+  // writes into them), else new ones
+  std::vector<Tensor> sv(kSaved);
+  auto buf = [&](int k, at::IntArrayRef sizes, at::TensorOptions o) {
+    const bool fits = static_cast<int64_t>(workspace.size()) == kSaved && workspace[k].sizes() == sizes &&
+                      workspace[k].dtype() == o.dtype() && workspace[k].device() == o.device();
+    sv[k] = fits ? workspace[k] : at::empty(sizes, o);
+  };
+  buf(kZ, {T, B, RW + H}, opts);
+  buf(kSG, {T, B, 4 * H}, opts);
+  buf(kGt, {T, B, H}, opts);
+  buf(kCprev, {T, B, H}, opts);
+  buf(kTC, {T, B, H}, opts);
+  buf(kKeys, {T, B, R, W}, opts);
+  if (add)
+    buf(kContent, {T, B, R, W}, opts);
+  else
+    sv[kContent] = sv[kKeys];
+  buf(kS, {T, B, R}, opts);
+  buf(kDiff, {T, B, R, N}, opts);
+  buf(kKeep, {T, B}, opts.dtype(at::kLong));
+  buf(kM, {T, B, N, W}, opts);
+  buf(kMraw, {T, B, N}, opts);
+  buf(kKraw, {T, B, R}, opts);
+  buf(kSim, {T, B, R, N}, opts);
+  buf(kWr, {T, B, R, N}, opts);
+  buf(kWw, {T, B, R, N}, opts);
+  memory = memory.contiguous();
+  usage = usage.contiguous();
+  wr = wr.contiguous();
+  reads = reads.reshape({B, RW});
+  Tensor usage_next = at::empty_like(usage);
+  for (int64_t t = 0; t < T; ++t) {
+    // the LSTM controller on [r_{t-1}, h_{t-1}] (its input projection is hoisted: x_proj)
+    Tensor z = sv[kZ][t];
+    z.narrow(1, 0, RW).copy_(reads);
+    z.narrow(1, RW, H).copy_(h);
+    Tensor gates = at::addmm(x_proj.select(1, t), z, w_rec_t);
+    Tensor sg = sv[kSG][t];
+    at::sigmoid_out(sg, gates);
+    Tensor g = sv[kGt][t];
+    at::tanh_out(g, gates.narrow(1, 2 * H, H));
+    sv[kCprev][t].copy_(c);
+    c = at::addcmul(sg.narrow(1, H, H) * c, sg.narrow(1, 0, H), g);
+    Tensor tc = sv[kTC][t];
+    at::tanh_out(tc, c);
+    h = hs[t];
+    at::mul_out(h, sg.narrow(1, 3 * H, H), tc);
+    // the head layer: keys, write gates, add vectors
+    Tensor out = at::addmm(b_head, h, w_head_t);
+    Tensor keys = sv[kKeys][t];
+    at::tanh_out(L(keys.view({B, RW})), out.narrow(1, 0, RW));
+    Tensor content = keys;
+    if (add) {
+      content = sv[kContent][t];
+      at::tanh_out(L(content.view({B, RW})), out.narrow(1, RW + R, RW));
+    }
+    // the memory (Eq. 5-8, 2-4), one episode per task
+    Tensor s = sv[kS][t], keep = sv[kKeep][t], diff = sv[kDiff][t], ww = sv[kWw][t], m1 = sv[kM][t];
+    Tensor m_raw = sv[kMraw][t], k_raw = sv[kKraw][t], sim = sv[kSim][t], wr_t = sv[kWr][t], rd = rs[t];
+    AT_DISPATCH_FLOATING_TYPES(x_proj.scalar_type(), "memory_write", [&] {
+      const scalar_t* alpha = ptr<scalar_t>(out) + RW;
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b)
+          memory_write<scalar_t>(
+              dims, ptr<scalar_t>(keys) + b * RW, ptr<scalar_t>(content) + b * RW, alpha + b * P,
+              ptr<scalar_t>(memory) + b * N * W, ptr<scalar_t>(usage) + b * N, ptr<scalar_t>(wr) + b * R * N, zero,
+              ptr<scalar_t>(s) + b * R, ptr<int64_t>(keep) + b, ptr<scalar_t>(diff) + b * R * N,
+              ptr<scalar_t>(ww) + b * R * N, ptr<scalar_t>(m1) + b * N * W, ptr<scalar_t>(m_raw) + b * N,
+              ptr<scalar_t>(k_raw) + b * R, ptr<scalar_t>(sim) + b * R * N);
+      });
+    });
+    at::_softmax_out(wr_t, sim, -1, false);  // Eq. 3
+    AT_DISPATCH_FLOATING_TYPES(x_proj.scalar_type(), "memory_read", [&] {
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b)
+          memory_read<scalar_t>(dims, ptr<scalar_t>(wr_t) + b * R * N, ptr<scalar_t>(ww) + b * R * N,
+                                ptr<scalar_t>(m1) + b * N * W, ptr<scalar_t>(usage) + b * N, gamma,
+                                ptr<scalar_t>(rd) + b * RW, ptr<scalar_t>(usage_next) + b * N);
+      });
+    });
+    std::swap(usage, usage_next);
+    if (t == 0) usage_next = at::empty_like(usage);  // the caller's initial usage is not ours to overwrite
+    memory = m1;
+    wr = wr_t;
+    reads = rd;
+  }
+  std::vector<Tensor> result{hs, rs};
+  result.insert(result.end(), sv.begin(), sv.end());
+  return result;
+}
+
+// Back through time. `saved` as returned by sequence_forward (after hs and reads); d_hs [B, T, H], d_rs [B, T, RW].
+// Returns {g_x_proj [B, T, G], g_w_rec [G, RW + H], g_w_head [P, H], g_b_head [P]}.
+std::vector<Tensor> sequence_backward(const std::vector<Tensor>& sv, const Tensor& hs, const Tensor& d_hs,
+                                      const Tensor& d_rs, const Tensor& w_rec, const Tensor& w_head, double gamma,
+                                      bool add) {
+  at::NoGradGuard no_grad;
+  const Tensor& keys_all = sv[kKeys];
+  const int64_t T = keys_all.size(0), B = keys_all.size(1), R = keys_all.size(2), W = keys_all.size(3);
+  const int64_t N = sv[kM].size(2), H = sv[kGt].size(2), RW = R * W, G = 4 * H, P = w_head.size(0);
+  const Dims dims{R, N, W};
+  auto opts = d_hs.options();
+  Tensor d_gates_all = at::empty({T, B, G}, opts), d_out_all = at::empty({T, B, P}, opts);
+  Tensor dh_next = at::zeros({B, H}, opts), dr_next = at::zeros({B, R, W}, opts), dc = at::zeros({B, H}, opts);
+  Tensor dm = at::zeros({B, N, W}, opts), du = at::zeros({B, N}, opts), dwr = at::zeros({B, R, N}, opts);
+  Tensor d_act = at::empty({B, G}, opts);
+  Tensor g_keys = at::empty({B, R, W}, opts), g_content = at::empty({B, R, W}, opts);
+  Tensor g_alpha = at::empty({B, R}, opts), g_a = at::empty({B, R, N}, opts), g_b = at::empty({B, R, N}, opts);
+  Tensor g_mnorm = at::empty({B, N}, opts);
+  for (int64_t t = T - 1; t >= 0; --t) {
+    Tensor sg = sv[kSG][t], g = sv[kGt][t], c_prev = sv[kCprev][t], tc = sv[kTC][t];
+    Tensor keys = sv[kKeys][t], content = add ? sv[kContent][t] : keys, s = sv[kS][t], diff = sv[kDiff][t];
+    Tensor keep = sv[kKeep][t], m1 = sv[kM][t], m_raw = sv[kMraw][t], k_raw = sv[kKraw][t];
+    Tensor sim = sv[kSim][t], wr = sv[kWr][t], ww = sv[kWw][t];
+    Tensor d_reads = at::add(d_rs.select(1, t).reshape({B, R, W}), dr_next);
+    // the memory step's backward (LRUAStep.backward), one episode per task
+    AT_DISPATCH_FLOATING_TYPES(d_hs.scalar_type(), "memory_backward", [&] {
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b)
+          memory_backward<scalar_t>(
+              dims, ptr<scalar_t>(keys) + b * RW, ptr<scalar_t>(content) + b * RW, !add, ptr<scalar_t>(s) + b * R,
+              ptr<int64_t>(keep)[b], ptr<scalar_t>(diff) + b * R * N, ptr<scalar_t>(ww) + b * R * N,
+              ptr<scalar_t>(m1) + b * N * W, ptr<scalar_t>(m_raw) + b * N, ptr<scalar_t>(k_raw) + b * R,
+              ptr<scalar_t>(sim) + b * R * N, ptr<scalar_t>(wr) + b * R * N, ptr<scalar_t>(d_reads) + b * RW, gamma,
+              ptr<scalar_t>(dm) + b * N * W, ptr<scalar_t>(du) + b * N, ptr<scalar_t>(dwr) + b * R * N,
+              ptr<scalar_t>(g_keys) + b * RW, ptr<scalar_t>(g_content) + b * RW, ptr<scalar_t>(g_alpha) + b * R,
+              ptr<scalar_t>(g_a) + b * R * N, ptr<scalar_t>(g_b) + b * R * N, ptr<scalar_t>(g_mnorm) + b * N);
+      });
+    });
+    // the head layer: keys = tanh(.), alpha, add vectors = tanh(.)
+    Tensor d_out = d_out_all[t];
+    at::mul_out(L(d_out.narrow(1, 0, RW).view({B, R, W})), g_keys, 1.0 - keys * keys);
+    d_out.narrow(1, RW, R).copy_(g_alpha);
+    if (add) at::mul_out(L(d_out.narrow(1, RW + R, RW).view({B, R, W})), g_content, 1.0 - content * content);
+    Tensor dh = at::addmm(d_hs.select(1, t) + dh_next, d_out, w_head);
+    // the LSTM cell
+    Tensor i = sg.narrow(1, 0, H), f = sg.narrow(1, H, H), o = sg.narrow(1, 3 * H, H);
+    dc = at::addcmul(dc, dh * o, 1.0 - tc * tc);
+    at::mul_out(d_act, sg, 1.0 - sg);  // sigmoid' of the i, f, o blocks; the g block is tanh'
+    Tensor d_tanh = d_act.narrow(1, 2 * H, H);
+    at::mul_out(d_tanh, g, g).neg_().add_(1.0);
+    Tensor d_gates = d_gates_all[t];
+    at::mul_out(L(d_gates.narrow(1, 0, H)), dc, g);
+    at::mul_out(L(d_gates.narrow(1, H, H)), dc, c_prev);
+    at::mul_out(L(d_gates.narrow(1, 2 * H, H)), dc, i);
+    at::mul_out(L(d_gates.narrow(1, 3 * H, H)), dh, tc);
+    d_gates.mul_(d_act);
+    dc = dc * f;
+    Tensor dz = at::mm(d_gates, w_rec);
+    dh_next = dz.narrow(1, RW, H);
+    dr_next = dz.narrow(1, 0, RW).reshape({B, R, W});
+  }
+  Tensor d_out = d_out_all.view({T * B, P}), d_gates = d_gates_all.view({T * B, G});
+  Tensor g_w_rec = at::mm(d_gates.t(), sv[kZ].view({T * B, RW + H}));
+  Tensor g_w_head = at::mm(d_out.t(), hs.reshape({T * B, H}));
+  return {d_gates_all.transpose(0, 1), g_w_rec, g_w_head, d_out.sum(0)};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("sequence_forward", &sequence_forward, "MANNSequence forward (see mann/fused.py)");
+  m.def("sequence_backward", &sequence_backward, "MANNSequence backward (see mann/fused.py)");
+}
