@@ -129,16 +129,27 @@ def test_whole_episode_path_matches_readable_model_in_float64(write_content, zer
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8, msg=name)
 
 
-def test_whole_episode_path_matches_readable_model_in_float32_at_paper_size(loops):
-    """The paper's sizes (128 x 40 memory, 4 heads, LSTM 200), 50 steps, float32: agreement to float32 tolerance."""
-    fast, slow = _pair(dtype=torch.float32)
+def _assert_float32_agreement(steps: int, **sizes):
+    fast, slow = _pair(dtype=torch.float32, **sizes)
     g = torch.Generator().manual_seed(2)
-    x = torch.rand(4, 50, 16 + 5, generator=g)
-    upstream = torch.randn(4, 50, 5, generator=g)
+    x = torch.rand(4, steps, 16 + 5, generator=g)
+    upstream = torch.randn(4, steps, 5, generator=g)
     (y_f, g_f), (y_s, g_s) = (_outputs_and_grads(m, x, upstream) for m in (fast, slow))
     torch.testing.assert_close(y_f, y_s, atol=1e-5, rtol=1e-4)
     for (name, _), a, b in zip(fast.named_parameters(), g_f, g_s):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_whole_episode_path_matches_readable_model_in_float32_at_paper_size(loops):
+    """The paper's sizes (128 x 40 memory, 4 heads, LSTM 200), 50 steps, float32: agreement to float32 tolerance."""
+    _assert_float32_agreement(50)
+
+
+@pytest.mark.parametrize("heads,width,slots", [(1, 8, 8), (2, 17, 9), (3, 12, 16), (5, 10, 16)])
+def test_whole_episode_path_matches_readable_model_in_float32_at_other_sizes(heads, width, slots, loops):
+    """Widths that are not a multiple of the C++ vector width, and more heads than its one-pass row code takes."""
+    _assert_float32_agreement(30, **{"memory.slots": slots, "memory.width": width, "memory.read_heads": heads,
+                                     "controller.hidden": 24})
 
 
 def test_whole_episode_gradcheck(loops):

@@ -57,6 +57,33 @@ inline void combine(const T* coef, const T* rows, int64_t N, int64_t W, T* out) 
   for (int64_t n = 0; n < N; ++n) axpy(coef[n], rows + n * W, out, W);
 }
 
+
+// One row of Eq. 8 and what Eq. 2 needs of it: row = (zeroed ? 0 : prev) + sum_r a[r * a_stride] x[r]; returns
+// |row|^2 and sets out[r * out_stride] = y[r] . row (x, y: R rows of W).
+template <typename T>
+inline T write_row(const T* prev, bool zeroed, const T* a, int64_t a_stride, const T* x, const T* y, int64_t R,
+                   int64_t W, T* row, T* out, int64_t out_stride) {
+  if (zeroed)
+    std::fill(row, row + W, T(0));
+  else
+    std::copy(prev, prev + W, row);
+  for (int64_t r = 0; r < R; ++r) axpy(a[r * a_stride], x + r * W, row, W);
+  dots(y, row, R, W, out, out_stride);
+  return dot(row, row, W);
+}
+
+// One row of dM_t: row += sum_r (a[r * s] u[r] + b[r * s] v[r]) + c m; then out[r * s] = x[r] . row.
+template <typename T>
+inline void grad_row(T* row, const T* a, const T* u, const T* b, const T* v, T c, const T* m, const T* x, int64_t R,
+                     int64_t W, int64_t s, T* out) {
+  for (int64_t r = 0; r < R; ++r) {
+    axpy(a[r * s], u + r * W, row, W);
+    axpy(b[r * s], v + r * W, row, W);
+  }
+  axpy(c, m, row, W);
+  dots(x, row, R, W, out, s);
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 inline float hsum(__m256 v) {
   __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -142,6 +169,106 @@ inline void combine<float>(const float* coef, const float* rows, int64_t N, int6
     out[w] = acc;
   }
 }
+// write_row and grad_row in one pass over the row, in registers, for up to four heads.
+template <>
+inline float write_row<float>(const float* prev, bool zeroed, const float* a, int64_t a_stride, const float* x,
+                              const float* y, int64_t R, int64_t W, float* row, float* out, int64_t out_stride) {
+  if (R > 4) {
+    if (zeroed)
+      std::fill(row, row + W, 0.f);
+    else
+      std::copy(prev, prev + W, row);
+    for (int64_t r = 0; r < R; ++r) axpy(a[r * a_stride], x + r * W, row, W);
+    dots(y, row, R, W, out, out_stride);
+    return dot(row, row, W);
+  }
+  float c[4] = {0.f, 0.f, 0.f, 0.f};
+  const float* xr[4] = {x, x, x, x};
+  const float* yr[4] = {y, y, y, y};
+  for (int64_t r = 0; r < R; ++r) {
+    c[r] = a[r * a_stride];
+    xr[r] = x + r * W;
+    yr[r] = y + r * W;
+  }
+  const __m256 c0 = _mm256_set1_ps(c[0]), c1 = _mm256_set1_ps(c[1]), c2 = _mm256_set1_ps(c[2]),
+               c3 = _mm256_set1_ps(c[3]);
+  __m256 sq = _mm256_setzero_ps(), d0 = sq, d1 = sq, d2 = sq, d3 = sq;
+  int64_t w = 0;
+  for (; w + 8 <= W; w += 8) {  // unused heads add 0 * x[0]
+    __m256 v = zeroed ? _mm256_setzero_ps() : _mm256_loadu_ps(prev + w);
+    v = _mm256_fmadd_ps(c0, _mm256_loadu_ps(xr[0] + w), v);
+    v = _mm256_fmadd_ps(c1, _mm256_loadu_ps(xr[1] + w), v);
+    v = _mm256_fmadd_ps(c2, _mm256_loadu_ps(xr[2] + w), v);
+    v = _mm256_fmadd_ps(c3, _mm256_loadu_ps(xr[3] + w), v);
+    _mm256_storeu_ps(row + w, v);
+    sq = _mm256_fmadd_ps(v, v, sq);
+    d0 = _mm256_fmadd_ps(_mm256_loadu_ps(yr[0] + w), v, d0);
+    d1 = _mm256_fmadd_ps(_mm256_loadu_ps(yr[1] + w), v, d1);
+    d2 = _mm256_fmadd_ps(_mm256_loadu_ps(yr[2] + w), v, d2);
+    d3 = _mm256_fmadd_ps(_mm256_loadu_ps(yr[3] + w), v, d3);
+  }
+  float q = hsum(sq), dd[4] = {hsum(d0), hsum(d1), hsum(d2), hsum(d3)};
+  for (; w < W; ++w) {
+    float v = zeroed ? 0.f : prev[w];
+    for (int64_t r = 0; r < R; ++r) v += c[r] * xr[r][w];
+    row[w] = v;
+    q += v * v;
+    for (int64_t r = 0; r < R; ++r) dd[r] += yr[r][w] * v;
+  }
+  for (int64_t r = 0; r < R; ++r) out[r * out_stride] = dd[r];
+  return q;
+}
+
+template <>
+inline void grad_row<float>(float* row, const float* a, const float* u, const float* b, const float* v, float c,
+                            const float* m, const float* x, int64_t R, int64_t W, int64_t s, float* out) {
+  if (R > 4) {
+    for (int64_t r = 0; r < R; ++r) {
+      axpy(a[r * s], u + r * W, row, W);
+      axpy(b[r * s], v + r * W, row, W);
+    }
+    axpy(c, m, row, W);
+    dots(x, row, R, W, out, s);
+    return;
+  }
+  float ca[4] = {0.f, 0.f, 0.f, 0.f}, cb[4] = {0.f, 0.f, 0.f, 0.f};
+  const float *ur[4] = {u, u, u, u}, *vr[4] = {v, v, v, v}, *xr[4] = {x, x, x, x};
+  for (int64_t r = 0; r < R; ++r) {
+    ca[r] = a[r * s];
+    cb[r] = b[r * s];
+    ur[r] = u + r * W;
+    vr[r] = v + r * W;
+    xr[r] = x + r * W;
+  }
+  const __m256 cm = _mm256_set1_ps(c);
+  __m256 ka[4], kb[4];
+  for (int r = 0; r < 4; ++r) {
+    ka[r] = _mm256_set1_ps(ca[r]);
+    kb[r] = _mm256_set1_ps(cb[r]);
+  }
+  __m256 d0 = _mm256_setzero_ps(), d1 = d0, d2 = d0, d3 = d0;
+  int64_t w = 0;
+  for (; w + 8 <= W; w += 8) {
+    __m256 g = _mm256_fmadd_ps(cm, _mm256_loadu_ps(m + w), _mm256_loadu_ps(row + w));
+    for (int r = 0; r < 4; ++r) {
+      g = _mm256_fmadd_ps(ka[r], _mm256_loadu_ps(ur[r] + w), g);
+      g = _mm256_fmadd_ps(kb[r], _mm256_loadu_ps(vr[r] + w), g);
+    }
+    _mm256_storeu_ps(row + w, g);
+    d0 = _mm256_fmadd_ps(_mm256_loadu_ps(xr[0] + w), g, d0);
+    d1 = _mm256_fmadd_ps(_mm256_loadu_ps(xr[1] + w), g, d1);
+    d2 = _mm256_fmadd_ps(_mm256_loadu_ps(xr[2] + w), g, d2);
+    d3 = _mm256_fmadd_ps(_mm256_loadu_ps(xr[3] + w), g, d3);
+  }
+  float dd[4] = {hsum(d0), hsum(d1), hsum(d2), hsum(d3)};
+  for (; w < W; ++w) {
+    float g = row[w] + c * m[w];
+    for (int64_t r = 0; r < R; ++r) g += ca[r] * ur[r][w] + cb[r] * vr[r][w];
+    row[w] = g;
+    for (int64_t r = 0; r < R; ++r) dd[r] += xr[r][w] * g;
+  }
+  for (int64_t r = 0; r < R; ++r) out[r * s] = dd[r];
+}
 #endif
 
 // ---- The memory step (Eq. 5-8, then Eq. 2-4 on M_t) for one episode b, forward and backward.
@@ -193,16 +320,9 @@ void memory_write(Dims d, const T* keys, const T* content, const T* alpha, const
     k_raw[r] = std::sqrt(dot(keys + r * W, keys + r * W, W));
   }
   for (int64_t n = 0; n < N; ++n) {
-    T* row = m1 + n * W;
-    const T* prev = mem_prev + n * W;
-    if (n == zeroed)
-      std::fill(row, row + W, T(0));
-    else
-      std::copy(prev, prev + W, row);
-    for (int64_t r = 0; r < R; ++r) axpy(ww[r * N + n], content + r * W, row, W);  // Eq. 8
-    const T norm = std::sqrt(dot(row, row, W));
+    const T norm = std::sqrt(write_row(mem_prev + n * W, n == zeroed, ww + n, N, content, keys, R, W, m1 + n * W,
+                                       sim + n, N));  // Eq. 8, the row's norm and k_r . M_t(n)
     m_raw[n] = norm;
-    dots(keys, row, R, W, sim + n, N);
     for (int64_t r = 0; r < R; ++r) sim[r * N + n] /= (k_raw[r] + T(kEps)) * (norm + T(kEps));  // Eq. 2
   }
 }
@@ -256,13 +376,9 @@ void memory_backward(Dims d, const T* keys, const T* content, bool same_content,
   for (int64_t n = 0; n < N; ++n) {
     const T* row = m1 + n * W;
     T* g_row = dm + n * W;
-    for (int64_t r = 0; r < R; ++r) {
-      axpy(wr[r * N + n], d_reads + r * W, g_row, W);
-      axpy(g_b[r * N + n], keys + r * W, g_row, W);
-    }
-    axpy(g_mnorm[n] / std::max(m_raw[n], T(1e-30)), row, g_row, W);  // d|M|/dM = M/|M|, 0 at 0
-    // the write (Eq. 8) into the write weights (Eq. 7); g_a now holds d w_w_t
-    dots(content, g_row, R, W, g_a + n, N);
+    // d|M|/dM = M/|M| (0 at 0); then the write (Eq. 8) into the write weights (Eq. 7): g_a holds d w_w_t
+    grad_row(g_row, wr + n, d_reads, g_b + n, keys, g_mnorm[n] / std::max(m_raw[n], T(1e-30)), row, content, R, W,
+             N, g_a + n);
     for (int64_t r = 0; r < R; ++r) g_a[r * N + n] += du[n];
   }
   for (int64_t r = 0; r < R; ++r) {
