@@ -101,6 +101,22 @@ def test_shift_moves_content_without_wrapping():
     assert len(ys.unique()) == 5  # offsets -2..2 all occur
 
 
+def test_shift_is_a_window_of_the_padded_image():
+    """The vectorised shift equals cutting each image's window out of the zero-padded image by hand."""
+    s, B, T, S = 2, 3, 4, 6
+    images = torch.rand(B, T, S, S, generator=torch.Generator().manual_seed(1))
+    sampler = EpisodeSampler(torch.zeros(5, 20, S, S, dtype=torch.uint8), TaskConfig(), max_shift=s)
+    got = sampler._shift(images, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)  # the same draws as _shift: dy, then dx
+    dy = torch.randint(0, 2 * s + 1, (B, T, 1, 1), generator=g)
+    dx = torch.randint(0, 2 * s + 1, (B, T, 1, 1), generator=g)
+    padded = torch.nn.functional.pad(images, (s, s, s, s))
+    for b in range(B):
+        for t in range(T):
+            y, x = int(dy[b, t]), int(dx[b, t])
+            assert torch.equal(got[b, t], padded[b, t, y : y + S, x : x + S])
+
+
 def test_sampler_rejects_too_few_classes_or_drawers():
     with pytest.raises(ValueError, match="task.classes"):
         EpisodeSampler(synthetic_pool(classes=3), TaskConfig(classes=5))
