@@ -163,16 +163,21 @@ def mlflow_server(tmp_path_factory):
     server.stop()
 
 
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    """``(state, parent pid)`` of a process from ``/proc/<pid>/stat`` (state ``Z``: a zombie); None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces or ')'
+        return fields[0], int(fields[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _children() -> dict[int, list[int]]:
     tree: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            tree.setdefault(ppid, []).append(int(entry))
+        if entry.isdigit() and (stat := proc_stat(int(entry))) is not None:
+            tree.setdefault(stat[1], []).append(int(entry))
     return tree
 
 
@@ -207,11 +212,8 @@ def stop_nodes(temp_dirs: list[str], grace: float = 20.0) -> None:
 
 
 def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
+    stat = proc_stat(pid)
+    return stat is None or stat[0] == "Z"
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from .conftest import BIN, MlflowServer, node_processes, two_node_ray, wait_for
+from .conftest import BIN, MlflowServer, node_processes, proc_stat, two_node_ray, wait_for
 from .test_config import REPO
 from .test_search_e2e import client_for, mann_search, study_runs
 
@@ -30,6 +30,35 @@ def children_with(client, exp, pred):
 
 def metric_points(client, run_id, key="val/acc_2plus"):
     return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def _parent(pid: int) -> int:
+    stat = proc_stat(pid)
+    return stat[1] if stat else 0
+
+
+def _raylet_of(temp_dir: str) -> int:
+    """The pid of the raylet whose command line names ``temp_dir`` (one node of :func:`two_node_ray`)."""
+    out = subprocess.run(["pgrep", "-f", f"raylet/raylet .*{temp_dir}"], capture_output=True, text=True).stdout
+    pids = [int(p) for p in out.split()]
+    assert len(pids) == 1, f"expected one raylet for {temp_dir}, found {pids}"
+    return pids[0]
+
+
+def _trial_results(storage) -> dict:
+    """Tune's own record of each trial (``result.json``, one line per report): trial dir -> list of results."""
+    import json
+
+    results = {}
+    for path in storage.glob("smoke-*/run_trial_*/result.json"):
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        try:
+            parsed = [json.loads(line) for line in lines]
+        except ValueError:  # the driver is mid-write of the last line
+            continue
+        if parsed:
+            results[path.parent.name] = parsed
+    return results
 
 
 def test_mlflow_down_then_back_loses_nothing(tmp_path, omniglot_dir):
@@ -157,14 +186,11 @@ def test_trial_worker_killed_resumes_from_checkpoint_in_same_run(tmp_path, mlflo
         assert steps == sorted(set(steps)) and steps[-1] == 3200  # resumed, not restarted; nothing twice
     # Tune's own record of every result: the retried trial went on from its checkpoint instead of starting
     # again from episode 0 (which would report the first evaluation, 320 episodes, a second time).
-    import json
-
-    firsts = []
-    for result_file in tmp_path.glob("smoke-*/run_trial_*/result.json"):
-        episodes = [json.loads(line)["episodes"] for line in result_file.read_text().splitlines() if line.strip()]
-        firsts.append(episodes.count(320.0))
-        assert episodes[-1] == 3200
-    assert firsts == [1, 1], firsts
+    records = _trial_results(tmp_path)
+    assert len(records) == 2, sorted(records)
+    for results in records.values():
+        episodes = [r["episodes"] for r in results]
+        assert episodes[-1] == 3200 and episodes.count(320.0) == 1, episodes
 
 
 def test_no_credentials_in_mlflow_params_or_tags(tmp_path, monkeypatch):
@@ -227,38 +253,6 @@ def test_local_cluster_listens_on_loopback_only_with_token_auth():
     late = subprocess.run([str(BIN / "python"), "-c", "import ray, search.runner as r; r.connect_ray(1)"], env=env,
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert late.returncode != 0 and "import search first" in late.stderr, late.stderr[-2000:]
-
-
-def _parent(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return int(next(line for line in f if line.startswith("PPid:")).split()[1])
-    except (OSError, StopIteration, ValueError):
-        return 0
-
-
-def _raylet_of(temp_dir: str) -> int:
-    """The pid of the raylet whose command line names ``temp_dir`` (one node of :func:`two_node_ray`)."""
-    out = subprocess.run(["pgrep", "-f", f"raylet/raylet .*{temp_dir}"], capture_output=True, text=True).stdout
-    pids = [int(p) for p in out.split()]
-    assert len(pids) == 1, f"expected one raylet for {temp_dir}, found {pids}"
-    return pids[0]
-
-
-def _trial_results(storage) -> dict:
-    """Tune's own record of each trial (``result.json``, one line per report): trial dir -> list of results."""
-    import json
-
-    results = {}
-    for path in storage.glob("smoke-*/run_trial_*/result.json"):
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        try:
-            parsed = [json.loads(line) for line in lines]
-        except ValueError:  # the driver is mid-write of the last line
-            continue
-        if parsed:
-            results[path.parent.name] = parsed
-    return results
 
 
 def test_worker_node_lost_trials_move_to_the_remaining_node(tmp_path, mlflow_server, omniglot_dir):
