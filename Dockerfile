@@ -39,7 +39,8 @@ RUN pip install --no-cache-dir \
         "numpy==2.4.6" \
         "pillow==13.0.0" \
         "pyyaml==6.0.4" \
-        "matplotlib==3.11.2"
+        "matplotlib==3.11.2" \
+        "ninja==1.13.2"
 # The project folder is also the Ray job's working_dir (k8s/rayjob/rayjob.yaml): `mann-search run
 # configs/search/cluster.yaml` resolves from here.
 WORKDIR /home/ray/mann-search
@@ -50,3 +51,7 @@ COPY --chown=1000:100 configs ./configs
 RUN pip install --no-cache-dir --no-deps . \
     && mann --help > /dev/null && mann-search --help > /dev/null
 USER 1000:100
+# The fused model's C++ time loops (CPU workers; CUDA runs the same steps from Python), built once into the image
+# where the base image has a C++ compiler; without one this prints a warning and CPU workers use the Python loops.
+ENV TORCH_EXTENSIONS_DIR=/home/ray/.cache/torch_extensions
+RUN python -c "from mann.fused import extension; print('C++ time loops:', 'built' if extension() else 'unavailable')"
