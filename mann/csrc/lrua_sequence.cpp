@@ -395,6 +395,35 @@ void memory_backward(Dims d, const T* keys, const T* content, bool same_content,
   for (int64_t n = 0; n < N; ++n) du[n] *= T(gamma);
 }
 
+// The head layer's backward for one episode: keys = tanh(.), alphas, add vectors = tanh(.) (when `add`) into
+// d_out [P] (the gradient of the head layer's output), from g_keys, g_content [R, W] and g_alpha [R].
+template <typename T>
+void head_backward(int64_t R, int64_t W, const T* keys, const T* content, bool add, const T* g_keys,
+                   const T* g_content, const T* g_alpha, T* d_out) {
+  const int64_t RW = R * W;
+  for (int64_t i = 0; i < RW; ++i) d_out[i] = g_keys[i] * (T(1) - keys[i] * keys[i]);
+  for (int64_t r = 0; r < R; ++r) d_out[RW + r] = g_alpha[r];
+  if (add)
+    for (int64_t i = 0; i < RW; ++i) d_out[RW + R + i] = g_content[i] * (T(1) - content[i] * content[i]);
+}
+
+// The LSTM cell's backward for one episode (H units): sg [4H] the sigmoid of the gates (i, f, ., o), g [H] the
+// tanh of the cell input, tc [H] tanh(c_t), c_prev [H], dh [H] the gradient of h_t. In/out: dc [H], the gradient
+// of c_t in, of c_{t-1} out. Out: d_gates [4H], the gradient of the gates' pre-activations.
+template <typename T>
+void lstm_backward(int64_t H, const T* sg, const T* g, const T* tc, const T* c_prev, const T* dh, T* dc,
+                   T* d_gates) {
+  for (int64_t h = 0; h < H; ++h) {
+    const T i = sg[h], f = sg[H + h], o = sg[3 * H + h], gg = g[h], t = tc[h];
+    const T dcn = dc[h] + dh[h] * o * (T(1) - t * t);
+    d_gates[h] = dcn * gg * (i * (T(1) - i));
+    d_gates[H + h] = dcn * c_prev[h] * (f * (T(1) - f));
+    d_gates[2 * H + h] = dcn * i * (T(1) - gg * gg);
+    d_gates[3 * H + h] = dh[h] * t * (o * (T(1) - o));
+    dc[h] = dcn * f;
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -520,7 +549,6 @@ std::vector<Tensor> sequence_backward(const std::vector<Tensor>& sv, const Tenso
   Tensor d_gates_all = at::empty({T, B, G}, opts), d_out_all = at::empty({T, B, P}, opts);
   Tensor dh_next = at::zeros({B, H}, opts), dr_next = at::zeros({B, R, W}, opts), dc = at::zeros({B, H}, opts);
   Tensor dm = at::zeros({B, N, W}, opts), du = at::zeros({B, N}, opts), dwr = at::zeros({B, R, N}, opts);
-  Tensor d_act = at::empty({B, G}, opts);
   Tensor g_keys = at::empty({B, R, W}, opts), g_content = at::empty({B, R, W}, opts);
   Tensor g_alpha = at::empty({B, R}, opts), g_a = at::empty({B, R, N}, opts), g_b = at::empty({B, R, N}, opts);
   Tensor g_mnorm = at::empty({B, N}, opts);
@@ -533,7 +561,7 @@ std::vector<Tensor> sequence_backward(const std::vector<Tensor>& sv, const Tenso
     // the memory step's backward (LRUAStep.backward), one episode per task
     AT_DISPATCH_FLOATING_TYPES(d_hs.scalar_type(), "memory_backward", [&] {
       at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b)
+        for (int64_t b = b0; b < b1; ++b) {
           memory_backward<scalar_t>(
               dims, ptr<scalar_t>(keys) + b * RW, ptr<scalar_t>(content) + b * RW, !add, ptr<scalar_t>(s) + b * R,
               ptr<int64_t>(keep)[b], ptr<scalar_t>(diff) + b * R * N, ptr<scalar_t>(ww) + b * R * N,
@@ -542,27 +570,23 @@ std::vector<Tensor> sequence_backward(const std::vector<Tensor>& sv, const Tenso
               ptr<scalar_t>(dm) + b * N * W, ptr<scalar_t>(du) + b * N, ptr<scalar_t>(dwr) + b * R * N,
               ptr<scalar_t>(g_keys) + b * RW, ptr<scalar_t>(g_content) + b * RW, ptr<scalar_t>(g_alpha) + b * R,
               ptr<scalar_t>(g_a) + b * R * N, ptr<scalar_t>(g_b) + b * R * N, ptr<scalar_t>(g_mnorm) + b * N);
+          head_backward<scalar_t>(R, W, ptr<scalar_t>(keys) + b * RW, ptr<scalar_t>(content) + b * RW, add,
+                                  ptr<scalar_t>(g_keys) + b * RW, ptr<scalar_t>(g_content) + b * RW,
+                                  ptr<scalar_t>(g_alpha) + b * R, ptr<scalar_t>(d_out_all) + (t * B + b) * P);
+        }
       });
     });
-    // the head layer: keys = tanh(.), alpha, add vectors = tanh(.)
     Tensor d_out = d_out_all[t];
-    at::mul_out(L(d_out.narrow(1, 0, RW).view({B, R, W})), g_keys, 1.0 - keys * keys);
-    d_out.narrow(1, RW, R).copy_(g_alpha);
-    if (add) at::mul_out(L(d_out.narrow(1, RW + R, RW).view({B, R, W})), g_content, 1.0 - content * content);
     Tensor dh = at::addmm(d_hs.select(1, t) + dh_next, d_out, w_head);
-    // the LSTM cell
-    Tensor i = sg.narrow(1, 0, H), f = sg.narrow(1, H, H), o = sg.narrow(1, 3 * H, H);
-    dc = at::addcmul(dc, dh * o, 1.0 - tc * tc);
-    at::mul_out(d_act, sg, 1.0 - sg);  // sigmoid' of the i, f, o blocks; the g block is tanh'
-    Tensor d_tanh = d_act.narrow(1, 2 * H, H);
-    at::mul_out(d_tanh, g, g).neg_().add_(1.0);
     Tensor d_gates = d_gates_all[t];
-    at::mul_out(L(d_gates.narrow(1, 0, H)), dc, g);
-    at::mul_out(L(d_gates.narrow(1, H, H)), dc, c_prev);
-    at::mul_out(L(d_gates.narrow(1, 2 * H, H)), dc, i);
-    at::mul_out(L(d_gates.narrow(1, 3 * H, H)), dh, tc);
-    d_gates.mul_(d_act);
-    dc = dc * f;
+    AT_DISPATCH_FLOATING_TYPES(d_hs.scalar_type(), "lstm_backward", [&] {
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b)
+          lstm_backward<scalar_t>(H, ptr<scalar_t>(sg) + b * G, ptr<scalar_t>(g) + b * H, ptr<scalar_t>(tc) + b * H,
+                                  ptr<scalar_t>(c_prev) + b * H, ptr<scalar_t>(dh) + b * H, ptr<scalar_t>(dc) + b * H,
+                                  ptr<scalar_t>(d_gates) + b * G);
+      });
+    });
     Tensor dz = at::mm(d_gates, w_rec);
     dh_next = dz.narrow(1, RW, H);
     dr_next = dz.narrow(1, 0, RW).reshape({B, R, W});
