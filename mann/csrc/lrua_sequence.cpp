@@ -1,9 +1,12 @@
 // The whole-episode LRUA sequence of mann/fused.py (MANNSequence) with its time loops in C++.
 //
-// Same operations, in the same order, as sequence_forward_step / sequence_backward_step in mann/fused.py (read
-// those first: they carry the equations and the shapes); only the per-operation Python cost goes away, and each
-// step writes what the backward needs straight into [T, ...] buffers instead of Python lists.
-// tests/test_fused.py checks this path against the readable model, outputs and gradients, in float64.
+// The same math as sequence_forward_step / sequence_backward_step in mann/fused.py (read those first: they carry
+// the equations and the shapes). The per-step matrix products stay ATen calls; the LRUA memory (Eq. 2-8 and
+// their gradients), the LSTM cell's backward and the head layer's backward are loops over each episode's rows,
+// one episode per OpenMP thread, with AVX2 + FMA versions for float where compiled in; each step writes what the
+// backward needs straight into [T, ...] buffers (reused across calls, see mann/fused.py). Sums may be taken in
+// another order than ATen's, so results agree to rounding: tests/test_fused.py checks outputs and gradients
+// against the readable model in float64 and float32.
 //
 // Shapes: B batch, T steps, H controller width, G = 4H gates, R heads, W memory width, N slots, RW = R*W,
 // P head-layer outputs (R*W keys, R alphas, then R*W add vectors when `add`).
@@ -22,7 +25,7 @@ namespace {
 using at::Tensor;
 constexpr double kEps = 1e-8;  // mann.memory.EPS
 
-// Saved per step, stacked over time (index order of `Saved` below).
+// What the forward saves per step, stacked over time: the indices into its list of [T, ...] tensors.
 enum : int { kZ, kSG, kGt, kCprev, kTC, kKeys, kContent, kS, kDiff, kKeep, kM, kMraw, kKraw, kSim, kWr, kWw,
              kSaved };
 
