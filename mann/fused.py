@@ -35,6 +35,11 @@ _extension: object = None  # the loaded module, False once it could not be, None
 _WORKSPACES: dict[tuple, list[list[Tensor]]] = {}
 
 
+def _give_back(pool: list, saved: list[Tensor]) -> None:
+    if len(pool) < 2:  # two sets cover a forward that runs while the previous graph is still alive
+        pool.append(saved)
+
+
 class _Recycle:
     """Held by a graph node: gives its saved stacks back to the pool when the node is freed (after its last
     backward, or when the graph is dropped), never while a backward could still read them."""
@@ -43,8 +48,7 @@ class _Recycle:
         self.saved, self.pool = saved, pool
 
     def __del__(self):
-        if len(self.pool) < 2:
-            self.pool.append(self.saved)
+        _give_back(self.pool, self.saved)
 
 
 def _cflags() -> list[str]:
@@ -330,8 +334,8 @@ class MANNSequence(torch.autograd.Function):
                                                   pool.pop() if pool else [])
             if any(ctx.needs_input_grad):
                 ctx.saved, ctx.hs, ctx.recycle = saved, hs, _Recycle(saved, pool)
-            elif len(pool) < 2:
-                pool.append(saved)  # nothing will read them: the next call may write over them
+            else:
+                _give_back(pool, saved)  # nothing will read them: the next call may write over them
             return hs.transpose(0, 1), rs.transpose(0, 1)
         hs, rs, saved = [], [], []
         for x_t in x_proj.unbind(1):

@@ -64,8 +64,8 @@ inline void combine(const T* coef, const T* rows, int64_t N, int64_t W, T* out) 
 // One row of Eq. 8 and what Eq. 2 needs of it: row = (zeroed ? 0 : prev) + sum_r a[r * a_stride] x[r]; returns
 // |row|^2 and sets out[r * out_stride] = y[r] . row (x, y: R rows of W).
 template <typename T>
-inline T write_row(const T* prev, bool zeroed, const T* a, int64_t a_stride, const T* x, const T* y, int64_t R,
-                   int64_t W, T* row, T* out, int64_t out_stride) {
+inline T write_row_loops(const T* prev, bool zeroed, const T* a, int64_t a_stride, const T* x, const T* y,
+                         int64_t R, int64_t W, T* row, T* out, int64_t out_stride) {
   if (zeroed)
     std::fill(row, row + W, T(0));
   else
@@ -77,14 +77,27 @@ inline T write_row(const T* prev, bool zeroed, const T* a, int64_t a_stride, con
 
 // One row of dM_t: row += sum_r (a[r * s] u[r] + b[r * s] v[r]) + c m; then out[r * s] = x[r] . row.
 template <typename T>
-inline void grad_row(T* row, const T* a, const T* u, const T* b, const T* v, T c, const T* m, const T* x, int64_t R,
-                     int64_t W, int64_t s, T* out) {
+inline void grad_row_loops(T* row, const T* a, const T* u, const T* b, const T* v, T c, const T* m, const T* x,
+                           int64_t R, int64_t W, int64_t s, T* out) {
   for (int64_t r = 0; r < R; ++r) {
     axpy(a[r * s], u + r * W, row, W);
     axpy(b[r * s], v + r * W, row, W);
   }
   axpy(c, m, row, W);
   dots(x, row, R, W, out, s);
+}
+
+// The portable loops by default; float gets one-pass AVX2 versions below where compiled in.
+template <typename T>
+inline T write_row(const T* prev, bool zeroed, const T* a, int64_t a_stride, const T* x, const T* y, int64_t R,
+                   int64_t W, T* row, T* out, int64_t out_stride) {
+  return write_row_loops(prev, zeroed, a, a_stride, x, y, R, W, row, out, out_stride);
+}
+
+template <typename T>
+inline void grad_row(T* row, const T* a, const T* u, const T* b, const T* v, T c, const T* m, const T* x, int64_t R,
+                     int64_t W, int64_t s, T* out) {
+  grad_row_loops(row, a, u, b, v, c, m, x, R, W, s, out);
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -176,15 +189,7 @@ inline void combine<float>(const float* coef, const float* rows, int64_t N, int6
 template <>
 inline float write_row<float>(const float* prev, bool zeroed, const float* a, int64_t a_stride, const float* x,
                               const float* y, int64_t R, int64_t W, float* row, float* out, int64_t out_stride) {
-  if (R > 4) {
-    if (zeroed)
-      std::fill(row, row + W, 0.f);
-    else
-      std::copy(prev, prev + W, row);
-    for (int64_t r = 0; r < R; ++r) axpy(a[r * a_stride], x + r * W, row, W);
-    dots(y, row, R, W, out, out_stride);
-    return dot(row, row, W);
-  }
+  if (R > 4) return write_row_loops(prev, zeroed, a, a_stride, x, y, R, W, row, out, out_stride);
   float c[4] = {0.f, 0.f, 0.f, 0.f};
   const float* xr[4] = {x, x, x, x};
   const float* yr[4] = {y, y, y, y};
@@ -225,15 +230,7 @@ inline float write_row<float>(const float* prev, bool zeroed, const float* a, in
 template <>
 inline void grad_row<float>(float* row, const float* a, const float* u, const float* b, const float* v, float c,
                             const float* m, const float* x, int64_t R, int64_t W, int64_t s, float* out) {
-  if (R > 4) {
-    for (int64_t r = 0; r < R; ++r) {
-      axpy(a[r * s], u + r * W, row, W);
-      axpy(b[r * s], v + r * W, row, W);
-    }
-    axpy(c, m, row, W);
-    dots(x, row, R, W, out, s);
-    return;
-  }
+  if (R > 4) return grad_row_loops(row, a, u, b, v, c, m, x, R, W, s, out);
   float ca[4] = {0.f, 0.f, 0.f, 0.f}, cb[4] = {0.f, 0.f, 0.f, 0.f};
   const float *ur[4] = {u, u, u, u}, *vr[4] = {v, v, v, v}, *xr[4] = {x, x, x, x};
   for (int64_t r = 0; r < R; ++r) {
