@@ -167,6 +167,10 @@ class OptimConfig:
     episodes: int = 100_000
     optimizer: Literal["adam", "rmsprop"] = "adam"
     lr: float = 1e-3
+    # Step schedule: the learning rate is multiplied by lr_decay at each of these episode counts (ascending),
+    # e.g. [800000] with 0.1 trains at lr until 800k episodes and at lr/10 after. Empty: a constant lr.
+    lr_milestones: list[int] = field(default_factory=list)
+    lr_decay: float = 0.1
     # Paper's RMSprop momentum 0.9, decay 0.95 ("alpha" in torch).
     momentum: float = 0.9
     rmsprop_decay: float = 0.95
@@ -183,6 +187,10 @@ class OptimConfig:
         _check(self.batch_size >= 1, f"batch_size: must be >= 1, got {self.batch_size}")
         _check(self.episodes >= 1, f"episodes: must be >= 1, got {self.episodes}")
         _check(self.lr > 0, f"lr: must be > 0, got {self.lr}")
+        for i, m in enumerate(self.lr_milestones):
+            _check(m >= 1, f"lr_milestones[{i}]: must be >= 1, got {m}")
+            _check(i == 0 or m > self.lr_milestones[i - 1], f"lr_milestones[{i}]: must be ascending, got {m}")
+        _check(0 < self.lr_decay <= 1, f"lr_decay: must be in (0, 1], got {self.lr_decay}")
         _check(0 <= self.momentum < 1, f"momentum: must be in [0, 1), got {self.momentum}")
         _check(0 < self.rmsprop_decay < 1, f"rmsprop_decay: must be in (0, 1), got {self.rmsprop_decay}")
         _check(
@@ -191,6 +199,10 @@ class OptimConfig:
         _check(self.eval_every >= 1, f"eval_every: must be >= 1, got {self.eval_every}")
         _check(self.eval_episodes >= 1, f"eval_episodes: must be >= 1, got {self.eval_episodes}")
         _check(self.threads is None or self.threads >= 1, f"threads: must be >= 1 or null, got {self.threads}")
+
+    def lr_at(self, episodes: int) -> float:
+        """Learning rate for a step taken after ``episodes`` training episodes (the step schedule)."""
+        return self.lr * self.lr_decay ** sum(1 for m in self.lr_milestones if episodes >= m)
 
 
 @dataclass(frozen=True)

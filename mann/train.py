@@ -96,11 +96,14 @@ class EvalReport:
         steps = self.timings.get("train", 0.0)
         if steps > 0:
             out["train/episodes_per_s"] = self.episodes_trained_here / steps
+        if self.lr is not None:
+            out["train/lr"] = self.lr
         for name, sec in self.timings.items():
             out[f"time/{name}_s"] = sec
         return out
 
     episodes_trained_here: int = 0
+    lr: float | None = None  # the learning rate of the last step
 
 
 class Callback:
@@ -302,6 +305,10 @@ def train(
         loss.backward()
         if opt_cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
+        # the config decides the rate, also on resume (a checkpoint's saved rate is not kept)
+        lr = opt_cfg.lr_at(step * B)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         optimizer.step()
         loss_sum += loss.detach()
         loss_n += 1
@@ -323,6 +330,7 @@ def train(
                 step=step,
                 episodes=step * B,
                 train_loss=float(loss_sum) / max(loss_n, 1),
+                lr=lr,
                 val=val,
                 checkpoint=None,
                 timings=dict(timings),

@@ -73,6 +73,27 @@ def test_resume_continues_exactly(tmp_path, omniglot_dir):
     assert times == sorted(times) and times[3] > times[1] > 0, times
 
 
+def test_lr_schedule_steps_at_milestones_and_resume_follows_the_config(tmp_path, omniglot_dir):
+    cfg = tiny("train.episodes=64", "train.lr=0.002", "train.lr_milestones=[30, 40]", "train.lr_decay=0.5")
+    # hand-computed: a step taken after e episodes uses 0.002 * 0.5 ** #(milestones <= e)
+    assert [cfg.train.lr_at(e) for e in (0, 29, 30, 39, 40, 10**6)] == [0.002, 0.002, 0.001, 0.001, 0.0005, 0.0005]
+    rec = Recorder()
+    full = train(cfg, callbacks=[rec], out_dir=tmp_path / "full")
+    # the last step before each evaluation started after 12, 28, 44 and 60 episodes
+    assert [r.metrics()["train/lr"] for r in rec.evals] == [0.002, 0.002, 0.0005, 0.0005]
+    # resumed under the same schedule: exactly the uninterrupted run
+    train(tiny("train.episodes=32", "train.lr=0.002", "train.lr_milestones=[30, 40]", "train.lr_decay=0.5"),
+          out_dir=tmp_path / "part")
+    resumed = train(cfg, resume_from=tmp_path / "part")
+    for name, value in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
+    # a rate and schedule given on resume take effect (the checkpoint's saved rate, 0.002, does not win)
+    rec = Recorder()
+    changed = tiny("train.episodes=48", "train.lr=0.001", "train.lr_milestones=[32]", "train.lr_decay=0.1")
+    train(changed, callbacks=[rec], resume_from=tmp_path / "part")
+    assert rec.evals[-1].metrics()["train/lr"] == pytest.approx(1e-4)
+
+
 def test_resume_rejects_a_different_model(tmp_path, omniglot_dir):
     from mann.config import ConfigError
 
