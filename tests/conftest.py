@@ -194,7 +194,7 @@ def node_processes(temp_dir: str) -> set[int]:
     return pids
 
 
-def stop_nodes(temp_dirs: list[str], grace: float = 20.0) -> None:
+def stop_nodes(temp_dirs: list[str], grace: float = 3.0) -> None:
     """Stop the Ray nodes this test started, by their processes' ids (SIGTERM, then SIGKILL after ``grace``
     seconds); unlike ``ray stop``, any other Ray on the machine is left alone."""
     pids = set().union(*(node_processes(d) for d in temp_dirs))
