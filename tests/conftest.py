@@ -194,21 +194,31 @@ def node_processes(temp_dir: str) -> set[int]:
     return pids
 
 
-def stop_nodes(temp_dirs: list[str], grace: float = 3.0) -> None:
+def client_server_processes(gcs_port: int) -> set[int]:
+    """The head node's Ray Client server: its command line names the GCS address, not the temp dir."""
+    found = subprocess.run(["pgrep", "-f", f"ray.util.client.server --address=127.0.0.1:{gcs_port}( |$)"],
+                           capture_output=True, text=True).stdout.split()
+    return {int(p) for p in found}
+
+
+def stop_nodes(temp_dirs: list[str], gcs_port: int | None = None, grace: float = 3.0) -> None:
     """Stop the Ray nodes this test started, by their processes' ids (SIGTERM, then SIGKILL after ``grace``
-    seconds); unlike ``ray stop``, any other Ray on the machine is left alone."""
+    seconds; the GCS and the autoscaler never exit on SIGTERM alone); unlike ``ray stop``, any other Ray on the
+    machine is left alone."""
     pids = set().union(*(node_processes(d) for d in temp_dirs))
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    if gcs_port is not None:
+        pids |= client_server_processes(gcs_port)
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
         for pid in pids:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + grace
-        while sig == signal.SIGTERM and time.monotonic() < deadline:
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
             if not any(os.path.exists(f"/proc/{pid}") and not _zombie(pid) for pid in pids):
                 return
-            time.sleep(0.5)
+            time.sleep(0.2)
 
 
 def _zombie(pid: int) -> bool:
@@ -247,9 +257,13 @@ def two_node_ray(cpus_per_node: int = 1):
         wait_port(dash, timeout=90)
         yield env, gcs, dash, worker_tmp
     finally:
-        stop_nodes([worker_tmp, head_tmp])
+        stop_nodes([worker_tmp, head_tmp], gcs)
+        leaked = set().union(node_processes(worker_tmp), node_processes(head_tmp), client_server_processes(gcs))
+        leaked = {p for p in leaked if not _zombie(p)}
         for d in (worker_tmp, head_tmp):
             shutil.rmtree(d, ignore_errors=True)
+    # reached only when the test body passed (a failure's own error is not hidden by this one)
+    assert not leaked, f"Ray processes left running after the nodes were stopped: {sorted(leaked)}"
 
 
 @pytest.fixture(scope="session")
