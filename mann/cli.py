@@ -216,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=_int, default=3)
     b.add_argument("--threads", type=_positive_int)
     b.add_argument("--compare-plain", action="store_true", help="also time the plain step-by-step port")
+    b.add_argument("--compare-prefetch", action="store_true",
+                   help="also time whole training loops (a fresh batch every step) with sampling in the loop "
+                        "and with it on the background thread")
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=cmd_bench)
     return p

@@ -182,6 +182,8 @@ class OptimConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # torch intra-op threads; None leaves torch's default.
     threads: int | None = None
+    # Draw the next training batch on a background thread while the current step runs (the same episodes).
+    prefetch: bool = True
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, f"batch_size: must be >= 1, got {self.batch_size}")

@@ -34,10 +34,13 @@ def test_plain_port_matches_model_forward_and_gradients():
 
 def test_bench_json(omniglot_dir):
     proc = mann("bench", "--config", "configs/mann/smoke.yaml", "--steps", "2", "--repeats", "2", "--warmup", "1",
-                "--compare-plain", "--json")
+                "--compare-plain", "--compare-prefetch", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["episodes_per_s"] > 0 and out["plain_episodes_per_s"] > 0 and out["batch_size"] == 16
     assert out["device"] == "cpu" and out["threads"] >= 1 and out["speedup_vs_plain"] > 0
     lo, hi = out["speedup_range"]
     assert lo <= out["speedup_vs_plain"] <= hi
+    assert out["loop_inline_episodes_per_s"] > 0 and out["loop_prefetch_episodes_per_s"] > 0
+    lo, hi = out["prefetch_speedup_range"]
+    assert lo <= out["prefetch_speedup"] <= hi

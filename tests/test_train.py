@@ -110,6 +110,32 @@ def test_same_seed_same_result(omniglot_dir):
     assert c.history[-1]["val/loss"] != a.history[-1]["val/loss"]
 
 
+def test_prefetching_draws_the_same_batches_and_checkpoints_the_state_before_the_next(omniglot_dir):
+    from mann.train import Prefetcher, load_splits, make_sampler
+
+    cfg = tiny()
+    sampler = make_sampler(load_splits(cfg.data), "train", cfg)
+    ref = torch.Generator().manual_seed(7)
+    want = [sampler.sample(4, ref) for _ in range(5)]
+    g = torch.Generator().manual_seed(7)
+    batches = Prefetcher(sampler, 4, g, count=5)
+    try:
+        got = [batches.take() for _ in range(3)]
+        state = batches.state()  # before batch 4, which the background thread has already drawn
+        got += [batches.take() for _ in range(2)]
+        assert g.get_state().equal(ref.get_state())  # nothing drawn beyond the count
+    finally:
+        batches.close()
+    for a, b in zip(got, want):
+        assert torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels)
+    resumed = sampler.sample(4, torch.Generator().set_state(state))
+    assert torch.equal(resumed.inputs, want[3].inputs)
+    # a whole run: the same model with and without the background thread
+    on, off = train(tiny("train.episodes=32")), train(tiny("train.episodes=32", "train.prefetch=false"))
+    for name, value in on.model.state_dict().items():
+        assert torch.equal(off.model.state_dict()[name], value), name
+
+
 def test_divergence_names_the_step(omniglot_dir):
     with pytest.raises(TrainingDiverged, match=r"at step \d+ \(episode \d+\)"):
         train(tiny("train.episodes=400", "train.lr=1e36", "train.grad_clip=null"))

@@ -2,7 +2,8 @@
 
 Medians over repeats after warm-up; with ``--compare-plain`` the plain port (``mann.bench.plain``) is timed in
 the same process, interleaved with the model (each repeat times both, back to back), and the median of the
-per-repeat ratios printed with their range.
+per-repeat ratios printed with their range. ``--compare-prefetch`` times whole loops the same way, a fresh batch
+every step, sampled in the loop or ahead on the training loop's background thread.
 """
 
 from __future__ import annotations
@@ -17,23 +18,41 @@ import torch
 
 from ..config import load_train_config
 from ..model import build_model, episode_loss
-from ..train import load_splits, make_optimizer, make_sampler
+from ..train import Prefetcher, load_splits, make_optimizer, make_sampler
 
 PAPER = Path(__file__).resolve().parents[2] / "configs" / "mann" / "paper.yaml"
+
+
+def _step(model, optimizer, ep, task, clip) -> None:
+    loss = episode_loss(model(ep.inputs), ep.labels, task)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
 
 
 def _time_steps(model, optimizer, batches, task, clip, steps: int) -> float:
     """Seconds per training step, over ``steps`` steps cycling through ``batches``."""
     t0 = time.perf_counter()
     for i in range(steps):
-        ep = batches[i % len(batches)]
-        loss = episode_loss(model(ep.inputs), ep.labels, task)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
+        _step(model, optimizer, batches[i % len(batches)], task, clip)
     if batches[0].inputs.is_cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def _time_loop(model, optimizer, sampler, g, cfg, device, steps: int, prefetch: bool) -> float:
+    """Seconds per step of the training loop's pattern: a fresh batch every step, drawn in the loop or ahead
+    on the background thread (:class:`mann.train.Prefetcher`)."""
+    t0 = time.perf_counter()
+    batches = Prefetcher(sampler, cfg.train.batch_size, g, steps, enabled=prefetch)
+    try:
+        for _ in range(steps):
+            _step(model, optimizer, batches.take().to(device), cfg.task, cfg.train.grad_clip)
+    finally:
+        batches.close()
+    if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / steps
 
@@ -75,6 +94,10 @@ def run_bench(args) -> int:
     for _ in range(args.repeats):  # interleaved, so both see the same machine noise
         for name, (m, o) in contenders.items():
             times[name].append(_time_steps(m, o, batches, cfg.task, cfg.train.grad_clip, args.steps))
+    loops: dict[str, list[float]] = {"inline": [], "prefetch": []}
+    for _ in range(args.repeats if args.compare_prefetch else 0):
+        for name in loops:
+            loops[name].append(_time_loop(model, opt, sampler, g, cfg, device, args.steps, name == "prefetch"))
     med = {k: statistics.median(v) for k, v in times.items()}
     out = {
         "config": str(args.config or PAPER),
@@ -94,6 +117,11 @@ def run_bench(args) -> int:
         ratios = sorted(p / m for p, m in zip(times["plain"], times["model"]))
         out.update(plain_median_step_s=med["plain"], plain_episodes_per_s=B / med["plain"],
                    speedup_vs_plain=statistics.median(ratios), speedup_range=[ratios[0], ratios[-1]])
+    if args.compare_prefetch:
+        ratios = sorted(i / p for i, p in zip(loops["inline"], loops["prefetch"]))
+        out.update(loop_inline_episodes_per_s=B / statistics.median(loops["inline"]),
+                   loop_prefetch_episodes_per_s=B / statistics.median(loops["prefetch"]),
+                   prefetch_speedup=statistics.median(ratios), prefetch_speedup_range=[ratios[0], ratios[-1]])
     if args.json:
         print(json.dumps(out))
         return 0
@@ -106,4 +134,9 @@ def run_bench(args) -> int:
         print(f"speed-up vs plain port: {out['speedup_vs_plain']:.2f}x (median of {args.repeats} paired repeats; "
               f"range {lo:.2f}-{hi:.2f})")
     print(f"episode sampling {sample_s * 1000:.2f} ms per batch ({out['sampling_vs_step']:.0f}x faster than a step)")
+    if args.compare_prefetch:
+        lo, hi = out["prefetch_speedup_range"]
+        print(f"training loop, a fresh batch each step: {out['loop_inline_episodes_per_s']:.1f} episodes/s sampling "
+              f"in the loop, {out['loop_prefetch_episodes_per_s']:.1f} prefetched; {out['prefetch_speedup']:.2f}x "
+              f"(median of {args.repeats} paired repeats; range {lo:.2f}-{hi:.2f})")
     return 0
