@@ -55,9 +55,11 @@ def test_train_writes_checkpoints_and_metrics(tmp_path, omniglot_dir):
         assert torch.equal(model.state_dict()[name], value)
 
 
-def test_resume_continues_exactly(tmp_path, omniglot_dir):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_resume_continues_exactly(tmp_path, omniglot_dir, prefetch):
     full = train(tiny("train.episodes=64"), out_dir=tmp_path / "full")
-    train(tiny("train.episodes=32"), out_dir=tmp_path / "part")
+    # the checkpoint of the first leg is written while the next batch is being drawn ahead (prefetch on)
+    train(tiny("train.episodes=32", f"train.prefetch={str(prefetch).lower()}"), out_dir=tmp_path / "part")
     resumed = train(tiny("train.episodes=64"), out_dir=tmp_path / "part", resume_from=tmp_path / "part")
     assert resumed.steps == full.steps == 16
     for name, value in full.model.state_dict().items():
@@ -131,7 +133,7 @@ def test_prefetching_draws_the_same_batches_and_checkpoints_the_state_before_the
     resumed = sampler.sample(4, torch.Generator().set_state(state))
     assert torch.equal(resumed.inputs, want[3].inputs)
     # a whole run: the same model with and without the background thread
-    on, off = train(tiny("train.episodes=32")), train(tiny("train.episodes=32", "train.prefetch=false"))
+    on, off = train(tiny("train.episodes=32", "train.prefetch=true")), train(tiny("train.episodes=32"))
     for name, value in on.model.state_dict().items():
         assert torch.equal(off.model.state_dict()[name], value), name
 
