@@ -18,6 +18,7 @@ of what the C++ computes.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import warnings
@@ -58,11 +59,36 @@ def _cflags() -> list[str]:
     return flags
 
 
+def _stable_source(flags: list[str]) -> tuple[Path, Path]:
+    """The source copied into a build directory named by its content, flags, torch and Python versions.
+
+    torch's own build directory is keyed by the extension's name only, and its ``build.ninja`` names the source's
+    path: two copies of this package (two checkouts, or the working-dir copies ``ray job submit`` unpacks on each
+    node) would rebuild it, a minute each, every time the other one had built last. With the source at a path
+    fixed by its content, every copy of the same source shares one build.
+    """
+    from torch.utils.cpp_extension import get_default_build_root
+
+    text = CPP_SOURCE.read_bytes()
+    tag = "\0".join([torch.__version__, sys.version, " ".join(flags)]).encode()
+    digest = hashlib.sha256(text + b"\0" + tag).hexdigest()[:16]
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()  # as torch's own choice of root
+    build_dir = Path(root) / f"mann_lrua_sequence-{digest}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    source = build_dir / CPP_SOURCE.name
+    if not source.is_file() or source.read_bytes() != text:
+        tmp = build_dir / f".{CPP_SOURCE.name}.tmp{os.getpid()}"
+        tmp.write_bytes(text)
+        os.replace(tmp, source)  # processes building at once all write the same bytes
+    return source, build_dir
+
+
 def extension():
     """The C++ time loops of :class:`MANNSequence` (``mann/csrc/lrua_sequence.cpp``), or None.
 
-    Compiled with the C++ compiler on first use (about a minute) and cached by PyTorch (``TORCH_EXTENSIONS_DIR``,
-    default ``~/.cache/torch_extensions``; rebuilt when the source changes). None, after one warning naming the
+    Compiled with the C++ compiler on first use (about a minute) and cached under ``TORCH_EXTENSIONS_DIR``
+    (default ``~/.cache/torch_extensions``) in a directory named by the source's content (:func:`_stable_source`;
+    a changed source builds in a new one). None, after one warning naming the
     reason, where it cannot be built; ``MANN_CPP=0`` turns it off. Either way the model computes the same thing:
     without it :class:`MANNSequence` runs the same steps from Python, slower (``mann bench`` says how much).
     """
@@ -80,8 +106,9 @@ def extension():
                     os.environ["PATH"] = os.pathsep.join([here, path])
                 flags = _cflags()
                 name = "mann_lrua_sequence" + ("_avx2" if "-mavx2" in flags else "")
-                _extension = load(name=name, sources=[str(CPP_SOURCE)], extra_cflags=flags,
-                                  extra_ldflags=["-fopenmp"], verbose=False)
+                source, build_dir = _stable_source(flags)
+                _extension = load(name=name, sources=[str(source)], extra_cflags=flags,
+                                  extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
             except Exception as e:  # no compiler, no ninja, no headers: fall back to the Python loops
                 reason = " ".join(str(e).split())[:300]
                 warnings.warn(f"mann: C++ time loops unavailable ({type(e).__name__}: {reason}); "

@@ -195,6 +195,27 @@ def test_reused_buffers_never_change_a_pending_backward(loops):
         torch.testing.assert_close(fast(xs[1]), ys[1].detach(), atol=0, rtol=0)
 
 
+def test_copies_of_the_source_share_one_build_and_a_changed_source_gets_its_own(tmp_path, monkeypatch):
+    """Two checkouts, or the working-dir copies `ray job submit` unpacks on each node, must not rebuild each
+    other's build (torch's build.ninja names the source path; each rebuild costs a minute)."""
+    from mann import fused
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    flags = ["-O3", "-fopenmp"]
+    builds = []
+    for copy, text in (("a", fused.CPP_SOURCE.read_text()), ("b", fused.CPP_SOURCE.read_text()),
+                       ("c", fused.CPP_SOURCE.read_text() + "\n// changed\n")):
+        (tmp_path / copy).mkdir()
+        monkeypatch.setattr(fused, "CPP_SOURCE", tmp_path / copy / "lrua_sequence.cpp")
+        fused.CPP_SOURCE.write_text(text)
+        source, build_dir = fused._stable_source(flags)
+        assert source.parent == build_dir and source.read_text() == text
+        assert build_dir.parent == tmp_path / "ext"
+        builds.append(build_dir)
+    assert builds[0] == builds[1] != builds[2]
+    assert fused._stable_source(["-O2"])[1] != builds[1]  # other flags, another build
+
+
 def test_without_a_compiler_the_python_loops_run_after_one_clear_warning(tmp_path):
     import os
     import subprocess
