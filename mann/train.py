@@ -191,7 +191,7 @@ class Prefetcher:
 
     def take(self) -> Episode:
         if self._next is None:
-            return self._draw()[1]
+            return self.sampler.sample(self.batch, self.generator)
         _, episode = self._next.result()  # a sampling error is raised here, in the training thread
         self._next = self._submit()
         return episode

@@ -181,11 +181,15 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
+def _pgrep(pattern: str) -> set[int]:
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    return {int(p) for p in found}
+
+
 def node_processes(temp_dir: str) -> set[int]:
     """Every process of the Ray node(s) started with ``--temp-dir=temp_dir``: those whose command line names it
     (GCS, raylet, agents, monitors) and all their descendants (the workers, which rename themselves ``ray::...``)."""
-    found = subprocess.run(["pgrep", "-f", f"{temp_dir}([/ ]|$)"], capture_output=True, text=True).stdout.split()
-    tree, todo, pids = _children(), [int(p) for p in found], set()
+    tree, todo, pids = _children(), list(_pgrep(f"{temp_dir}([/ ]|$)")), set()
     while todo:
         pid = todo.pop()
         if pid not in pids and pid != os.getpid():
@@ -194,20 +198,20 @@ def node_processes(temp_dir: str) -> set[int]:
     return pids
 
 
-def client_server_processes(gcs_port: int) -> set[int]:
-    """The head node's Ray Client server: its command line names the GCS address, not the temp dir."""
-    found = subprocess.run(["pgrep", "-f", f"ray.util.client.server --address=127.0.0.1:{gcs_port}( |$)"],
-                           capture_output=True, text=True).stdout.split()
-    return {int(p) for p in found}
+def cluster_processes(temp_dirs: list[str], gcs_port: int | None = None) -> set[int]:
+    """The processes of the nodes started with these temp dirs, plus (given the GCS port) the head's Ray Client
+    server, whose command line names the GCS address, not the temp dir."""
+    pids = set().union(*(node_processes(d) for d in temp_dirs))
+    if gcs_port is not None:
+        pids |= _pgrep(f"ray.util.client.server --address=127.0.0.1:{gcs_port}( |$)")
+    return pids
 
 
 def stop_nodes(temp_dirs: list[str], gcs_port: int | None = None, grace: float = 3.0) -> None:
     """Stop the Ray nodes this test started, by their processes' ids (SIGTERM, then SIGKILL after ``grace``
     seconds; the GCS and the autoscaler never exit on SIGTERM alone); unlike ``ray stop``, any other Ray on the
     machine is left alone."""
-    pids = set().union(*(node_processes(d) for d in temp_dirs))
-    if gcs_port is not None:
-        pids |= client_server_processes(gcs_port)
+    pids = cluster_processes(temp_dirs, gcs_port)
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
         for pid in pids:
             try:
@@ -258,8 +262,7 @@ def two_node_ray(cpus_per_node: int = 1):
         yield env, gcs, dash, worker_tmp
     finally:
         stop_nodes([worker_tmp, head_tmp], gcs)
-        leaked = set().union(node_processes(worker_tmp), node_processes(head_tmp), client_server_processes(gcs))
-        leaked = {p for p in leaked if not _zombie(p)}
+        leaked = {p for p in cluster_processes([worker_tmp, head_tmp], gcs) if not _zombie(p)}
         for d in (worker_tmp, head_tmp):
             shutil.rmtree(d, ignore_errors=True)
     # reached only when the test body passed (a failure's own error is not hidden by this one)
