@@ -17,22 +17,46 @@ from .config import ConfigError, DataConfig, load_train_config
 EXIT_USAGE = 2
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not argparse's usage dump
-        raise SystemExit(_fail(f"{self.prog}: {message}"))
-
-
 def one_line(message: str) -> str:
     """Escape control characters (from hostile input), so an error is always exactly one line."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
 
 
-def _fail(message: str) -> int:
-    print(f"mann: error: {one_line(message)}", file=sys.stderr)
+def fail(prog: str, message: str) -> int:
+    """Print ``PROG: error: MESSAGE`` as one line on stderr; the usage exit status."""
+    print(f"{prog}: error: {one_line(message)}", file=sys.stderr)
     return EXIT_USAGE
 
 
-def _positive_int(text: str) -> int:
+def parser_class(prog: str) -> type[argparse.ArgumentParser]:
+    """An ArgumentParser whose errors are one line (``PROG: error: ...``), not argparse's usage dump."""
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> None:
+            raise SystemExit(fail(prog, f"{self.prog}: {message}"))
+
+    return Parser
+
+
+def run_command(prog: str, args: argparse.Namespace, usage_errors: tuple[type[BaseException], ...],
+                failures: tuple[type[BaseException], ...] = (), interrupted: str = "interrupted") -> int:
+    """Run ``args.fn(args)`` as a CLI: bad input (``usage_errors``) exits 2 with one line naming the culprit,
+    never a traceback (MANN_DEBUG=1 shows it); ``failures`` (a run that went wrong) print and exit 1."""
+    try:
+        return args.fn(args)
+    except usage_errors as exc:
+        if os.environ.get("MANN_DEBUG"):
+            raise
+        return fail(prog, str(exc))
+    except failures as exc:
+        print(f"{prog}: {one_line(str(exc))}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return 130
+
+
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -105,26 +129,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    import dataclasses
+    from .train import evaluate_checkpoint
 
-    import torch
-
-    from .train import evaluate, load_checkpoint, load_splits, make_sampler, model_from_checkpoint, resolve_device
-
-    payload = load_checkpoint(args.checkpoint)
-    model, cfg = model_from_checkpoint(payload)
-    data = cfg.data
-    if args.data_dir:
-        data = dataclasses.replace(data, data_dir=args.data_dir)
-    elif data.data_dir and not Path(data.data_dir).exists():
-        data = dataclasses.replace(data, data_dir=None)  # a path from another machine: fall back to MANN_DATA_DIR
-    cfg = dataclasses.replace(cfg, data=data)
-    device = resolve_device(args.device)
-    model.to(device)
-    sampler = make_sampler(load_splits(cfg.data), args.split, cfg)
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        result = evaluate(model, sampler, cfg.task, args.episodes, args.seed, device, split=args.split)
+    result, payload, cfg = evaluate_checkpoint(args.checkpoint, args.split, args.episodes, args.seed, args.device,
+                                               args.data_dir)
     seconds = time.perf_counter() - t0
     out = result.as_dict()
     out.update(checkpoint=str(args.checkpoint), seed=args.seed, trained_episodes=payload.get("episodes"),
@@ -177,8 +186,9 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="mann", description="Memory-Augmented Neural Networks (Santoro et al. 2016) on Omniglot")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = parser_class("mann")
+    p = parser(prog="mann", description="Memory-Augmented Neural Networks (Santoro et al. 2016) on Omniglot")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=parser)
 
     t = sub.add_parser("train", help="train a model from a YAML config")
     t.add_argument("--config", required=True, help="configs/mann/<name>.yaml")
@@ -190,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="accuracy by instance number of a checkpoint")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--split", choices=["test", "val", "train"], default="test")
-    e.add_argument("--episodes", type=_positive_int, default=1000)
+    e.add_argument("--episodes", type=positive_int, default=1000)
     e.add_argument("--seed", type=_int, default=0)
     e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     e.add_argument("--data-dir", help="Omniglot directory (default: the checkpoint's, else MANN_DATA_DIR)")
@@ -201,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("action", choices=["check", "download"])
     d.add_argument("--data-dir", help="default: MANN_DATA_DIR")
     d.add_argument("--cache-dir", help="default: MANN_CACHE_DIR, else ~/.cache/mann-search")
-    d.add_argument("--image-size", type=_positive_int, default=20)
+    d.add_argument("--image-size", type=positive_int, default=20)
     d.add_argument("--no-verify-counts", action="store_true", help="accept a reduced data set")
     d.add_argument("--json", action="store_true")
     d.set_defaults(fn=cmd_data)
@@ -209,12 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time training steps (episodes/s)")
     b.add_argument("--config", default=None, help="default: configs/mann/paper.yaml settings")
     b.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
-    b.add_argument("--batch-size", type=_positive_int)
+    b.add_argument("--batch-size", type=positive_int)
     b.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    b.add_argument("--steps", type=_positive_int, default=5, help="timed steps per repeat")
-    b.add_argument("--repeats", type=_positive_int, default=11)
+    b.add_argument("--steps", type=positive_int, default=5, help="timed steps per repeat")
+    b.add_argument("--repeats", type=positive_int, default=11)
     b.add_argument("--warmup", type=_int, default=3)
-    b.add_argument("--threads", type=_positive_int)
+    b.add_argument("--threads", type=positive_int)
     b.add_argument("--compare-plain", action="store_true", help="also time the plain step-by-step port")
     b.add_argument("--compare-prefetch", action="store_true",
                    help="also time whole training loops (a fresh batch every step) with sampling in the loop "
@@ -229,18 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     from .train import TrainingDiverged
 
     args = build_parser().parse_args(argv)
-    try:
-        return args.fn(args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
-        if os.environ.get("MANN_DEBUG"):
-            raise
-        return _fail(str(exc))
-    except TrainingDiverged as exc:
-        print(f"mann: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("mann: interrupted", file=sys.stderr)
-        return 130
+    return run_command("mann", args, (ConfigError, DataError, FileNotFoundError, ValueError), (TrainingDiverged,))
 
 
 if __name__ == "__main__":

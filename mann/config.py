@@ -1,41 +1,67 @@
-"""Typed, frozen configuration for every component, mapped strictly from YAML.
+"""Typed, frozen configuration for every component, mapped strictly from YAML (pydantic v2 models).
 
 Each component gets only its own section (``MemoryConfig`` never sees the training section). Unknown keys,
 wrong types and out-of-range values raise :class:`ConfigError` naming the dotted path of the culprit, e.g.
-``model.memory.slots: must be >= 1, got 0``.
+``model.memory.slots: must be >= 1, got 0``: :func:`from_dict` turns pydantic's errors into that one line.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import math
 import os
-import re
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message starts with the dotted path of the culprit."""
 
 
-def _check(cond: bool, msg: str) -> None:
+def _yaml_float(value: Any) -> Any:
+    """PyYAML reads ``1e-3`` (no dot) as a string (YAML 1.1): accept numeric strings; refuse nan and inf before
+    any bound is compared with them."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PydanticCustomError("finite_number", "Input should be a finite number")
+    return value
+
+
+# A finite number (an integer is fine too); numeric strings from YAML 1.1 are read as numbers.
+Number = Annotated[float, BeforeValidator(_yaml_float)]
+
+
+class Section(BaseModel):
+    """Base of every config section: frozen, unknown keys forbidden, no silent type coercion."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="python")
+
+
+def require(cond: bool, msg: str) -> None:
+    """A cross-field rule of a section; ``msg`` starts with the field it is about."""
     if not cond:
-        raise ConfigError(msg)
+        raise ValueError(msg)
 
 
-@dataclass(frozen=True)
-class MemoryConfig:
+class MemoryConfig(Section):
     """LRUA external memory (paper section 3.2)."""
 
-    slots: int = 128
-    width: int = 40
-    read_heads: int = 4
-    gamma: float = 0.95
+    slots: int = Field(128, ge=1)
+    width: int = Field(40, ge=1)
+    read_heads: int = Field(4, ge=1)
+    gamma: Number = Field(0.95, gt=0, le=1)
     # Paper Eq. 8 writes the key k_t; "add" emits a separate add vector (a common port variant).
     write_content: Literal["key", "add"] = "key"
     # Paper: at step t the write (Eq. 7-8) happens first and the read (Eq. 2-4) uses M_t. False reads M_{t-1}.
@@ -45,62 +71,51 @@ class MemoryConfig:
     zero_least_used: bool = True
     # Paper Eq. 3 has no key strength (softmax of raw cosines); "learned" adds an NTM-style softplus strength.
     key_strength: Literal["none", "learned"] = "none"
-    init_value: float = 1e-6
+    init_value: Number = Field(1e-6, ge=0)
 
-    def __post_init__(self) -> None:
-        _check(self.slots >= 1, f"slots: must be >= 1, got {self.slots}")
-        _check(self.width >= 1, f"width: must be >= 1, got {self.width}")
-        _check(self.read_heads >= 1, f"read_heads: must be >= 1, got {self.read_heads}")
-        _check(
-            self.read_heads <= self.slots,
-            f"read_heads: must be <= slots ({self.slots}), got {self.read_heads}",
-        )
-        _check(0.0 < self.gamma <= 1.0, f"gamma: must be in (0, 1], got {self.gamma}")
-        _check(self.init_value >= 0.0, f"init_value: must be >= 0, got {self.init_value}")
+    @model_validator(mode="after")
+    def _heads_fit(self) -> "MemoryConfig":
+        require(self.read_heads <= self.slots, f"read_heads: must be <= slots ({self.slots}), got {self.read_heads}")
+        return self
 
 
-@dataclass(frozen=True)
-class ControllerConfig:
+class ControllerConfig(Section):
     kind: Literal["lstm", "feedforward"] = "lstm"
-    hidden: int = 200
-
-    def __post_init__(self) -> None:
-        _check(self.hidden >= 1, f"hidden: must be >= 1, got {self.hidden}")
+    hidden: int = Field(200, ge=1)
 
 
-@dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Section):
     """``kind: mann`` is controller + LRUA memory; ``lstm`` and ``feedforward`` are the paper's baselines
     (the controller alone, no memory)."""
 
     kind: Literal["mann", "lstm", "feedforward"] = "mann"
-    controller: ControllerConfig = field(default_factory=ControllerConfig)
-    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
     # Use the fused memory step (same math, hand-written backward) where it applies; false: the readable path.
     fused_memory: bool = True
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _baseline_controller(self) -> "ModelConfig":
         if self.kind in ("lstm", "feedforward"):
-            _check(
-                self.controller.kind == self.kind,
-                f"controller.kind: the '{self.kind}' baseline needs controller.kind '{self.kind}', "
-                f"got '{self.controller.kind}'",
-            )
+            require(self.controller.kind == self.kind,
+                    f"controller.kind: the '{self.kind}' baseline needs controller.kind '{self.kind}', "
+                    f"got '{self.controller.kind}'")
+        return self
 
 
-@dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Section):
     """Where Omniglot lives and how it is preprocessed and split."""
 
     # None: the MANN_DATA_DIR environment variable.
     data_dir: str | None = None
     # None: MANN_CACHE_DIR, else ~/.cache/mann-search.
     cache_dir: str | None = None
-    image_size: int = 20
+    image_size: int = Field(20, ge=4, le=105)
     # Paper: 1200 training and 423 test characters out of all 1623 (both zips pooled).
-    train_characters: int = 1200
-    # Carved out of the training characters, for model selection; the test characters stay untouched.
-    val_characters: int = 100
+    train_characters: int = Field(1200, ge=1)
+    # Carved out of the training characters; every evaluation during training (and so every search objective)
+    # is measured on them, never on the test characters, which stay for the final score. Training needs >= 1.
+    val_characters: int = Field(100, ge=0)
     split_seed: int = 0
     # 90/180/270-degree rotations of training characters as extra classes.
     rotations: bool = True
@@ -109,18 +124,13 @@ class DataConfig:
     # Check the standard counts (964 + 659 characters x 20 drawers); off only for test fixtures.
     verify_counts: bool = True
 
-    def __post_init__(self) -> None:
-        _check(4 <= self.image_size <= 105, f"image_size: must be in [4, 105], got {self.image_size}")
-        _check(self.train_characters >= 1, f"train_characters: must be >= 1, got {self.train_characters}")
-        _check(self.val_characters >= 0, f"val_characters: must be >= 0, got {self.val_characters}")
-        _check(
-            self.val_characters < self.train_characters,
-            f"val_characters: must be < train_characters ({self.train_characters}), got {self.val_characters}",
-        )
-        _check(
-            0 <= self.max_shift < self.image_size // 2,
-            f"max_shift: must be in [0, {self.image_size // 2}), got {self.max_shift}",
-        )
+    @model_validator(mode="after")
+    def _split_fits(self) -> "DataConfig":
+        require(self.val_characters < self.train_characters,
+                f"val_characters: must be < train_characters ({self.train_characters}), got {self.val_characters}")
+        require(0 <= self.max_shift < self.image_size // 2,
+                f"max_shift: must be in [0, {self.image_size // 2}), got {self.max_shift}")
+        return self
 
     def resolved_data_dir(self) -> Path:
         raw = self.data_dir or os.environ.get("MANN_DATA_DIR")
@@ -136,201 +146,192 @@ class DataConfig:
         return Path(raw).expanduser() if raw else Path.home() / ".cache" / "mann-search"
 
 
-@dataclass(frozen=True)
-class TaskConfig:
+class TaskConfig(Section):
     """One episode: ``classes`` classes x ``instances`` instances each, shuffled."""
 
-    classes: int = 5
-    instances: int = 10
+    classes: int = Field(5, ge=2)
+    instances: int = Field(10, ge=1)
     # "onehot": classes-way one-hot labels; "string": the paper's five 5-way characters (25 dims, 3125 labels).
     labels: Literal["onehot", "string"] = "onehot"
 
-    def __post_init__(self) -> None:
-        _check(self.classes >= 2, f"classes: must be >= 2, got {self.classes}")
-        _check(self.instances >= 1, f"instances: must be >= 1, got {self.instances}")
-        _check(
-            self.instances <= 20,
-            f"instances: Omniglot has 20 drawers per character, so at most 20, got {self.instances}",
-        )
+    @model_validator(mode="after")
+    def _fits_omniglot(self) -> "TaskConfig":
+        require(self.instances <= 20,
+                f"instances: Omniglot has 20 drawers per character, so at most 20, got {self.instances}")
         if self.labels == "string":
-            _check(self.classes <= 3125, f"classes: string labels allow at most 3125, got {self.classes}")
+            require(self.classes <= 3125, f"classes: string labels allow at most 3125, got {self.classes}")
+        return self
 
     @property
     def steps(self) -> int:
         return self.classes * self.instances
 
 
-@dataclass(frozen=True)
-class OptimConfig:
-    batch_size: int = 16
+class OptimConfig(Section):
+    batch_size: int = Field(16, ge=1)
     # Training budget in episodes (one batch holds batch_size episodes).
-    episodes: int = 100_000
+    episodes: int = Field(100_000, ge=1)
     optimizer: Literal["adam", "rmsprop"] = "adam"
-    lr: float = 1e-3
+    lr: Number = Field(1e-3, gt=0)
     # Step schedule: the learning rate is multiplied by lr_decay at each of these episode counts (ascending),
     # e.g. [800000] with 0.1 trains at lr until 800k episodes and at lr/10 after. Empty: a constant lr.
-    lr_milestones: list[int] = field(default_factory=list)
-    lr_decay: float = 0.1
+    lr_milestones: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)
+    lr_decay: Number = Field(0.1, gt=0, le=1)
     # Paper's RMSprop momentum 0.9, decay 0.95 ("alpha" in torch).
-    momentum: float = 0.9
-    rmsprop_decay: float = 0.95
-    grad_clip: float | None = 10.0
+    momentum: Number = Field(0.9, ge=0, lt=1)
+    rmsprop_decay: Number = Field(0.95, gt=0, lt=1)
+    grad_clip: Number | None = Field(10.0, gt=0)
     # Evaluate on fixed validation episodes every this many training episodes.
-    eval_every: int = 2000
-    eval_episodes: int = 320
+    eval_every: int = Field(2000, ge=1)
+    eval_episodes: int = Field(320, ge=1)
     eval_seed: int = 1234
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # torch intra-op threads; None leaves torch's default.
-    threads: int | None = None
+    threads: int | None = Field(None, ge=1)
     # Draw the next training batch on a background thread while the current step runs (the same episodes).
     # Off by default: on a 2-core CPU it gained 1.02-1.04x on 1 thread and lost (0.78x) on 2, where the sampling
     # thread competes with torch's; meant for GPUs, where sampling is CPU work beside the device (not measured).
     prefetch: bool = False
 
-    def __post_init__(self) -> None:
-        _check(self.batch_size >= 1, f"batch_size: must be >= 1, got {self.batch_size}")
-        _check(self.episodes >= 1, f"episodes: must be >= 1, got {self.episodes}")
-        _check(self.lr > 0, f"lr: must be > 0, got {self.lr}")
-        for i, m in enumerate(self.lr_milestones):
-            _check(m >= 1, f"lr_milestones[{i}]: must be >= 1, got {m}")
-            _check(i == 0 or m > self.lr_milestones[i - 1], f"lr_milestones[{i}]: must be ascending, got {m}")
-        _check(0 < self.lr_decay <= 1, f"lr_decay: must be in (0, 1], got {self.lr_decay}")
-        _check(0 <= self.momentum < 1, f"momentum: must be in [0, 1), got {self.momentum}")
-        _check(0 < self.rmsprop_decay < 1, f"rmsprop_decay: must be in (0, 1), got {self.rmsprop_decay}")
-        _check(
-            self.grad_clip is None or self.grad_clip > 0, f"grad_clip: must be > 0 or null, got {self.grad_clip}"
-        )
-        _check(self.eval_every >= 1, f"eval_every: must be >= 1, got {self.eval_every}")
-        _check(self.eval_episodes >= 1, f"eval_episodes: must be >= 1, got {self.eval_episodes}")
-        _check(self.threads is None or self.threads >= 1, f"threads: must be >= 1 or null, got {self.threads}")
+    @model_validator(mode="after")
+    def _ascending(self) -> "OptimConfig":
+        for i, m in enumerate(self.lr_milestones[1:], 1):
+            require(m > self.lr_milestones[i - 1], f"lr_milestones[{i}]: must be ascending, got {m}")
+        return self
 
     def lr_at(self, episodes: int) -> float:
         """Learning rate for a step taken after ``episodes`` training episodes (the step schedule)."""
         return self.lr * self.lr_decay ** sum(1 for m in self.lr_milestones if episodes >= m)
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Section):
     """The whole tree of one training run (``configs/mann/*.yaml``)."""
 
     seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: OptimConfig = Field(default_factory=OptimConfig)
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _leaves_test_characters(self) -> "TrainConfig":
         if self.data.verify_counts:
-            _check(
-                self.data.train_characters <= 1622,
-                f"data.train_characters: must leave test characters out of 1623, got {self.data.train_characters}",
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+            require(self.data.train_characters <= 1622,
+                    f"data.train_characters: must leave test characters out of 1623, got "
+                    f"{self.data.train_characters}")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Strict mapping from plain data (YAML) to the dataclasses above.
+# YAML -> models, with pydantic's errors as one line naming the dotted path.
 
 
-_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+def _fields(cls: Any) -> dict[str, Any] | None:
+    return cls.model_fields if isinstance(cls, type) and issubclass(cls, BaseModel) else None
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
+def _unwrap(tp: Any) -> Any:
+    """``Annotated[X, ...]`` and ``X | None`` -> X."""
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if args and typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return _unwrap(args[0]) if len(args) == 1 else tp
+    return tp
 
 
-def _coerce(tp: Any, value: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, path)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"{path}: must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-        return value
-    if tp is Any:
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp) or (Any,)
-        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        _, item = typing.get_args(tp) or (str, Any)
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ConfigError(f"{path}: keys must be strings, got {k!r}")
-            out[k] = _coerce(item, v, f"{path}.{k}")
-        return out
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, path)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str) and _FLOAT.match(value.strip()):
-            value = float(value)  # PyYAML reads 1e-3 (no dot) as a string (YAML 1.1)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        value = float(value)
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {tp!r} at {path}")  # a programming error, not user input
+def _walk(cls: Any, loc: tuple) -> tuple[Any, Any]:
+    """The type found at ``loc`` under ``cls`` and, if the last part is a model field, its FieldInfo."""
+    node, info = cls, None
+    for part in loc:
+        fields = _fields(node)
+        if fields is not None and isinstance(part, str) and part in fields:
+            info = fields[part]
+            node = _unwrap(info.annotation)
+        elif typing.get_origin(node) in (list, dict) and typing.get_args(node):
+            node, info = _unwrap(typing.get_args(node)[-1]), None
+        else:
+            return Any, None
+    return node, info
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _num(v: Any) -> str:
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+
+
+def _range(info: Any) -> str | None:
+    """``(0, 1]`` from a field's two bounds, or None when it has at most one."""
+    b = {type(m).__name__: m for m in getattr(info, "metadata", [])}
+    lo = f"[{_num(b['Ge'].ge)}" if "Ge" in b else f"({_num(b['Gt'].gt)}" if "Gt" in b else None
+    hi = f"{_num(b['Le'].le)}]" if "Le" in b else f"{_num(b['Lt'].lt)})" if "Lt" in b else None
+    return f"{lo}, {hi}" if lo and hi else None
+
+
+_TYPE_WORDS = {
+    "int_type": "expected an integer", "int_parsing": "expected an integer", "int_from_float": "expected an integer",
+    "float_type": "expected a number", "float_parsing": "expected a number",
+    "finite_number": "expected a finite number", "bool_type": "expected true or false",
+    "bool_parsing": "expected true or false", "string_type": "expected a string", "list_type": "expected a list",
+    "tuple_type": "expected a list",
+}
+_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+
+
+def _message(cls: type, err: dict[str, Any]) -> str:
+    loc, kind, value, ctx = tuple(err["loc"]), err["type"], err.get("input"), err.get("ctx") or {}
+    path = _dotted(loc)
+    if kind == "extra_forbidden":
+        node, _ = _walk(cls, loc[:-1])
+        known = ", ".join(sorted(_fields(node) or {}))
+        return f"{path}: unknown config key (known under {_dotted(loc[:-1]) or 'config'}: {known})"
+    if kind in ("value_error", "assertion_error"):
+        msg = str(ctx.get("error", err["msg"]))
+        return f"{path}.{msg}" if path else msg
+    if kind in _TYPE_WORDS:
+        return f"{path}: {_TYPE_WORDS[kind]}, got {value!r}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{path or 'config'}: expected a mapping, got {type(value).__name__} {value!r}"
+    if kind == "literal_error":
+        allowed = ", ".join(str(ctx.get("expected", "")).replace(" or ", ", ").split(", "))
+        return f"{path}: must be one of {allowed}, got {value!r}"
+    if kind in _BOUNDS:
+        span = _range(_walk(cls, loc)[1])
+        if span:
+            return f"{path}: must be in {span}, got {value!r}"
+        bound = next(iter(ctx.values()), "?")
+        return f"{path}: must be {_BOUNDS[kind]} {_num(bound)}, got {value!r}"
+    if kind == "string_pattern_mismatch":
+        return f"{path}: must match {ctx.get('pattern')}, got {value!r}"
+    if kind == "missing":
+        return f"{path}: required"
+    return f"{path}: {err['msg']}, got {value!r}"
 
 
 def from_dict(cls: type, data: Any, path: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types by dotted path."""
-    where = path or "config"
+    """Build config model ``cls`` from plain data (YAML), naming the culprit's dotted path in a ConfigError."""
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    prefix = f"{path}." if path else ""
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        raise ConfigError(
-            f"{prefix}{unknown[0]}: unknown config key (known under {where}: {', '.join(sorted(fields))})"
-        )
-    kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
     try:
-        return cls(**kwargs)
-    except ConfigError as exc:
-        raise ConfigError(f"{prefix}{exc}") from None
+        return cls.model_validate(dict(data))
+    except ValidationError as exc:
+        msg = _message(cls, exc.errors(include_url=False)[0])
+        raise ConfigError(f"{path}.{msg}" if path else msg) from None
+
+
+def replace(obj: Section, **changes: Any) -> Any:
+    """A copy of a config with some fields changed, validated again (frozen models are never edited)."""
+    tree = obj.to_dict()
+    tree.update({k: v.to_dict() if isinstance(v, Section) else v for k, v in changes.items()})
+    return from_dict(type(obj), tree)
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -357,13 +358,13 @@ def apply_overrides(tree: dict[str, Any], overrides: list[tuple[str, Any]], cls:
         schema = cls
         for i, part in enumerate(parts):
             if schema is not None:
-                names = {f.name: f for f in dataclasses.fields(schema)}
+                names = _fields(schema) or {}
                 if part not in names:
                     where = ".".join(parts[:i]) or "config"
                     raise ConfigError(
                         f"--set {key}: unknown key '{part}' under {where} (known: {', '.join(sorted(names))})"
                     )
-                sub = typing.get_type_hints(schema)[part]
+                sub = _unwrap(names[part].annotation)
                 if typing.get_origin(sub) is dict and i < len(parts) - 1:
                     # a mapping keyed by dotted names (e.g. fixed overrides): the rest of the path is one key
                     child = node.setdefault(part, {})
@@ -371,7 +372,7 @@ def apply_overrides(tree: dict[str, Any], overrides: list[tuple[str, Any]], cls:
                         raise ConfigError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is not a mapping")
                     child[".".join(parts[i + 1 :])] = value
                     break
-                schema = sub if dataclasses.is_dataclass(sub) else None
+                schema = sub if _fields(sub) is not None else None
                 if i < len(parts) - 1 and schema is None:
                     raise ConfigError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
             if i == len(parts) - 1:
@@ -395,7 +396,8 @@ def _deep_copy(tree: Any) -> Any:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, turning I/O and syntax problems into ConfigError naming the file."""
+    """Read a YAML mapping, turning I/O and syntax problems, and a file with no settings, into ConfigError
+    naming the file."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -410,7 +412,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}: invalid YAML{where}") from None
     if data is None:
-        data = {}
+        raise ConfigError(f"{path}: empty config file (no settings; a config file must set something)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data

@@ -18,7 +18,8 @@ from typing import Any, Iterable
 
 import torch
 
-from .config import ConfigError, DataConfig, OptimConfig, TaskConfig, TrainConfig, train_config_from_dict
+from . import metrics as names
+from .config import ConfigError, DataConfig, OptimConfig, TaskConfig, TrainConfig, replace, train_config_from_dict
 from .episodes import Episode, EpisodeSampler, accuracy_by_instance
 from .model import MANN, build_model, episode_loss, predict
 from .omniglot import Splits, load_omniglot, make_splits
@@ -59,6 +60,10 @@ class EvalResult:
         rest = self.accuracy_by_instance[1:] or self.accuracy_by_instance
         return sum(rest) / len(rest)
 
+    def metrics(self) -> dict[str, float]:
+        """Flat metrics named after the split evaluated (``val/acc_2``, ``test/ci95_2``...)."""
+        return names.evaluation(self.split, self.accuracy_by_instance, self.loss, self.ci95)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "split": self.split,
@@ -85,15 +90,9 @@ class EvalReport:
 
     def metrics(self) -> dict[str, float]:
         """Flat metric names for loggers."""
-        out: dict[str, float] = {
-            "episodes": float(self.episodes),
-            "train/loss": self.train_loss,
-            "val/loss": self.val.loss,
-            "val/acc": self.val.accuracy,
-            "val/acc_2plus": self.val.accuracy_2plus,
-        }
-        for k, a in enumerate(self.val.accuracy_by_instance):
-            out[f"val/acc_{k + 1}"] = a
+        out: dict[str, float] = {names.EPISODES: float(self.episodes), "train/loss": self.train_loss}
+        evaluated = self.val.metrics()
+        out.update({k: v for k, v in evaluated.items() if "/ci95_" not in k})
         steps = self.timings.get("train", 0.0)
         if steps > 0:
             out["train/episodes_per_s"] = self.episodes_trained_here / steps
@@ -146,6 +145,16 @@ def resolve_device(name: str) -> torch.device:
 def load_splits(cfg: DataConfig) -> Splits:
     """Omniglot splits for a data config (cached in-process; the preprocessed array is cached on disk)."""
     return make_splits(load_omniglot(cfg), cfg)
+
+
+def require_validation_split(cfg: TrainConfig) -> None:
+    """Training evaluates (and a search optimises) on validation characters only, never on the test ones."""
+    if cfg.data.val_characters < 1:
+        raise ConfigError(
+            f"data.val_characters: must be >= 1 to train, got {cfg.data.val_characters} (evaluation during "
+            "training and the search objective use validation characters; the test characters stay for the "
+            "final score)"
+        )
 
 
 def make_sampler(splits: Splits, split: str, cfg: TrainConfig) -> EpisodeSampler:
@@ -272,6 +281,24 @@ def model_from_checkpoint(payload: dict[str, Any]) -> tuple[MANN, TrainConfig]:
     return model, cfg
 
 
+def evaluate_checkpoint(path: str | Path, split: str = "test", episodes: int = 1000, seed: int = 0,
+                        device: str = "cpu", data_dir: str | None = None) -> tuple[EvalResult, dict[str, Any], TrainConfig]:
+    """Accuracy by instance of a checkpoint on fixed episodes of ``split``: ``(result, payload, config)``.
+
+    The data comes from ``data_dir``, else the checkpoint's own folder if it exists here, else MANN_DATA_DIR.
+    """
+    payload = load_checkpoint(path)
+    model, cfg = model_from_checkpoint(payload)
+    if data_dir or (cfg.data.data_dir and not Path(cfg.data.data_dir).exists()):
+        cfg = replace(cfg, data=replace(cfg.data, data_dir=data_dir))  # a path from another machine: ours
+    dev = resolve_device(device)
+    model.to(dev)
+    sampler = make_sampler(load_splits(cfg.data), split, cfg)
+    with torch.inference_mode():
+        result = evaluate(model, sampler, cfg.task, episodes, seed, dev, split=split)
+    return result, payload, cfg
+
+
 def _check_resumable(cfg: TrainConfig, saved: dict[str, Any]) -> None:
     current = cfg.to_dict()
     for section in ("model", "task"):
@@ -298,6 +325,7 @@ def train(
     run stopped: model, optimizer, episode RNG and step; the ``time/*_s`` totals go on from the checkpoint's.
     """
     callbacks = list(callbacks)
+    require_validation_split(cfg)
     opt_cfg = cfg.train
     if opt_cfg.threads:
         torch.set_num_threads(opt_cfg.threads)
@@ -307,7 +335,7 @@ def train(
     t0 = time.perf_counter()
     splits = load_splits(cfg.data)
     train_sampler = make_sampler(splits, "train", cfg)
-    val_sampler = make_sampler(splits, "val", cfg) if len(splits.val) else None
+    val_sampler = make_sampler(splits, "val", cfg)
     timings["data"] += time.perf_counter() - t0
 
     torch.manual_seed(cfg.seed)
@@ -365,11 +393,8 @@ def train(
             # Evaluate when the episode count crosses a multiple of eval_every (schedulers' rungs sit on those).
             if (step * B) // opt_cfg.eval_every > ((step - 1) * B) // opt_cfg.eval_every or step == total_steps:
                 t_eval = time.perf_counter()
-                sampler = val_sampler or make_sampler(splits, "test", cfg)
-                val = evaluate(
-                    model, sampler, cfg.task, opt_cfg.eval_episodes, opt_cfg.eval_seed, device,
-                    split="val" if val_sampler else "test",
-                )
+                val = evaluate(model, val_sampler, cfg.task, opt_cfg.eval_episodes, opt_cfg.eval_seed, device,
+                               split="val")
                 timings["eval"] += time.perf_counter() - t_eval
                 report = EvalReport(
                     step=step,

@@ -66,17 +66,13 @@ def run_wall(lines: list[dict]) -> float:
 def record(args) -> int:
     import torch
 
-    from mann.train import CHECKPOINT_NAME, evaluate, load_checkpoint, load_splits, make_sampler, \
-        model_from_checkpoint
+    from mann import metrics
+    from mann.train import CHECKPOINT_NAME, evaluate_checkpoint
 
     run = Path(args.run)
-    payload = load_checkpoint(run)
-    model, cfg = model_from_checkpoint(payload)
+    result, payload, cfg = evaluate_checkpoint(run, "test", EPISODES, SEED)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     wall = run_wall(lines)
-    sampler = make_sampler(load_splits(cfg.data), "test", cfg)
-    with torch.inference_mode():
-        result = evaluate(model, sampler, cfg.task, EPISODES, SEED, torch.device("cpu"), split="test")
     row = {
         "name": args.name,
         "paper_row": args.paper_row,
@@ -93,7 +89,7 @@ def record(args) -> int:
         "machine": machine(),
         "config": cfg.to_dict(),
         "test": result.as_dict(),
-        "curve": [{"episodes": x["episodes"], **{f"acc_{k}": x.get(f"val/acc_{k}") for k in COLUMNS}}
+        "curve": [{"episodes": x["episodes"], **{f"acc_{k}": x.get(metrics.instance("val", k)) for k in COLUMNS}}
                   for x in lines],
     }
     RESULTS.mkdir(exist_ok=True)

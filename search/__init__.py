@@ -16,5 +16,6 @@ RAY_IMPORTED_FIRST = "ray" in _sys.modules and "RAY_AUTH_MODE" not in _os.enviro
 _os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from .config import LoadedSearch, SearchConfig, load_search_config
+from .study import SearchError, Study
 
-__all__ = ["LoadedSearch", "SearchConfig", "load_search_config"]
+__all__ = ["LoadedSearch", "SearchConfig", "SearchError", "Study", "load_search_config"]

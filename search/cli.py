@@ -11,35 +11,37 @@ import logging
 import os
 import sys
 
-from mann.cli import one_line
+from mann import metrics
+from mann.cli import parser_class, positive_int, run_command
 
-EXIT_USAGE = 2
+PROG = "mann-search"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        print(f"mann-search: error: {one_line(f'{self.prog}: {message}')}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
+def table(head: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:
+    """Rows as lines with aligned columns (numbers right-aligned)."""
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    fmt = lambda r: "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return [fmt(head).rstrip(), *(fmt(r).rstrip() for r in rows)]
 
 
 def _print_outcome(outcome) -> None:
-    from .config import load_search_config
-
-    loaded = load_search_config(outcome.study.config_file, outcome.study.overrides)
-    primary = loaded.config.primary
+    study = outcome.study
+    primary, split = study.primary, study.split
     rows = [t for t in outcome.trials if primary.metric in t["metrics"]]
     rows.sort(key=lambda t: t["metrics"][primary.metric], reverse=primary.mode == "max")
     print()
-    print(f"study {outcome.study.key}: {len(outcome.trials)} trials in {outcome.wall_s:.0f} s")
-    keys = list(loaded.config.space)
-    head = ["#", primary.metric, "episodes"] + [k.split(".")[-1] for k in keys] + ["acc by instance (%)"]
-    print("  ".join(head))
+    print(f"study {study.key}: {len(outcome.trials)} trials in {outcome.wall_s:.0f} s")
+    keys = list(study.search.config.space)
+    head = ["#", primary.metric, metrics.EPISODES] + [k.split(".")[-1] for k in keys] + [f"{split} acc by instance (%)"]
+    lines = []
     for i, t in enumerate(rows[:10], 1):
         m = t["metrics"]
-        accs = " ".join(f"{m[f'val/acc_{k}'] * 100:.0f}" for k in range(1, 21) if f"val/acc_{k}" in m)
+        accs = " ".join(f"{a * 100:3.0f}" for a in metrics.by_instance(m, split))
         vals = [_fmt(t["config"].get(k, "-")) for k in keys]
-        print("  ".join([str(i), f"{m[primary.metric]:.4f}", str(int(m.get("episodes", 0)))] + vals + [accs]))
-    stopped = sum(1 for t in outcome.trials if t["metrics"].get("episodes", 0) < _max_episodes(loaded))
+        lines.append([str(i), f"{m[primary.metric]:.4f}", str(int(m.get(metrics.EPISODES, 0)))] + vals + [accs])
+    for line in table(head, lines, right=set(range(3 + len(keys)))):
+        print(line)
+    stopped = sum(1 for t in outcome.trials if t["metrics"].get(metrics.EPISODES, 0) < study.search.max_episodes)
     print(f"trials that ended before the full budget (early-stopped or failed): {stopped}")
     if outcome.trial_wall_s > 0:
         share = 1 - outcome.train_s / outcome.trial_wall_s
@@ -52,9 +54,13 @@ def _print_outcome(outcome) -> None:
               f" (previous: {s['previous_champion']})")
     elif outcome.selection:
         print(f"selection failed: {outcome.selection['error']}")
-    print(f"results: {outcome.study.path}")
-    print(f"MLflow:  {outcome.study.tracking_uri}  experiment '{outcome.study.experiment}', parent run "
-          f"{outcome.parent_run_id}")
+    print(f"results: {study.path}")
+    print(f"MLflow:  {study.tracking_uri}  experiment '{study.experiment}', parent run {outcome.parent_run_id}")
+    if outcome.mlflow_command:
+        print(f"  serve the UI: {outcome.mlflow_command}")
+    if outcome.mlflow_link:
+        print(f"  open:         {outcome.mlflow_link}")
+    print(f"Optuna:  {outcome.optuna_storage}  study '{study.key}'")
     if outcome.replay_file:
         print(f"WARNING: {outcome.undelivered_points} metric points (and other records) could not be logged to "
               f"MLflow; replay them with: mann-search replay {outcome.replay_file}", file=sys.stderr)
@@ -62,12 +68,6 @@ def _print_outcome(outcome) -> None:
 
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _max_episodes(loaded) -> int:
-    from mann.config import TrainConfig, from_dict
-
-    return from_dict(TrainConfig, loaded.base_tree).train.episodes
 
 
 def cmd_run(args) -> int:
@@ -87,17 +87,12 @@ def cmd_resume(args) -> int:
 
 
 def cmd_select(args) -> int:
-    from .config import load_search_config
-    from .runner import Study
+    from .runner import tracker_for
     from .selection import select
-    from .tracking import StudyTracker
-    from .runner import _artifact_root
+    from .study import Study
 
     study = Study.load(args.path)
-    loaded = load_search_config(study.config_file, study.overrides)
-    tracker = StudyTracker(study.tracking_uri, study.experiment, study.key, study.local_dir / "mlflow-staging",
-                           artifact_root=_artifact_root(study))
-    print(json.dumps(select(study, loaded, tracker), indent=2, default=str))
+    print(json.dumps(select(study, tracker_for(study)), indent=2, default=str))
     return 0
 
 
@@ -114,6 +109,9 @@ def cmd_status(args) -> int:
     if info["best"]:
         print(f"best {info['metric']} {info['best']['value']:.4f} ({info['best']['trial']}): {info['best']['config']}")
     print(f"MLflow {info['tracking_uri']} experiment '{info['experiment']}'")
+    if info.get("mlflow_link"):
+        print(f"  open: {info['mlflow_link']}")
+    print(f"Optuna {info['optuna_storage']} study '{info['optuna_study']}'")
     return 0
 
 
@@ -125,14 +123,26 @@ def cmd_replay(args) -> int:
     return 0 if pending == 0 else 1
 
 
+def cmd_curves_record(args) -> int:
+    from pathlib import Path
+
+    from .curves import record
+
+    n = record(args.config, args.set, Path(args.out), args.configs, args.seeds, args.workers, args.draw_seed,
+               args.limit_s)
+    print(f"{n} curves recorded into {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="mann-search", description="Optuna-guided Ray Tune search over MANN hyperparameters")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = parser_class(PROG)
+    p = parser(prog=PROG, description="Optuna-guided Ray Tune search over MANN hyperparameters")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=parser)
     r = sub.add_parser("run", help="run a search (joins RAY_ADDRESS or starts a local Ray)")
     r.add_argument("config", help="configs/search/<name>.yaml")
     r.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
     r.set_defaults(fn=cmd_run)
-    rs = sub.add_parser("resume", help="continue an interrupted study")
+    rs = sub.add_parser("resume", help="continue an interrupted study (from its snapshot, not its YAML)")
     rs.add_argument("path", help="the study folder printed by `run`")
     rs.set_defaults(fn=cmd_resume)
     se = sub.add_parser("select", help="re-evaluate the top trials on test characters; promote the champion")
@@ -146,6 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("file")
     rp.add_argument("--tracking-uri")
     rp.set_defaults(fn=cmd_replay)
+    cu = sub.add_parser("curves", help="tables of real learning curves for `mann-search benchmark`")
+    cus = cu.add_subparsers(dest="action", required=True, parser_class=parser)
+    rec = cus.add_parser("record", help="train configurations drawn from a search space to the full budget")
+    rec.add_argument("config", help="configs/search/<name>.yaml (its space, base and overrides)")
+    rec.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
+    rec.add_argument("--out", required=True, help="results/curves/<name>.jsonl (appended to; a rerun goes on)")
+    rec.add_argument("--configs", type=positive_int, default=100, help="distinct configurations drawn at random")
+    rec.add_argument("--seeds", type=positive_int, default=2, help="training seeds per configuration")
+    rec.add_argument("--workers", type=positive_int, default=1, help="trainings at once (one thread each)")
+    rec.add_argument("--draw-seed", type=int, default=0, help="seed of the random draw of configurations")
+    rec.add_argument("--limit-s", type=float, default=None, help="start no training after this many seconds")
+    rec.set_defaults(fn=cmd_curves_record)
     return p
 
 
@@ -153,21 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     from mann.config import ConfigError
     from mann.omniglot import DataError
 
-    from .runner import SearchError
+    from .study import SearchError
 
     logging.basicConfig(level=logging.INFO if os.environ.get("MANN_SEARCH_VERBOSE") else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    try:
-        return args.fn(args)
-    except (ConfigError, DataError, SearchError, FileNotFoundError) as exc:
-        if os.environ.get("MANN_DEBUG"):
-            raise
-        print(f"mann-search: error: {one_line(str(exc))}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("mann-search: interrupted; continue with `mann-search resume <study folder>`", file=sys.stderr)
-        return 130
+    return run_command(PROG, args, (ConfigError, DataError, SearchError, FileNotFoundError),
+                       interrupted="interrupted; continue with `mann-search resume <study folder>`")
 
 
 if __name__ == "__main__":

@@ -7,14 +7,14 @@ from typing import Any
 
 import matplotlib
 
+from mann import metrics
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _instances(history: list[dict[str, float]]) -> list[int]:
-    ks = sorted({int(k.split("_")[1]) for row in history for k in row if k.startswith("val/acc_") and
-                 k.split("_")[1].isdigit()})
-    return ks
+def _instances(history: list[dict[str, float]], split: str) -> list[int]:
+    return list(range(1, max((len(metrics.by_instance(row, split)) for row in history), default=0) + 1))
 
 
 def _save_accuracy_plot(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
@@ -29,15 +29,16 @@ def _save_accuracy_plot(fig, ax, path: Path, xlabel: str, ylabel: str, title: st
     plt.close(fig)
 
 
-def learning_curve(history: list[dict[str, float]], path: Path, title: str = "") -> None:
-    """Validation accuracy at selected instance numbers over training episodes."""
+def learning_curve(history: list[dict[str, float]], path: Path, title: str = "", split: str = "val") -> None:
+    """Accuracy on ``split`` at selected instance numbers over training episodes."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    ks = _instances(history)
+    ks = _instances(history, split)
     for k in [k for k in (1, 2, 3, 5, 10) if k in ks] or ks:
-        pts = [(r["episodes"], r[f"val/acc_{k}"]) for r in history if f"val/acc_{k}" in r and "episodes" in r]
+        name = metrics.instance(split, k)
+        pts = [(r[metrics.EPISODES], r[name]) for r in history if name in r and metrics.EPISODES in r]
         if pts:
             ax.plot(*zip(*pts), marker="o", ms=3, label=f"instance {k}")
-    _save_accuracy_plot(fig, ax, path, "training episodes", "validation accuracy", title or "learning curve")
+    _save_accuracy_plot(fig, ax, path, "training episodes", f"{split} accuracy", title or "learning curve")
 
 
 def accuracy_by_instance(rows: dict[str, list[float]], path: Path, title: str = "") -> None:

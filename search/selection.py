@@ -9,9 +9,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
+from mann.train import evaluate_checkpoint
 
-from .config import LoadedSearch
+from .study import Study
 from .tracking import OUTCOME_TAG, ROLE_TAG, STUDY_TAG, StudyTracker
 
 log = logging.getLogger("mann_search.selection")
@@ -20,37 +20,23 @@ CHAMPION = "champion"
 SCORE_TAG = "mann.test_acc_2plus"
 
 
-def _test_metrics(result) -> dict[str, float]:
-    out = {"test/acc_2plus": result.accuracy_2plus, "test/acc": result.accuracy, "test/loss": result.loss}
-    for k, (a, c) in enumerate(zip(result.accuracy_by_instance, result.ci95)):
-        out[f"test/acc_{k + 1}"] = a
-        out[f"test/ci95_{k + 1}"] = c
-    return out
+def select(study: Study, tracker: StudyTracker) -> dict[str, Any]:
+    """Returns what was decided: candidates with test scores, the new version, whether it became champion.
 
-
-def evaluate_checkpoint(path: Path, episodes: int, seed: int) -> Any:
-    from mann.train import evaluate, load_checkpoint, load_splits, make_sampler, model_from_checkpoint
-
-    model, cfg = model_from_checkpoint(load_checkpoint(path))
-    sampler = make_sampler(load_splits(cfg.data), "test", cfg)
-    with torch.inference_mode():
-        return evaluate(model, sampler, cfg.task, episodes, seed, "cpu", split="test")
-
-
-def select(study, loaded: LoadedSearch, tracker: StudyTracker) -> dict[str, Any]:
-    """Returns what was decided: candidates with test scores, the new version, whether it became champion."""
+    Trials were ranked on their validation characters (``study.split``); the candidates are scored here on the
+    test characters, which no trial has seen."""
     import mlflow
     from mlflow.entities import Metric, RunTag
     from mlflow.exceptions import MlflowException
 
     if not tracker.flush(force=True):
         raise RuntimeError(f"MLflow unavailable ({tracker.last_error}); run `mann-search select {study.path}` later")
-    cfg = loaded.config
+    cfg = study.search.config
     sel, primary = cfg.selection, cfg.primary
     client = tracker.client
     order = "DESC" if primary.mode == "max" else "ASC"
     runs = client.search_runs(
-        [tracker._experiment()],
+        [tracker.experiment_id()],
         filter_string=f"tags.`{STUDY_TAG}` = '{study.key}' and tags.`{ROLE_TAG}` = 'trial'",
         order_by=[f"metrics.`{primary.metric}` {order}"], max_results=1000,
     )
@@ -62,8 +48,8 @@ def select(study, loaded: LoadedSearch, tracker: StudyTracker) -> dict[str, Any]
     for run in runs[: sel.top_k]:
         with tempfile.TemporaryDirectory() as tmp:
             local = client.download_artifacts(run.info.run_id, "checkpoint/checkpoint.pt", tmp)
-            result = evaluate_checkpoint(Path(local), sel.test_episodes, sel.seed)
-        metrics = _test_metrics(result)
+            result, _, _ = evaluate_checkpoint(Path(local), "test", sel.test_episodes, sel.seed)
+        metrics = result.metrics()
         ts = int(time.time() * 1000)
         client.log_batch(run.info.run_id, metrics=[Metric(k, v, ts, 0) for k, v in metrics.items()],
                          tags=[RunTag("mann.test_episodes", str(sel.test_episodes)),

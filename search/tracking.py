@@ -28,6 +28,10 @@ ROLE_TAG = "mann.role"
 OUTCOME_TAG = "mann.outcome"
 REASON_TAG = "mann.failure_reason"
 PIP_REQUIREMENTS = ["torch", "mann-search"]
+# MLflow 3 opens an experiment on its GenAI overview unless told it is model training (the tag, and the
+# workflowType parameter in every link we print: the UI picks its view from the URL first).
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+NOTE_TAG = "mlflow.note.content"
 
 _SECRET_KEY = re.compile(r"(pass(word)?|secret|token|credential|api[_-]?key|auth)", re.I)
 _URI_CREDENTIALS = re.compile(r"(://)([^/@\s:]+)(:[^/@\s]*)?@")
@@ -49,6 +53,23 @@ def resolve_tracking_uri(configured: str | None, storage_dir: Path) -> str:
         return uri
     storage_dir.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(storage_dir / 'mlflow.db').resolve()}"
+
+
+def ui_link(tracking_uri: str, experiment_id: str | None, run_id: str | None = None) -> tuple[str, str | None]:
+    """The MLflow UI address of an experiment's runs (or of one run) in the Model-training view, and the command
+    that serves the UI when the store is an embedded SQLite file (None for a tracking server)."""
+    command = None
+    base = redact("uri", tracking_uri).rstrip("/")
+    if not tracking_uri.startswith(("http://", "https://")):
+        base = "http://127.0.0.1:5000"
+        if tracking_uri.startswith("sqlite:///"):
+            root = Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts"
+            command = (f"mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri {tracking_uri} "
+                       f"--default-artifact-root {root.resolve().as_uri()}")
+        else:
+            command = f"mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri {redact('uri', tracking_uri)}"
+    page = f"#/experiments/{experiment_id or '0'}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base}/{page}?workflowType=machine_learning", command
 
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
@@ -145,21 +166,24 @@ class StudyTracker:
             self._client = MlflowClient(self.tracking_uri)
         return self._client
 
-    def _experiment(self) -> str:
+    def experiment_id(self) -> str:
+        """The study's MLflow experiment (created on first use)."""
         if self._experiment_id is None:
             exp = self.client.get_experiment_by_name(self.experiment_name)
             if exp is None:
                 self._experiment_id = self.client.create_experiment(
-                    self.experiment_name, artifact_location=self.artifact_root
+                    self.experiment_name, artifact_location=self.artifact_root, tags={KIND_TAG: KIND}
                 )
             else:
                 self._experiment_id = exp.experiment_id
+                if exp.tags.get(KIND_TAG) != KIND:
+                    self.client.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
         return self._experiment_id
 
     def _find_run(self, trial: str | None) -> str | None:
         filt = f"tags.`{STUDY_TAG}` = '{self.study}'"
         filt += f" and tags.`{TRIAL_TAG}` = '{trial}'" if trial else f" and tags.`{ROLE_TAG}` = 'study'"
-        runs = self.client.search_runs([self._experiment()], filter_string=filt, max_results=2)
+        runs = self.client.search_runs([self.experiment_id()], filter_string=filt, max_results=2)
         return runs[0].info.run_id if runs else None
 
     def run_id(self, trial: str | None) -> str:
@@ -174,11 +198,20 @@ class StudyTracker:
                              "mlflow.runName": self.trials[trial].name if trial in self.trials else trial})
             else:
                 tags["mlflow.runName"] = self.study
-            found = self.client.create_run(self._experiment(), tags=tags).info.run_id
+            found = self.client.create_run(self.experiment_id(), tags=tags).info.run_id
         else:
             self._logged_steps[found] = self._max_logged_step(found)
         self._runs[trial] = found
         return found
+
+    def known_run_id(self, trial: str | None) -> str | None:
+        """The run id of a trial (None: the study's parent run) if it was found or created, else None."""
+        return self._runs.get(trial)
+
+    def history(self, trial: str) -> list[dict[str, float]]:
+        """Every result of a trial seen by this driver (for plots)."""
+        rec = self.trials.get(trial)
+        return list(rec.history) if rec else []
 
     def _max_logged_step(self, run_id: str) -> int:
         hist = self.client.get_metric_history(run_id, "episodes")
@@ -194,6 +227,17 @@ class StudyTracker:
         self._queue(None, "tags", tags={k: str(redact(k, v)) for k, v in tags.items()})
         folder = self._stage(None, "study", files)
         self._queue(None, "artifacts", path=str(folder), artifact_path="study")
+        self._queue(None, "note")
+
+    def study_progress(self, by_trials: dict[str, float], trials_finished: int, by_episodes: dict[str, float],
+                       episodes: int) -> None:
+        """The search's progress on the parent run: some metrics against trials finished, some against the
+        training episodes spent (two step axes), so its charts show the search history."""
+        ts = int(time.time() * 1000)
+        for values, step in ((by_trials, trials_finished), (by_episodes, episodes)):
+            clean = {k: float(v) for k, v in values.items() if math.isfinite(float(v))}
+            if clean:
+                self._queue(None, "metrics", points=len(clean), metrics=clean, step=step, timestamp=ts)
 
     def trial_started(self, trial: str, name: str, params: dict[str, Any]) -> None:
         self.trials.setdefault(trial, TrialRecord(trial, name))
@@ -303,6 +347,13 @@ class StudyTracker:
             self.client.log_batch(run, metrics=ms)
         elif op.kind == "artifacts":
             self.client.log_artifacts(run, p["path"], p["artifact_path"])
+        elif op.kind == "note":
+            link, command = ui_link(self.tracking_uri, self.experiment_id(), run)
+            text = (f"mann-search study `{self.study}`: one nested run per trial; the charts of this run show "
+                    f"the search's progress.\n\nThis run in the Model-training view: {link}")
+            if command:
+                text += f"\n\nServe the UI with: `{command}`"
+            self.client.set_tag(run, NOTE_TAG, text)
         elif op.kind == "model":
             self._log_model(run, Path(p["checkpoint"]))
         elif op.kind == "status":

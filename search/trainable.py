@@ -12,19 +12,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mann.config import TrainConfig, apply_overrides, from_dict
 from mann.train import CHECKPOINT_NAME, Callback, EvalReport, TrainingDiverged, train
 
-# Tune's result keys that we log; the rest are Tune's own bookkeeping.
-METRIC_PREFIXES = ("val/", "train/", "time/", "model/", "test/")
-
-
-def trial_config(base_tree: dict[str, Any], point: dict[str, Any], threads: int | None = None) -> TrainConfig:
-    """Base MANN tree + sampled dotted values -> validated TrainConfig."""
-    tree = apply_overrides(base_tree, [(k, v) for k, v in point.items()], TrainConfig)
-    if threads:
-        tree = apply_overrides(tree, [("train.threads", threads)])
-    return from_dict(TrainConfig, tree)
+from .config import LoadedSearch
 
 
 def worst(mode: str) -> float:
@@ -45,12 +35,11 @@ class _TuneReport(Callback):
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(self.out_dir)))
 
 
-def run_trial(config: dict[str, Any], base_tree: dict[str, Any], threads: int,
-              objectives: list[tuple[str, str]]) -> None:
-    """Tune entry point. ``config`` holds the sampled dotted settings."""
+def run_trial(config: dict[str, Any], search: LoadedSearch, threads: int) -> None:
+    """Tune entry point. ``config`` holds the sampled dotted settings; ``search`` is the study's snapshot."""
     from ray import tune
 
-    cfg = trial_config(base_tree, config, threads)
+    cfg = search.trial_config(config, threads)
     work = Path(tempfile.mkdtemp(prefix="mann-trial-"))
     try:
         resume = None
@@ -70,10 +59,10 @@ def run_trial(config: dict[str, Any], base_tree: dict[str, Any], threads: int,
             # Retrying would diverge again from the same checkpoint: end the trial, marked as failed, with the
             # last good metrics (or the worst objective) so the searcher learns from it.
             final = dict(reporter.last)
-            for metric, mode in objectives:
-                value = final.get(metric)
+            for objective in search.config.objectives:
+                value = final.get(objective.metric)
                 if value is None or not math.isfinite(value):
-                    final[metric] = worst(mode)
+                    final[objective.metric] = worst(objective.mode)
             final.update({"diverged": 1, "episodes": float(exc.episodes), "failure": str(exc)})
             tune.report(final)
     finally:

@@ -206,14 +206,14 @@ def test_no_credentials_in_mlflow_params_or_tags(tmp_path, monkeypatch):
     tracker.trial_started("t1", "trial-1", {"train.lr": 0.01, "MLFLOW_TRACKING_PASSWORD": "hunter2"})
     assert tracker.flush(force=True)
     client = tracker.client
-    for run in client.search_runs([tracker._experiment()]):
+    for run in client.search_runs([tracker.experiment_id()]):
         everything = {**run.data.params, **run.data.tags}
         assert all("hunter2" not in str(v) for v in everything.values()), everything
 
 
 LISTENERS = r"""
 import json, os, subprocess
-from search.runner import connect_ray  # before ray: search turns token authentication on
+from search.ray_cluster import connect_ray  # before ray: search turns token authentication on
 import ray
 
 connect_ray(1)  # what `mann-search run` does without RAY_ADDRESS
@@ -250,7 +250,7 @@ def test_local_cluster_listens_on_loopback_only_with_token_auth():
         address = row[3].rsplit(":", 1)[0]
         assert address in ("127.0.0.1", "[::ffff:127.0.0.1]"), f"{row[-1]} listens on {row[3]}"
     # imported the other way round with RAY_AUTH_MODE unset: a clear refusal, not a hang
-    late = subprocess.run([str(BIN / "python"), "-c", "import ray, search.runner as r; r.connect_ray(1)"], env=env,
+    late = subprocess.run([str(BIN / "python"), "-c", "import ray, search.ray_cluster as r; r.connect_ray(1)"], env=env,
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert late.returncode != 0 and "import search first" in late.stderr, late.stderr[-2000:]
 

@@ -81,18 +81,15 @@ def test_zero_key_and_zero_row_give_the_readable_finite_gradients():
 
 def _pair(write_content="key", zero=True, dtype=torch.float64, **sizes):
     """The same MANN twice: the whole-episode fused path and the readable step-by-step path."""
-    import dataclasses
-
-    from mann.config import load_train_config
+    from mann.config import load_train_config, replace
     from mann.model import build_model
 
     sets = [f"model.{k}={v}" for k, v in sizes.items()]
     cfg = load_train_config(REPO / "configs/mann/paper.yaml", sets)
-    mc = dataclasses.replace(cfg.model, memory=dataclasses.replace(
-        cfg.model.memory, write_content=write_content, zero_least_used=zero))
+    mc = replace(cfg.model, memory=replace(cfg.model.memory, write_content=write_content, zero_least_used=zero))
     torch.manual_seed(0)
     fast = build_model(mc, cfg.task, 4).to(dtype)
-    slow = build_model(dataclasses.replace(mc, fused_memory=False), cfg.task, 4).to(dtype)
+    slow = build_model(replace(mc, fused_memory=False), cfg.task, 4).to(dtype)
     slow.load_state_dict(fast.state_dict())
     return fast, slow
 

@@ -84,6 +84,41 @@ def test_smoke_search_lineage_selection_and_champion(tmp_path, mlflow_server, om
     tested = [c for c in client.search_runs([parent.info.experiment_id]) if "test/acc_2plus" in c.data.metrics]
     assert len(tested) == 2  # top_k
 
+    # review surfaces: the Model-training view's link and kind tag, the parent's progress, readable trial names
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
+    link = f"{mlflow_server.uri}/#/experiments/{experiment.experiment_id}?workflowType=machine_learning"
+    assert f"open:         {link}" in proc.stdout, proc.stdout[-1500:]
+    assert "?workflowType=machine_learning" in parent.data.tags["mlflow.note.content"]
+    finals = [c.data.metrics["val/acc_2plus"] for c in children]
+    assert parent.data.metrics["search/best_objective"] == pytest.approx(max(finals))
+    assert parent.data.metrics["search/trials_completed"] + parent.data.metrics["search/trials_stopped"] == 4
+    assert parent.data.metrics["search/trials_running"] == 0 and parent.data.metrics["search/trials_failed"] == 0
+    assert parent.data.metrics["search/episodes_spent"] == sum(c.data.metrics["episodes"] for c in children)
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "search/trials_completed")][-1] == 4
+    names = sorted(c.data.tags["mlflow.runName"] for c in children)
+    assert [n.split()[0] for n in names] == ["t01", "t02", "t03", "t04"] and all("slots=" in n for n in names)
+
+    # the Optuna study, in Optuna's own storage: every trial with its state, params and values by episode
+    import optuna
+
+    study_dir = next(tmp_path.glob("smoke-*"))
+    key = json.loads((study_dir / "study.json").read_text())["key"]
+    assert parent.data.tags["mann.optuna.study_name"] == key
+    storage = parent.data.tags["mann.optuna.storage"]
+    assert storage == f"sqlite:///{study_dir / 'optuna.db'}"
+    ot_trials = optuna.load_study(study_name=key, storage=storage).trials
+    assert len(ot_trials) == 4
+    by_tune = {t.user_attrs["tune_trial_id"]: t for t in ot_trials}
+    for child in children:
+        t = by_tune[child.data.tags["mann.trial_id"]]
+        full = child.data.metrics["episodes"] == 480
+        assert t.state == (optuna.trial.TrialState.COMPLETE if full else optuna.trial.TrialState.PRUNED)
+        assert sorted(t.intermediate_values) == [160 * k for k in range(1, int(child.data.metrics["episodes"]) // 160 + 1)]
+        assert t.params["model.memory.slots"] == int(child.data.params["model.memory.slots"])
+        if full:
+            assert t.value == pytest.approx(child.data.metrics["val/acc_2plus"])
+
     # the champion loads and predicts on a real episode
     import mlflow.pytorch
 
@@ -102,7 +137,6 @@ def test_smoke_search_lineage_selection_and_champion(tmp_path, mlflow_server, om
     assert logits.shape == (8, 12, 3) and torch.isfinite(logits).all()
 
     # selecting again registers a new version but keeps the champion unless the new one is better
-    study_dir = next(tmp_path.glob("smoke-*"))
     again = mann_search("select", str(study_dir))
     assert again.returncode == 0, again.stderr[-2000:]
     decision = json.loads(again.stdout)
@@ -115,8 +149,15 @@ def test_smoke_search_lineage_selection_and_champion(tmp_path, mlflow_server, om
 
 
 def test_resume_after_driver_killed_has_no_duplicates(tmp_path, mlflow_server, omniglot_dir):
+    """...and resume and status use the study's snapshot even when its YAML was edited in between."""
+    import yaml
+
     exp = "e2e-resume"
-    args = [str(BIN / "mann-search"), "run", "configs/search/smoke.yaml", "--set", f"storage={tmp_path}",
+    src = yaml.safe_load((REPO / "configs" / "search" / "smoke.yaml").read_text())
+    src["base"] = str(REPO / "configs" / "mann" / "smoke.yaml")
+    search_yaml = tmp_path / "smoke.yaml"
+    search_yaml.write_text(yaml.safe_dump(src, sort_keys=False))
+    args = [str(BIN / "mann-search"), "run", str(search_yaml), "--set", f"storage={tmp_path}",
             "--set", f"mlflow.tracking_uri={mlflow_server.uri}", "--set", f"mlflow.experiment={exp}",
             "--set", "budget.num_samples=6", "--set", "overrides.train.episodes=960",
             "--set", "selection.enabled=false"]
@@ -140,16 +181,35 @@ def test_resume_after_driver_killed_has_no_duplicates(tmp_path, mlflow_server, o
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     study_dir = next(tmp_path.glob("smoke-*"))
+    src["overrides"]["train.episodes"] = 320  # edited between run and resume: the snapshot must win
+    src["space"]["model.memory.slots"] = {"type": "int", "low": 40, "high": 64}
+    search_yaml.write_text(yaml.safe_dump(src, sort_keys=False))
     resumed = mann_search("resume", str(study_dir))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "changed since the study started; using the study's snapshot" in resumed.stderr
+    assert "trials that ended before the full budget" in resumed.stdout and "slots" in resumed.stdout
+    status = mann_search("status", str(study_dir), "--json")
+    assert status.returncode == 0 and "changed since the study started" in status.stderr
+    assert json.loads(status.stdout)["num_samples"] == 6
     parents, children = study_runs(client, exp)
     assert len(parents) == 1
     ids = [c.data.tags["mann.trial_id"] for c in children]
     assert len(ids) == len(set(ids)) == 6
     for c in children:
         assert c.info.status in ("FINISHED", "FAILED"), (c.data.tags, c.info.status)
+        assert 8 <= int(c.data.params["model.memory.slots"]) <= 32  # the snapshot's space
+        if c.data.tags.get("mann.outcome") == "completed":
+            assert c.data.metrics["episodes"] == 960  # the snapshot's budget, not the edited 320
         steps = [m.step for m in client.get_metric_history(c.info.run_id, "episodes")]
         assert len(steps) == len(set(steps)), steps  # no metric point logged twice
+    # the same Optuna study went on: one Optuna trial per Tune trial, none told twice, none left running
+    import optuna
+
+    key = json.loads((study_dir / "study.json").read_text())["key"]
+    ot = optuna.load_study(study_name=key, storage=f"sqlite:///{study_dir / 'optuna.db'}").trials
+    told = [t.user_attrs.get("tune_trial_id") for t in ot]
+    assert all(told.count(i) == 1 for i in ids), told
+    assert not [t for t in ot if t.state == optuna.trial.TrialState.RUNNING]
 
 
 def test_ray_job_submit_on_two_node_local_cluster(tmp_path, mlflow_server, omniglot_dir,
@@ -185,6 +245,7 @@ def test_ray_job_submit_on_two_node_local_cluster(tmp_path, mlflow_server, omnig
         ([], {"RAY_ADDRESS": "127.0.0.1:{port}"}, "Ray cluster not reachable"),
         (["--set", "space.model.memory.gamma={{type: float, low: 0.5, high: 1.5}}"], {},
          "space.model.memory.gamma.high"),
+        (["--set", "overrides.data.val_characters=0"], {}, "data.val_characters: must be >= 1 to train"),
     ],
 )
 def test_unreachable_services_and_bad_configs_fail_fast_before_anything_starts(tmp_path, extra, env, needle):

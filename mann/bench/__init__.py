@@ -8,7 +8,6 @@ every step, sampled in the loop or ahead on the training loop's background threa
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import load_train_config
+from ..config import load_train_config, replace
 from ..model import build_model, episode_loss
 from ..train import Prefetcher, load_splits, make_optimizer, make_sampler
 
@@ -60,7 +59,7 @@ def _time_loop(model, optimizer, sampler, g, cfg, device, steps: int, prefetch: 
 def run_bench(args) -> int:
     cfg = load_train_config(args.config or PAPER, args.set)
     if args.batch_size:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=args.batch_size))
+        cfg = replace(cfg, train=replace(cfg.train, batch_size=args.batch_size))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -1,0 +1,143 @@
+"""The Study snapshot, metric names from the evaluated split, the refusal to train without validation
+characters, and the one private Ray API behind one function (no Ray cluster needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from mann import metrics
+from mann.config import ConfigError, load_train_config
+from search.config import load_search_config
+from search.study import STUDY_FILE, SearchError, Study
+
+from .test_config import REPO
+
+
+def _search_yaml(tmp_path, **changes):
+    src = yaml.safe_load((REPO / "configs" / "search" / "smoke.yaml").read_text())
+    src["base"] = str(REPO / "configs" / "mann" / "smoke.yaml")
+    src["storage"] = str(tmp_path / "runs")
+    for k, v in changes.items():
+        src[k] = v
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(src, sort_keys=False))
+    return f
+
+
+def test_snapshot_round_trips_and_ignores_edits_of_the_yaml(tmp_path, capsys):
+    f = _search_yaml(tmp_path)
+    search = load_search_config(f, ["budget.num_samples=3"])
+    study = Study.create(search, ["budget.num_samples=3"], f"sqlite:///{tmp_path / 'm.db'}")
+    saved = study.save()
+    assert saved.name == STUDY_FILE and json.loads(saved.read_text())["metric_schema"]["split"] == "val"
+
+    again = Study.load(study.local_dir)
+    assert again == study
+    assert capsys.readouterr().err == ""  # nothing changed: nothing said
+
+    # edit the episodes and the slots range in the YAML, as a user might between run and resume
+    src = yaml.safe_load(f.read_text())
+    src["overrides"]["train.episodes"] = 99
+    src["space"]["model.memory.slots"]["high"] = 9
+    f.write_text(yaml.safe_dump(src, sort_keys=False))
+    edited = Study.load(study.local_dir)
+    err = capsys.readouterr().err
+    assert "changed since the study started" in err and str(f.resolve()) in err and len(err.strip().splitlines()) == 1
+    assert edited == study  # the snapshot, not the file
+    assert edited.search.max_episodes == 480 and edited.search.config.space["model.memory.slots"].high == 32
+    assert edited.search.config.budget.num_samples == 3
+
+
+def test_damaged_and_missing_study_files_are_named(tmp_path):
+    with pytest.raises(SearchError, match="no study here"):
+        Study.load(tmp_path)
+    (tmp_path / STUDY_FILE).write_text("{not json")
+    with pytest.raises(SearchError, match="damaged study file"):
+        Study.load(tmp_path)
+    (tmp_path / STUDY_FILE).write_text(json.dumps({"format": 2, "key": "k"}))
+    with pytest.raises(SearchError, match="damaged study file"):
+        Study.load(tmp_path)
+
+
+def test_a_study_from_before_snapshots_is_snapshotted_once(tmp_path, capsys):
+    f = _search_yaml(tmp_path)
+    legacy = {"key": "smoke-1", "name": "smoke", "path": str(tmp_path / "runs" / "smoke-1"), "config_file": str(f),
+              "overrides": ["budget.num_samples=5"], "tracking_uri": "sqlite:///x.db", "experiment": "e",
+              "created": 1.0}
+    folder = tmp_path / "runs" / "smoke-1"
+    folder.mkdir(parents=True)
+    (folder / STUDY_FILE).write_text(json.dumps(legacy))
+    study = Study.load(folder)
+    assert "predates study snapshots" in capsys.readouterr().err
+    assert study.search.config.budget.num_samples == 5 and study.key == "smoke-1"
+    assert json.loads((folder / STUDY_FILE).read_text())["format"] == 2
+
+
+def test_training_and_searching_without_validation_characters_are_refused(tmp_path):
+    from mann.train import train
+
+    cfg = load_train_config(REPO / "configs" / "mann" / "smoke.yaml", ["data.val_characters=0"])
+    with pytest.raises(ConfigError, match=r"^data\.val_characters: must be >= 1 to train, got 0"):
+        train(cfg)
+    f = _search_yaml(tmp_path)
+    with pytest.raises(ConfigError, match=r"data\.val_characters: must be >= 1 to train"):
+        load_search_config(f, ["overrides.data.val_characters=0"])
+
+
+def test_metric_names_come_from_the_split_evaluated():
+    m = metrics.evaluation("test", [0.2, 0.6, 0.8], 1.5, [0.01, 0.02, 0.03])
+    assert m["test/acc_2plus"] == pytest.approx(0.7) and m["test/acc"] == pytest.approx(1.6 / 3)
+    assert metrics.by_instance(m, "test") == [0.2, 0.6, 0.8] and metrics.by_instance(m, "val") == []
+    assert m["test/ci95_3"] == 0.03
+    with pytest.raises(ValueError, match="unknown split"):
+        metrics.name("holdout", "acc")
+
+
+def test_restored_tuner_callbacks_go_through_the_one_private_ray_api():
+    """`Tuner.restore` takes no RunConfig: set_restored_callbacks is the one place that reaches into Ray."""
+    from ray import tune
+
+    from search.runner import set_restored_callbacks
+
+    tuner = tune.Tuner(lambda config: None)
+    live = tune.Callback()
+    set_restored_callbacks(tuner, [live])
+    assert tuner._local_tuner.get_run_config().callbacks == [live]
+    with pytest.raises(SearchError, match="set_restored_callbacks"):
+        set_restored_callbacks(object(), [live])
+
+
+def test_episode_budget_stops_the_study_once_its_trials_spent_it():
+    from search.runner import EpisodeBudget
+
+    budget = EpisodeBudget(1000)
+    assert not budget("a", {"episodes": 400}) and not budget("b", {"episodes": 400})
+    assert not budget("a", {"episodes": 480})  # a trial's latest count, not a sum of its reports
+    assert budget("b", {"episodes": 520}) and budget.stop_all()
+    import pickle
+
+    assert pickle.loads(pickle.dumps(budget)).spent == {"a": 480, "b": 520}  # Tune pickles its stoppers
+
+
+def test_trial_names_say_the_number_and_the_sampled_values():
+    from search.lineage import NAME_LIMIT, trial_name
+
+    name = trial_name(7, {"model.memory.slots": 35, "model.memory.read_heads": 4,
+                                       "model.memory.gamma": 0.98123, "train.lr": 0.0031234})
+    assert name == "t07 slots=35 read_heads=4 gamma=0.981 lr=0.00312"
+    assert len(trial_name(1, {f"p.k{i}": "v" * 40 for i in range(20)})) == NAME_LIMIT
+
+
+def test_optuna_states_follow_how_a_trial_ended():
+    import optuna
+
+    from search.searcher import state_for
+
+    S = optuna.trial.TrialState
+    assert state_for({"episodes": 480, "val/acc_2plus": 0.5}, False, 480) == S.COMPLETE
+    assert state_for({"episodes": 160, "val/acc_2plus": 0.5}, False, 480) == S.PRUNED
+    assert state_for({"episodes": 480, "diverged": 1}, False, 480) == S.FAIL
+    assert state_for(None, True, 480) == S.FAIL
