@@ -350,7 +350,7 @@ class StudyTracker:
         elif op.kind == "note":
             link, command = ui_link(self.tracking_uri, self.experiment_id(), run)
             text = (f"mann-search study `{self.study}`: one nested run per trial; the charts of this run show "
-                    f"the search's progress.\n\nThis run in the Model-training view: {link}")
+                    f"the search's progress.\n\n[This run in the Model-training view]({link})")
             if command:
                 text += f"\n\nServe the UI with: `{command}`"
             self.client.set_tag(run, NOTE_TAG, text)
