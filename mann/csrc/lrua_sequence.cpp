@@ -463,6 +463,13 @@ T* ptr(const Tensor& t) {
   return t.data_ptr<T>();
 }
 
+// Episodes per task of at::parallel_for for `work` elements per episode: one where that is large (the paper's
+// 128 x 40 x 4 memory), all where it is so small that a parallel region costs more than it saves (a 16 x 16
+// memory with one head; and on a busy machine every region waits for its slowest thread).
+int64_t grain(int64_t work) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, work));
+}
+
 // Returns {hs [T, B, H], reads [T, B, RW], saved...} (saved: the kSaved stacks named above). `workspace`: empty,
 // or the saved stacks of an earlier call that are no longer needed, to be written over.
 std::vector<Tensor> sequence_forward(const Tensor& x_proj, const Tensor& w_rec_t, const Tensor& w_head_t,
@@ -547,7 +554,7 @@ std::vector<Tensor> sequence_forward(const Tensor& x_proj, const Tensor& w_rec_t
     Tensor m_raw = sv[kMraw][t], k_raw = sv[kKraw][t], sim = sv[kSim][t], wr_t = sv[kWr][t], rd = rs[t];
     AT_DISPATCH_FLOATING_TYPES(x_proj.scalar_type(), "memory_write", [&] {
       const scalar_t* alpha = ptr<scalar_t>(out) + RW;
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      at::parallel_for(0, B, grain(N * W * R), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b)
           memory_write<scalar_t>(
               dims, ptr<scalar_t>(keys) + b * RW, ptr<scalar_t>(content) + b * RW, alpha + b * P,
@@ -559,7 +566,7 @@ std::vector<Tensor> sequence_forward(const Tensor& x_proj, const Tensor& w_rec_t
     });
     at::_softmax_out(wr_t, strength ? sim * beta.unsqueeze(-1) : sim, -1, false);  // Eq. 3
     AT_DISPATCH_FLOATING_TYPES(x_proj.scalar_type(), "memory_read", [&] {
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      at::parallel_for(0, B, grain(N * W * R), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b)
           memory_read<scalar_t>(dims, ptr<scalar_t>(wr_t) + b * R * N, ptr<scalar_t>(ww) + b * R * N,
                                 ptr<scalar_t>(m1) + b * N * W, ptr<scalar_t>(usage) + b * N, gamma,
@@ -605,7 +612,7 @@ std::vector<Tensor> sequence_backward(const std::vector<Tensor>& sv, const Tenso
     Tensor d_reads = at::add(d_rs.select(1, t).reshape({B, R, W}), dr_next);
     // the memory step's backward (LRUAStep.backward), one episode per task
     AT_DISPATCH_FLOATING_TYPES(d_hs.scalar_type(), "memory_backward", [&] {
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      at::parallel_for(0, B, grain(N * W * R), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           memory_backward<scalar_t>(
               dims, ptr<scalar_t>(keys) + b * RW, ptr<scalar_t>(content) + b * RW, !add, ptr<scalar_t>(s) + b * R,
@@ -628,7 +635,7 @@ std::vector<Tensor> sequence_backward(const std::vector<Tensor>& sv, const Tenso
     Tensor dh = at::addmm(d_hs.select(1, t) + dh_next, d_out, w_head);
     Tensor d_gates = d_gates_all[t];
     AT_DISPATCH_FLOATING_TYPES(d_hs.scalar_type(), "lstm_backward", [&] {
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      at::parallel_for(0, B, grain(4 * H), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b)
           lstm_backward<scalar_t>(H, ptr<scalar_t>(sg) + b * G, ptr<scalar_t>(g) + b * H, ptr<scalar_t>(tc) + b * H,
                                   ptr<scalar_t>(c_prev) + b * H, ptr<scalar_t>(dh) + b * H, ptr<scalar_t>(dc) + b * H,
