@@ -213,10 +213,9 @@ class LRUAStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        saved = list(ctx.saved_tensors)
-        if ctx.after:
-            saved[8] = saved[7]  # `addressed is written` tells lrua_backward the reading
-        tape = Tape(*saved)
+        tape = Tape(*ctx.saved_tensors)
+        if ctx.after:  # saved tensors come back as new objects: `addressed is written` tells lrua_backward the reading
+            tape = tape._replace(addressed=tape.written)
         ref = (tape.written, tape.m_norm, tape.wr, tape.keys)  # the outputs' shapes
         grads = [torch.zeros_like(r) if g is None else g for g, r in zip(grads, ref)]
         g_keys, g_content, g_alpha, g_strength, g_memory, g_usage, g_wr = lrua_backward(tape, *grads, ctx.gamma)

@@ -2,12 +2,13 @@
 // (key or add vector written, zeroing on or off, read weights from M_t or M_{t-1}, key strength or none, any heads).
 //
 // The same math as sequence_forward_step / sequence_backward_step and lrua_forward / lrua_backward in
-// mann/fused.py (read those first: they carry the equations and the shapes). The per-step matrix products stay ATen calls; the LRUA memory (Eq. 2-8 and
-// their gradients), the LSTM cell's backward and the head layer's backward are loops over each episode's rows,
-// one episode per OpenMP thread, with AVX2 + FMA versions for float where compiled in; each step writes what the
-// backward needs straight into [T, ...] buffers (reused across calls, see mann/fused.py). Sums may be taken in
-// another order than ATen's, so results agree to rounding: tests/test_fused.py checks outputs and gradients
-// against a plain-autograd model in float64 and float32 (tests/test_conformance.py).
+// mann/fused.py (read those first: they carry the equations and the shapes). The per-step matrix products stay
+// ATen calls; the LRUA memory (Eq. 2-8 and their gradients), the LSTM cell's backward and the head layer's
+// backward are loops over each episode's rows, episodes split over OpenMP threads where the memory is large
+// enough, with AVX2 + FMA versions for float where compiled in; each step writes what the backward needs straight
+// into [T, ...] buffers (reused across calls, see mann/fused.py). Sums may be taken in another order than ATen's,
+// so results agree to rounding: tests/test_conformance.py checks outputs and gradients against a plain-autograd
+// model in float64 and float32.
 //
 // Shapes: B batch, T steps, H controller width, G = 4H gates, R heads, W memory width, N slots, RW = R*W,
 // P head-layer outputs (R*W keys, R alphas, then R*W add vectors when `add`, R strengths when `strength`).
