@@ -59,6 +59,13 @@ def _time_loop(model, optimizer, sampler, g, cfg, device, steps: int, prefetch: 
     return (time.perf_counter() - t0) / steps
 
 
+def _paired(slow: list[float], fast: list[float]) -> tuple[float, list[float]]:
+    """Median and range of the per-repeat ratios: each repeat times both back to back, so the median of those
+    paired ratios is robust to the machine's drift."""
+    ratios = sorted(s / f for s, f in zip(slow, fast))
+    return statistics.median(ratios), [ratios[0], ratios[-1]]
+
+
 def _config(path, sets, batch_size):
     cfg = load_train_config(path, sets)
     if batch_size:
@@ -140,20 +147,19 @@ def run_bench(args) -> int:
         "steps_per_repeat": args.steps,
     }
     if "plain" in med:
-        # each repeat times both back to back: the median of those paired ratios is robust to the machine's drift
-        ratios = sorted(p / m for p, m in zip(times["plain"], times["model"]))
+        speedup, span = _paired(times["plain"], times["model"])
         out.update(plain_median_step_s=med["plain"], plain_episodes_per_s=B / med["plain"],
-                   speedup_vs_plain=statistics.median(ratios), speedup_range=[ratios[0], ratios[-1]])
+                   speedup_vs_plain=speedup, speedup_range=span)
     if "compare" in med:
-        ratios = sorted(c / m for c, m in zip(times["compare"], times["model"]))
+        speedup, span = _paired(times["compare"], times["model"])
         out.update(compare=compare, compare_config=compare_path, compare_median_step_s=med["compare"],
                    compare_episodes_per_s=c_cfg.train.batch_size / med["compare"],
-                   speedup_vs_compare=statistics.median(ratios), compare_speedup_range=[ratios[0], ratios[-1]])
+                   speedup_vs_compare=speedup, compare_speedup_range=span)
     if args.compare_prefetch:
-        ratios = sorted(i / p for i, p in zip(loops["inline"], loops["prefetch"]))
+        speedup, span = _paired(loops["inline"], loops["prefetch"])
         out.update(loop_inline_episodes_per_s=B / statistics.median(loops["inline"]),
                    loop_prefetch_episodes_per_s=B / statistics.median(loops["prefetch"]),
-                   prefetch_speedup=statistics.median(ratios), prefetch_speedup_range=[ratios[0], ratios[-1]])
+                   prefetch_speedup=speedup, prefetch_speedup_range=span)
     if args.json:
         print(json.dumps(out))
         return 0
