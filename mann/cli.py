@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=positive_int, default=11)
     b.add_argument("--warmup", type=_int, default=3)
     b.add_argument("--threads", type=positive_int)
+    b.add_argument("--compare", action="append", default=[], metavar="CONFIG.yaml|KEY.PATH=VALUE",
+                   help="also time a second model (a config file and/or overrides on top of --config/--set), "
+                        "interleaved with the first, and print the paired ratio")
     b.add_argument("--compare-plain", action="store_true", help="also time the plain step-by-step port")
     b.add_argument("--compare-prefetch", action="store_true",
                    help="also time whole training loops (a fresh batch every step) with sampling in the loop "

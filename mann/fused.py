@@ -1,19 +1,15 @@
-"""A fused LRUA memory step: the same math as ``mann.memory`` (Eq. 2-8), one autograd node with a hand-written
-backward instead of ~25 small ones.
+"""The hand-written backward of :func:`mann.memory.lrua_step`: one forward/backward pair (:func:`lrua_forward`,
+:func:`lrua_backward`) for every reading (key or add vector written, zeroing on or off, read weights from M_t or
+M_{t-1}, key strength or none, any number of heads), used by the per-step node :class:`LRUAStep` and by the
+whole-episode node :class:`MANNSequence`.
 
 At batch 16 the memory step is dominated by the fixed cost of many small operations, most of them on
-``[B, N, W]`` tensors in the backward pass; writing the backward by hand merges them (for example the three
-gradient terms of M_t that autograd computes and sums separately). ``tests/test_fused.py`` checks outputs and
-gradients against the readable functions in float64, zero rows included.
-
-Covers the paper's reading (write, then read M_t) with the key or an add vector as content and with or without
-zeroing; the model falls back to the readable functions for the other options.
-
-:class:`MANNSequence` goes further: a whole episode is one node. On CPU its time loops run in C++
+``[B, N, W]`` tensors in the backward pass; writing the backward by hand merges them. :class:`MANNSequence` goes
+further: a whole episode of the LSTM-controlled MANN is one node. On CPU its time loops run in C++
 (``mann/csrc/lrua_sequence.cpp``: the same steps, the memory math as loops over each episode's rows, AVX2 where
-the CPU has it, one episode per thread), compiled on first use; where that cannot be built the same steps run
-from Python (:func:`sequence_forward_step`, :func:`sequence_backward_step`), which is also the readable account
-of what the C++ computes.
+the CPU has it, one episode per thread), compiled on first use; elsewhere (CUDA tensors, no compiler) the same
+steps run from Python (:func:`sequence_forward_step`, :func:`sequence_backward_step`), which is also the readable
+account of what the C++ computes. ``tests/test_conformance.py`` checks every path against a plain-autograd model.
 """
 
 from __future__ import annotations
@@ -23,11 +19,13 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .memory import EPS
+from . import memory as mem
+from .memory import EPS, Heads, Reading
 
 CPP_SOURCE = Path(__file__).with_name("csrc") / "lrua_sequence.cpp"
 _extension: object = None  # the loaded module, False once it could not be, None before the first try
@@ -118,130 +116,139 @@ def extension():
     return _extension or None
 
 
-class LRUAStep(torch.autograd.Function):
-    """Eq. 5-8 then Eq. 2-4 on the written memory.
+class Tape(NamedTuple):
+    """What :func:`lrua_backward` needs of one step (shapes as in :func:`lrua_forward`)."""
 
-    Args:
-        keys: ``[B, R, W]`` read keys k_t.
-        content: ``[B, R, W]`` what is written (``keys`` itself in the paper).
-        alpha: ``[B, R]`` write gate logits.
-        memory: ``[B, N, W]`` M_{t-1}.
-        usage: ``[B, N]`` w_u_{t-1}.
-        read_weights: ``[B, R, N]`` w_r_{t-1}.
-        least_used: ``[B, N]`` w_lu_{t-1} (no gradient).
-        keep: ``[B, N]`` 0 on the row zeroed before the write, 1 elsewhere (no gradient).
-        gamma: usage decay.
+    keys: Tensor  # (B, R, W)
+    content: Tensor  # (B, R, W), ``keys`` itself when the key is written
+    strength: Tensor | None  # (B, R)
+    gate: Tensor  # (B, R, 1) sigmoid(alpha)
+    diff: Tensor  # (B, R, N) w_r_{t-1} - w_lu_{t-1}
+    slot: Tensor | None  # (B,) the row zeroed before the write, None without zeroing
+    ww: Tensor  # (B, R, N) w_w_t
+    written: Tensor  # (B, N, W) M_t
+    addressed: Tensor  # (B, N, W) the memory the read weights come from: M_t (``written`` itself), or M_{t-1}
+    m_norm: Tensor  # (B, N) row norms of ``addressed``
+    k_norm: Tensor  # (B, R, 1)
+    q: Tensor  # (B, R, N) (|k| + eps)(|M| + eps)
+    cos: Tensor  # (B, R, N) Eq. 2
+    wr: Tensor  # (B, R, N) w_r_t
+
+
+def lrua_forward(memory: Tensor, usage: Tensor, read_weights: Tensor, heads: Heads, gamma: float,
+                 zero_least_used: bool = True, read_after_write: bool = True):
+    """:func:`mann.memory.lrua_step` (same arguments, same results), keeping what the backward needs.
 
     Returns:
-        ``(memory [B, N, W], usage [B, N], read_weights [B, R, N], reads [B, R, W])`` at step t.
+        ``(memory, usage, read_weights, reads)`` at step t, and the :class:`Tape`.
+    """
+    keys, alpha, content, strength = heads
+    lu, slot = mem.least_used(usage, keys.shape[1])  # Eq. 6
+    gate = torch.sigmoid(alpha).unsqueeze(-1)  # (B, R, 1)
+    diff = read_weights - lu.unsqueeze(1)
+    ww = torch.addcmul(lu.unsqueeze(1), gate, diff)  # Eq. 7
+    written = mem.write(mem.zero_rows(memory, slot) if zero_least_used else memory, ww, content)  # Eq. 8
+    addressed = written if read_after_write else memory
+    m_norm = addressed.norm(dim=-1)
+    k_norm = keys.norm(dim=-1, keepdim=True)
+    q = (k_norm + EPS) * (m_norm + EPS).unsqueeze(1)
+    cos = torch.bmm(keys, addressed.transpose(1, 2)).div_(q)  # Eq. 2
+    wr = torch.softmax(cos if strength is None else cos * strength.unsqueeze(-1), dim=-1)  # Eq. 3
+    reads = mem.read(written, wr)  # Eq. 4
+    tape = Tape(keys, content, strength, gate, diff, slot if zero_least_used else None, ww, written, addressed,
+                m_norm, k_norm, q, cos, wr)
+    return (written, mem.update_usage(usage, wr, ww, gamma), wr, reads), tape  # Eq. 5
+
+
+def lrua_backward(tape: Tape, d_memory: Tensor, d_usage: Tensor, d_wr: Tensor, d_reads: Tensor, gamma: float):
+    """The backward of :func:`lrua_forward`: the gradients of its four outputs in, of its inputs out.
+
+    Returns:
+        ``(g_keys, g_content, g_alpha, g_strength or None, g_memory, g_usage, g_read_weights)``; with the key
+        written (``content is keys``), the key's full gradient is ``g_keys + g_content``.
+    """
+    keys, content, strength, gate, diff, slot, ww, written, addressed, m_norm, k_norm, q, cos, wr = tape
+    du = d_usage.unsqueeze(1)  # (B, 1, N)
+    g_wr = torch.baddbmm(d_wr + du, d_reads, written.transpose(1, 2))  # read (Eq. 4) and usage (Eq. 5)
+    g_logit = wr * (g_wr - (g_wr * wr).sum(-1, keepdim=True))  # softmax (Eq. 3)
+    g_strength = None
+    if strength is not None:
+        g_strength = (g_logit * cos).sum(-1)
+        g_logit = g_logit * strength.unsqueeze(-1)
+    # cosine (Eq. 2): cos = D / q with D = k M^T and q = (|k| + eps)(|M| + eps); d|x|/dx = x/|x|, 0 at 0
+    g_d = g_logit / q
+    g_q = -(g_logit * cos) / q
+    g_knorm = (g_q * (m_norm + EPS).unsqueeze(1)).sum(-1, keepdim=True)  # (B, R, 1)
+    g_mnorm = (g_q * (k_norm + EPS)).sum(1)  # (B, N)
+    g_keys = torch.bmm(g_d, addressed).addcmul_(g_knorm / k_norm.clamp_min(1e-30), keys)
+    g_addressed = torch.bmm(g_d.transpose(1, 2), keys).addcmul_((g_mnorm / m_norm.clamp_min(1e-30)).unsqueeze(-1),
+                                                               addressed)
+    g_written = torch.baddbmm(d_memory, wr.transpose(1, 2), d_reads)  # the next step and the read (Eq. 4)
+    if addressed is written:
+        g_written += g_addressed
+    # write (Eq. 8) and write weights (Eq. 7)
+    g_ww = torch.bmm(content, g_written.transpose(1, 2)).add_(du)  # (B, R, N)
+    g_memory = g_written if slot is None else mem.zero_rows(g_written, slot)
+    if addressed is not written:
+        g_memory = g_memory + g_addressed
+    g_alpha = (g_ww * diff).sum(-1) * (gate * (1 - gate)).squeeze(-1)
+    return g_keys, torch.bmm(ww, g_written), g_alpha, g_strength, g_memory, d_usage * gamma, g_ww * gate
+
+
+class LRUAStep(torch.autograd.Function):
+    """:func:`mann.memory.lrua_step` as one autograd node (:func:`lrua_forward`, :func:`lrua_backward`).
+
+    Args: ``memory, usage, read_weights`` as in ``lrua_step``; ``keys, alpha, content, strength`` the fields of
+    :class:`~mann.memory.Heads` (``strength`` may be None); ``gamma, zero_least_used, read_after_write``.
     """
 
     @staticmethod
-    def forward(ctx, keys, content, alpha, memory, usage, read_weights, least_used, keep, gamma: float):
-        s = torch.sigmoid(alpha).unsqueeze(-1)  # (B, R, 1)
-        lu = least_used.unsqueeze(1)  # (B, 1, N)
-        diff = read_weights - lu  # (B, R, N)
-        ww = lu + s * diff  # Eq. 7
-        m1 = torch.baddbmm(memory * keep.unsqueeze(-1), ww.transpose(1, 2), content)  # Eq. 8, (B, N, W)
-        m_raw = m1.norm(dim=-1)  # (B, N)
-        k_raw = keys.norm(dim=-1, keepdim=True)  # (B, R, 1)
-        q = (k_raw + EPS) * (m_raw + EPS).unsqueeze(1)  # (B, R, N)
-        sim = torch.bmm(keys, m1.transpose(1, 2)).div_(q)  # Eq. 2
-        wr = torch.softmax(sim, dim=-1)  # Eq. 3
-        reads = torch.bmm(wr, m1)  # Eq. 4
-        u1 = torch.add(wr.sum(1), ww.sum(1)).add_(usage, alpha=gamma)  # Eq. 5
-        ctx.gamma = gamma
-        ctx.save_for_backward(keys, content, s, diff, keep, m1, m_raw, k_raw, q, sim, wr, ww)
-        return m1, u1, wr, reads
+    def forward(ctx, memory, usage, read_weights, keys, alpha, content, strength, gamma: float, zero: bool,
+                after: bool):
+        outs, tape = lrua_forward(memory, usage, read_weights, Heads(keys, alpha, content, strength), gamma, zero,
+                                  after)
+        ctx.gamma, ctx.after = gamma, after
+        ctx.save_for_backward(*tape)  # the None fields (strength, slot) come back as None
+        return outs
 
     @staticmethod
-    def backward(ctx, d_m1, d_u1, d_wr, d_reads):
-        keys, content, s, diff, keep, m1, m_raw, k_raw, q, sim, wr, ww = ctx.saved_tensors
-        zeros = keys.new_zeros
-        B, R, W = keys.shape
-        N = m1.shape[1]
-        d_m1 = zeros(B, N, W) if d_m1 is None else d_m1
-        d_u1 = zeros(B, N) if d_u1 is None else d_u1
-        d_wr = zeros(B, R, N) if d_wr is None else d_wr
-        d_reads = zeros(B, R, W) if d_reads is None else d_reads
-        du = d_u1.unsqueeze(1)  # (B, 1, N)
-        # read (Eq. 4) and usage (Eq. 5) into the read weights
-        g_wr = d_wr + du + torch.bmm(d_reads, m1.transpose(1, 2))  # (B, R, N)
-        # softmax (Eq. 3)
-        g_sim = wr * (g_wr - (g_wr * wr).sum(-1, keepdim=True))
-        # cosine (Eq. 2): sim = D / q with D = k M^T and q = (|k| + eps)(|M| + eps)
-        g_d = g_sim / q
-        g_q = -(g_sim * sim) / q
-        g_knorm = (g_q * (m_raw + EPS).unsqueeze(1)).sum(-1, keepdim=True)  # (B, R, 1)
-        g_mnorm = (g_q * (k_raw + EPS)).sum(1)  # (B, N)
-        # every path into M_t at once: the read, the dot products, the row norms, and the next step
-        g_m1 = torch.baddbmm(d_m1, torch.cat([wr, g_d], 1).transpose(1, 2), torch.cat([d_reads, keys], 1))
-        g_m1.addcmul_((g_mnorm / m_raw.clamp_min(1e-30)).unsqueeze(-1), m1)  # d|M|/dM = M/|M|, 0 at 0
-        g_keys = torch.bmm(g_d, m1).addcmul_(g_knorm / k_raw.clamp_min(1e-30), keys)
-        # write (Eq. 8) and write weights (Eq. 7)
-        g_ww = torch.bmm(content, g_m1.transpose(1, 2)).add_(du)  # (B, R, N)
-        g_content = torch.bmm(ww, g_m1)
-        g_memory = g_m1 * keep.unsqueeze(-1)
-        g_alpha = ((g_ww * diff).sum(-1, keepdim=True) * s * (1 - s)).squeeze(-1)
-        g_read_prev = g_ww * s
-        return (g_keys, g_content, g_alpha, g_memory, d_u1 * ctx.gamma, g_read_prev, None, None, None)
+    def backward(ctx, *grads):
+        tape = Tape(*ctx.saved_tensors)
+        if ctx.after:  # saved tensors come back as new objects: `addressed is written` tells lrua_backward the reading
+            tape = tape._replace(addressed=tape.written)
+        ref = (tape.written, tape.m_norm, tape.wr, tape.keys)  # the outputs' shapes
+        grads = [torch.zeros_like(r) if g is None else g for g, r in zip(grads, ref)]
+        g_keys, g_content, g_alpha, g_strength, g_memory, g_usage, g_wr = lrua_backward(tape, *grads, ctx.gamma)
+        return g_memory, g_usage, g_wr, g_keys, g_alpha, g_content, g_strength, None, None, None
 
 
-class DeferredWeight(torch.autograd.Function):
-    """Marks a weight used at every time step; its gradient is computed once, after the last step's backward.
-
-    A recurrent layer applied per step would otherwise get 2T small products for its weight gradient (the
-    batch, 16, as inner dimension) plus T accumulations; :class:`DeferredLinear` records each step's input and
-    output gradient instead, and this node, which autograd runs after all of them, turns them into one product:
-    ``dW = [dy_1; ...; dy_T]^T [x_1; ...; x_T]``.
-    """
-
-    @staticmethod
-    def forward(ctx, weight: Tensor, tape: list) -> Tensor:
-        ctx.tape = tape
-        return weight.view_as(weight)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        tape = ctx.tape
-        if not tape:
-            return grad, None
-        xs = torch.cat([x for x, _ in tape])  # (T*B, in)
-        gs = torch.cat([g for _, g in tape])  # (T*B, out)
-        tape.clear()
-        return torch.addmm(grad, gs.t(), xs), None
+def head_backward(tape: Tape, strength_slope: Tensor | None, g_keys, g_content, g_alpha, g_strength,
+                  add: bool) -> Tensor:
+    """The head layer's nonlinearities backward (:func:`mann.memory.split_heads`): ``[B, P]``, the gradient of its
+    output. ``strength_slope``: ``[B, R]`` sigmoid of the strength's pre-activation (softplus')."""
+    B = g_alpha.shape[0]
+    keys, content = tape.keys, tape.content
+    if not add:
+        g_keys = g_keys + g_content
+    parts = [(g_keys * (1 - keys * keys)).reshape(B, -1), g_alpha]
+    if add:
+        parts.append((g_content * (1 - content * content)).reshape(B, -1))
+    if g_strength is not None:
+        parts.append(g_strength * strength_slope)
+    return torch.cat(parts, 1)
 
 
-class DeferredLinear(torch.autograd.Function):
-    """``x @ weight^T`` whose weight gradient is left to :class:`DeferredWeight` (``weight`` must come from it)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, tape: list) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.tape = tape
-        return x @ weight.t()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x, weight = ctx.saved_tensors
-        ctx.tape.append((x, grad))
-        return grad @ weight, None, None
-
-
-def sequence_forward_step(x_t, w_rec_t, w_head_t, b_head, h, c, memory, usage, wr, reads, gamma: float,
-                          zero: bool, add: bool):
+def sequence_forward_step(x_t, w_rec_t, w_head_t, b_head, h, c, memory, usage, wr, reads, reading: Reading):
     """One step of :class:`MANNSequence` without autograd: :meth:`mann.model.MANN.step` with the LSTM controller
-    and the fused memory math of :class:`LRUAStep`. Shapes as in :class:`MANNState`; ``x_t``: ``[B, 4H]``,
-    ``w_rec_t``: ``[R*W + H, 4H]``, ``w_head_t``: ``[H, P]``.
+    and :func:`lrua_forward`. Shapes as in :class:`~mann.model.MANNState`; ``x_t``: ``[B, 4H]``, ``w_rec_t``:
+    ``[R*W + H, 4H]``, ``w_head_t``: ``[H, P]``.
 
     Returns:
         ``(h, c, memory, usage, wr, reads)`` at step t and the tuple of what the backward step needs.
     """
-    B, N = usage.shape
-    R, W = reads.shape[1], reads.shape[2]
+    B, R, W = reads.shape
     H = h.shape[1]
-    RW = R * W
-    z = torch.cat([reads.reshape(B, RW), h], 1)  # (B, RW + H)
+    z = torch.cat([reads.reshape(B, R * W), h], 1)  # (B, RW + H)
     gates = torch.addmm(x_t, z, w_rec_t)
     sg = torch.sigmoid(gates)
     i, f, o = sg[:, :H], sg[:, H : 2 * H], sg[:, 3 * H :]
@@ -251,68 +258,26 @@ def sequence_forward_step(x_t, w_rec_t, w_head_t, b_head, h, c, memory, usage, w
     tc = torch.tanh(c)
     h = o * tc
     out = torch.addmm(b_head, h, w_head_t)
-    keys = torch.tanh(out[:, :RW]).view(B, R, W)
-    alpha = out[:, RW : RW + R]
-    content = torch.tanh(out[:, RW + R : 2 * RW + R]).view(B, R, W) if add else keys
-    # Eq. 6 on w_u_{t-1} (ties to the lower index), and the least-used row that is zeroed before the write
-    order = torch.sort(usage, dim=-1, stable=True).indices  # order[:, 0] is argmin (its first occurrence)
-    lu = torch.zeros_like(usage).scatter_(1, order[:, :R], 1.0)
-    keep = torch.ones_like(usage)
-    if zero:
-        keep.scatter_(1, order[:, :1], 0.0)
-    # LRUAStep.forward (Eq. 7-8, 2-5)
-    s = torch.sigmoid(alpha).unsqueeze(-1)
-    lu1 = lu.unsqueeze(1)
-    diff = wr - lu1
-    ww = lu1 + s * diff
-    memory = torch.baddbmm(memory * keep.unsqueeze(-1), ww.transpose(1, 2), content)
-    m_raw = memory.norm(dim=-1)
-    k_raw = keys.norm(dim=-1, keepdim=True)
-    q = (k_raw + EPS) * (m_raw + EPS).unsqueeze(1)
-    sim = torch.bmm(keys, memory.transpose(1, 2)) / q
-    wr = torch.softmax(sim, dim=-1)
-    reads = torch.bmm(wr, memory)
-    usage = wr.sum(1) + ww.sum(1) + gamma * usage
-    saved = (z, sg, g, c_prev, tc, keys, content, s, diff, keep, memory, m_raw, k_raw, q, sim, wr, ww)
-    return (h, c, memory, usage, wr, reads), saved
+    heads = mem.split_heads(out, R, W, reading.add, reading.strength)
+    slope = torch.sigmoid(out[:, -R:]) if reading.strength else None
+    state, tape = lrua_forward(memory, usage, wr, heads, *reading[:3])
+    return (h, c, *state), (z, sg, g, c_prev, tc, tape, slope)
 
 
-def sequence_backward_step(saved, d_h, d_reads, dh_next, dr_next, dc, dm, du, dwr, w_rec, w_head, gamma: float,
-                           add: bool):
-    """The backward of :func:`sequence_forward_step` (through time: the ``d*`` carries come from step t+1).
+def sequence_backward_step(saved, d_h, d_reads, carry, w_rec, w_head, reading: Reading):
+    """The backward of :func:`sequence_forward_step` through time: ``carry`` = ``(dh, dreads, dc, dmemory,
+    dusage, dwr)`` from step t+1 in, for step t-1 out.
 
     Returns:
-        ``(dh_next, dr_next, dc, dm, du, dwr)`` for step t-1, ``d_gates [B, 4H]`` (the gradient of ``x_t``) and
-        ``d_out [B, P]`` (of the head layer's output).
+        the new carry, ``d_gates [B, 4H]`` (the gradient of ``x_t``) and ``d_out [B, P]`` (of the head layer).
     """
-    z, sg, g, c_prev, tc, keys, content, s, diff, keep, m1, m_raw, k_raw, q, sim, wr, ww = saved
-    B, R, W = keys.shape
+    z, sg, g, c_prev, tc, tape, slope = saved
+    dh_next, dr_next, dc, dm, du, dwr = carry
+    B, R, W = tape.keys.shape
     H = c_prev.shape[1]
-    RW = R * W
-    d_reads = d_reads + dr_next
-    # LRUAStep.backward
-    du1 = du.unsqueeze(1)
-    g_wr = torch.baddbmm(dwr + du1, d_reads, m1.transpose(1, 2))
-    g_sim = wr * (g_wr - (g_wr * wr).sum(-1, keepdim=True))
-    g_d = g_sim / q
-    g_q = -(g_sim * sim) / q
-    g_knorm = (g_q * (m_raw + EPS).unsqueeze(1)).sum(-1, keepdim=True)
-    g_mnorm = (g_q * (k_raw + EPS)).sum(1)
-    g_m1 = torch.baddbmm(dm, torch.cat([wr, g_d], 1).transpose(1, 2), torch.cat([d_reads, keys], 1))
-    g_m1 = g_m1 + (g_mnorm / m_raw.clamp_min(1e-30)).unsqueeze(-1) * m1
-    g_keys = torch.bmm(g_d, m1) + (g_knorm / k_raw.clamp_min(1e-30)) * keys
-    g_ww = torch.bmm(content, g_m1.transpose(1, 2)) + du1
-    g_content = torch.bmm(ww, g_m1)
-    dm = g_m1 * keep.unsqueeze(-1)
-    g_alpha = (g_ww * diff).sum(-1) * (s * (1 - s)).squeeze(-1)
-    dwr = g_ww * s
-    du = du * gamma
-    # the head layer: keys = tanh(.), alpha, add vectors = tanh(.)
-    if add:
-        d_out = torch.cat([(g_keys * (1 - keys * keys)).reshape(B, RW), g_alpha,
-                           (g_content * (1 - content * content)).reshape(B, RW)], 1)
-    else:
-        d_out = torch.cat([((g_keys + g_content) * (1 - keys * keys)).reshape(B, RW), g_alpha], 1)
+    g_keys, g_content, g_alpha, g_strength, dm, du, dwr = lrua_backward(tape, dm, du, dwr, d_reads + dr_next,
+                                                                        reading.gamma)
+    d_out = head_backward(tape, slope, g_keys, g_content, g_alpha, g_strength, reading.add)
     dh = d_h + dh_next + d_out @ w_head
     # the LSTM cell
     i, f, o = sg[:, :H], sg[:, H : 2 * H], sg[:, 3 * H :]
@@ -320,44 +285,40 @@ def sequence_backward_step(saved, d_h, d_reads, dh_next, dr_next, dc, dm, du, dw
     d_act = sg * (1 - sg)  # sigmoid' of the i, f, o blocks; the g block is replaced by tanh'
     d_act[:, 2 * H : 3 * H] = 1 - g * g
     d_gates = torch.cat([dc * g, dc * c_prev, dc * i, dh * tc], 1).mul_(d_act)
-    dc = dc * f
     dz = d_gates @ w_rec
-    return (dz[:, RW:], dz[:, :RW].reshape(B, R, W), dc, dm, du, dwr), d_gates, d_out
+    return (dz[:, R * W :], dz[:, : R * W].reshape(B, R, W), dc * f, dm, du, dwr), d_gates, d_out
 
 
 class MANNSequence(torch.autograd.Function):
-    """A whole episode of the LSTM-controlled MANN (paper reading: write, then read M_t) as one autograd node:
-    the forward runs all T steps without building a graph (:func:`sequence_forward_step`), the backward runs back
-    through time by hand (:func:`sequence_backward_step`, the backward of :class:`LRUAStep` term by term and of
-    the LSTM cell); the recurrent and head weight gradients are one product each over all steps. On CPU both time
-    loops run in C++ where :func:`extension` builds. ``tests/test_fused.py`` checks outputs and gradients of both
-    against the readable step-by-step model.
+    """A whole episode of the LSTM-controlled MANN as one autograd node, for every reading: the forward runs all
+    T steps without building a graph (:func:`sequence_forward_step`), the backward runs back through time by hand
+    (:func:`sequence_backward_step`); the recurrent and head weight gradients are one product each over all steps.
+    On CPU both time loops run in C++ where :func:`extension` builds.
 
     Args:
         x_proj: ``[B, T, 4H]`` the hoisted input projection (bias included).
         w_rec: ``[4H, R*W + H]`` recurrent weight on ``[r_{t-1}, h_{t-1}]``.
-        w_head: ``[P, H]`` and ``b_head``: ``[P]`` the head layer (keys, alphas, then add vectors if ``add``).
-        h, c, memory, usage, wr, reads: the initial :class:`~mann.model.MANNState`, constants (no gradient).
-        gamma: usage decay; ``zero``: zero the least-used row before the write; ``add``: write a separate vector.
+        w_head: ``[P, H]`` and ``b_head``: ``[P]`` the head layer (:func:`mann.memory.head_layout`).
+        h, c, memory, usage, wr, reads: the initial :class:`~mann.model.MANNState` (they get gradients too).
+        reading: the :class:`~mann.memory.Reading`.
 
     Returns:
         ``(h [B, T, H], reads [B, T, R*W])``.
     """
 
     @staticmethod
-    def forward(ctx, x_proj, w_rec, w_head, b_head, h, c, memory, usage, wr, reads, gamma: float, zero: bool,
-                add: bool):
+    def forward(ctx, x_proj, w_rec, w_head, b_head, h, c, memory, usage, wr, reads, reading: Reading):
         B = x_proj.shape[0]
         state = (h, c, memory, usage, wr, reads)
         w_rec_t, w_head_t = w_rec.t().contiguous(), w_head.t().contiguous()
-        ctx.gamma, ctx.add = gamma, add
+        ctx.reading = reading
         ctx.save_for_backward(w_rec, w_head)
         ext = extension() if x_proj.device.type == "cpu" else None
         ctx.ext = ext
         if ext is not None:  # the same steps with the time loop in C++
-            key = (tuple(x_proj.shape), tuple(memory.shape), tuple(wr.shape), x_proj.dtype, add)
+            key = (tuple(x_proj.shape), tuple(memory.shape), tuple(wr.shape), x_proj.dtype, reading[1:])
             pool = _WORKSPACES.setdefault(key, [])
-            hs, rs, *saved = ext.sequence_forward(x_proj, w_rec_t, w_head_t, b_head, *state, gamma, zero, add,
+            hs, rs, *saved = ext.sequence_forward(x_proj, w_rec_t, w_head_t, b_head, *state, *reading,
                                                   pool.pop() if pool else [])
             if any(ctx.needs_input_grad):
                 ctx.saved, ctx.hs, ctx.recycle = saved, hs, _Recycle(saved, pool)
@@ -366,7 +327,7 @@ class MANNSequence(torch.autograd.Function):
             return hs.transpose(0, 1), rs.transpose(0, 1)
         hs, rs, saved = [], [], []
         for x_t in x_proj.unbind(1):
-            state, tape = sequence_forward_step(x_t, w_rec_t, w_head_t, b_head, *state, gamma, zero, add)
+            state, tape = sequence_forward_step(x_t, w_rec_t, w_head_t, b_head, *state, reading)
             hs.append(state[0])
             rs.append(state[5].reshape(B, -1))
             saved.append(tape)
@@ -375,28 +336,24 @@ class MANNSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_hs, d_rs):
-        w_rec, w_head = ctx.saved_tensors
+        w_rec, w_head = (w.contiguous() for w in ctx.saved_tensors)
         saved, hs = ctx.saved, ctx.hs
-        w_rec, w_head = w_rec.contiguous(), w_head.contiguous()
         if ctx.ext is not None:
-            g_x, g_w_rec, g_w_head, g_b_head = ctx.ext.sequence_backward(saved, hs, d_hs, d_rs, w_rec, w_head,
-                                                                         ctx.gamma, ctx.add)
-            return (g_x, g_w_rec, g_w_head, g_b_head, None, None, None, None, None, None, None, None, None)
+            g_x, g_w_rec, g_w_head, g_b_head, *g_state = ctx.ext.sequence_backward(saved, hs, d_hs, d_rs, w_rec,
+                                                                                   w_head, *ctx.reading)
+            return (g_x, g_w_rec, g_w_head, g_b_head, *g_state, None)
         B, T, H = d_hs.shape
-        keys, m1 = saved[0][5], saved[0][10]
-        R, W, N = keys.shape[1], keys.shape[2], m1.shape[1]
-        d_hs = d_hs.contiguous()
+        R, W, N = saved[0][5].keys.shape[1], saved[0][5].keys.shape[2], saved[0][5].written.shape[1]
         d_rs = d_rs.reshape(B, T, R, W)
         new = d_hs.new_zeros
         carry = (new(B, H), new(B, R, W), new(B, H), new(B, N, W), new(B, N), new(B, R, N))
-        zs = torch.cat([step[0] for step in saved])  # (T*B, RW + H), step-major
-        d_gates_all, d_out_all = [None] * T, [None] * T
+        d_gates, d_out = [None] * T, [None] * T
         for t in range(T - 1, -1, -1):
-            carry, d_gates_all[t], d_out_all[t] = sequence_backward_step(
-                saved[t], d_hs[:, t], d_rs[:, t], *carry, w_rec, w_head, ctx.gamma, ctx.add)
-        d_out = torch.cat(d_out_all)  # (T*B, P)
-        d_gates = torch.cat(d_gates_all)  # (T*B, G)
-        g_w_rec = d_gates.t() @ zs
+            carry, d_gates[t], d_out[t] = sequence_backward_step(saved[t], d_hs[:, t], d_rs[:, t], carry, w_rec,
+                                                                 w_head, ctx.reading)
+        d_out, d_gates = torch.cat(d_out), torch.cat(d_gates)  # (T*B, P), (T*B, G), step-major
+        g_w_rec = d_gates.t() @ torch.cat([step[0] for step in saved])
         g_w_head = d_out.t() @ torch.cat(hs)
-        g_x = d_gates.view(T, B, -1).transpose(0, 1)
-        return (g_x, g_w_rec, g_w_head, d_out.sum(0), None, None, None, None, None, None, None, None, None)
+        dh, dr, dc, dm, du, dwr = carry
+        return (d_gates.view(T, B, -1).transpose(0, 1), g_w_rec, g_w_head, d_out.sum(0), dh, dc, dm, du, dwr, dr,
+                None)

@@ -11,12 +11,18 @@ width. Equation numbers refer to the paper:
 - Eq. 6  least-used weights       w_lu_t(i) = 1 if w_u_t(i) <= m(w_u_t, n) else 0  (m: n-th smallest)
 - Eq. 7  write weights            w_w_t = sigmoid(alpha) w_r_{t-1} + (1 - sigmoid(alpha)) w_lu_{t-1}
 - Eq. 8  write                    M_t(i) = M_{t-1}(i) + w_w_t(i) k_t
+
+:func:`lrua_step` wires them into one step, every reading of the paper an argument of it; it is the definition
+the hand-written backward of ``mann.fused`` and its C++ port (``mann/csrc``) are tested against.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 EPS = 1e-8
 
@@ -84,33 +90,22 @@ def update_usage(usage_prev: Tensor, read_weights: Tensor, write_weights: Tensor
     return gamma * usage_prev + read_weights.sum(1) + write_weights.sum(1)
 
 
-def least_used_order(usage: Tensor) -> Tensor:
-    """Slot indices from least to most used; ties go to the lower index (stable sort).
+def least_used(usage: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Eq. 6: 1 on the ``n`` least-used slots, 0 elsewhere (n = number of reads in the paper), and the least-used
+    slot itself (the row zeroed before the write).
 
-    Args:
-        usage: ``[B, N]``.
-
-    Returns:
-        ``[B, N]`` int64.
-    """
-    return torch.sort(usage, dim=-1, stable=True).indices
-
-
-def least_used(usage: Tensor, n: int) -> Tensor:
-    """Eq. 6: 1 on the ``n`` least-used slots, 0 elsewhere (n = number of reads in the paper).
-
-    Ties at the n-th smallest usage are broken towards the lower slot index, so exactly ``n`` slots are marked
-    (the paper's ``<=`` would mark every tied slot).
+    Ties at the n-th smallest usage are broken towards the lower slot index (a stable sort), so exactly ``n``
+    slots are marked (the paper's ``<=`` would mark every tied slot); the least-used slot is the first of them.
 
     Args:
         usage: ``[B, N]``.
         n: number of slots to mark, ``1 <= n <= N``.
 
     Returns:
-        ``[B, N]``, same dtype as ``usage``, no gradient.
+        ``([B, N]`` weights, same dtype as ``usage``, no gradient; ``[B]`` int64 slot``)``.
     """
-    idx = least_used_order(usage)[:, :n]
-    return usage.new_zeros(usage.shape).scatter_(1, idx, 1.0)
+    idx = torch.sort(usage.detach(), dim=-1, stable=True).indices[:, :n]  # (B, n)
+    return usage.new_zeros(usage.shape).scatter_(1, idx, 1.0), idx[:, 0]
 
 
 def write_weights(alpha: Tensor, read_weights_prev: Tensor, least_used_prev: Tensor) -> Tensor:
@@ -154,3 +149,75 @@ def write(memory_prev: Tensor, write_weights: Tensor, content: Tensor) -> Tensor
         ``[B, N, W]``.
     """
     return torch.baddbmm(memory_prev, write_weights.transpose(1, 2), content)
+
+
+class Reading(NamedTuple):
+    """The readings of the paper that are options (``MemoryConfig``, README "Paper ambiguities")."""
+
+    gamma: float  # usage decay (Eq. 5)
+    zero_least_used: bool = True  # zero the least-used row before the write
+    read_after_write: bool = True  # read weights from M_t (paper), else from M_{t-1}
+    add: bool = False  # write a separate add vector (write_content: add), else the key
+    strength: bool = False  # a learned key strength (key_strength: learned)
+
+    @classmethod
+    def of(cls, memory_config) -> Reading:
+        m = memory_config
+        return cls(m.gamma, m.zero_least_used, m.read_after_write, m.write_content == "add",
+                   m.key_strength == "learned")
+
+
+class Heads(NamedTuple):
+    """What the controller's head layer gives the memory at step t."""
+
+    keys: Tensor  # (B, R, W) read keys k_t (tanh)
+    alpha: Tensor  # (B, R) write gate logits
+    content: Tensor  # (B, R, W) what is written: ``keys`` itself (paper) or a tanh add vector
+    strength: Tensor | None  # (B, R) key strength >= 1 (softplus + 1), or None (paper: no strength)
+
+
+def head_layout(heads: int, width: int, add: bool, strength: bool) -> int:
+    """Width P of the head layer's output: R*W keys, R gates, then R*W add vectors and R strengths if used."""
+    return heads * (width + 1) + (heads * width if add else 0) + (heads if strength else 0)
+
+
+def split_heads(out: Tensor, heads: int, width: int, add: bool, strength: bool) -> Heads:
+    """The head layer's output ``[B, P]`` (see :func:`head_layout`) as :class:`Heads`."""
+    B, RW, R = out.shape[0], heads * width, heads
+    keys = torch.tanh(out[:, :RW]).view(B, R, width)
+    pos = RW + R
+    content = keys
+    if add:
+        content = torch.tanh(out[:, pos : pos + RW]).view(B, R, width)
+        pos += RW
+    beta = F.softplus(out[:, pos : pos + R]) + 1.0 if strength else None
+    return Heads(keys, out[:, RW : RW + R], content, beta)
+
+
+def lrua_step(memory: Tensor, usage: Tensor, read_weights: Tensor, heads: Heads, gamma: float,
+              zero_least_used: bool = True, read_after_write: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One LRUA step (Eq. 2-8), DNC's ``MemoryAccess._build``: the previous state and the heads in, the new state
+    and the reads out. Every reading is an argument: what is written (``heads.content``), zeroing the least-used
+    row first or not, the read weights from M_t (after the write, paper) or from M_{t-1} (the read vector is taken
+from M_t either way, as this project has always done), a key strength or none (``heads.strength``).
+
+    Args:
+        memory: ``[B, N, W]`` M_{t-1}.
+        usage: ``[B, N]`` w_u_{t-1}.
+        read_weights: ``[B, R, N]`` w_r_{t-1}.
+        heads: this step's :class:`Heads`.
+        gamma: usage decay (Eq. 5).
+
+    Returns:
+        ``(memory [B, N, W], usage [B, N], read_weights [B, R, N], reads [B, R, W])`` at step t.
+    """
+    lu, slot = least_used(usage, heads.keys.shape[1])  # Eq. 6 on w_u_{t-1}
+    ww = write_weights(heads.alpha, read_weights, lu)  # Eq. 7
+    if not read_after_write:
+        wr = content_read_weights(heads.keys, memory, heads.strength)  # Eq. 3 on M_{t-1}
+    written = zero_rows(memory, slot) if zero_least_used else memory
+    written = write(written, ww, heads.content)  # Eq. 8
+    if read_after_write:
+        wr = content_read_weights(heads.keys, written, heads.strength)  # Eq. 3 on M_t (paper)
+    reads = read(written, wr)  # Eq. 4, from M_t in both readings
+    return written, update_usage(usage, wr, ww, gamma), wr, reads  # Eq. 5

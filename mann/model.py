@@ -15,10 +15,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from . import memory as mem
-from .fused import DeferredLinear, DeferredWeight, LRUAStep, MANNSequence
+from .fused import LRUAStep, MANNSequence
 from .config import ModelConfig, TaskConfig
 from .labels import STRING_ALPHABET, STRING_LENGTH, digits_to_label, label_dim, string_digits
-
 
 
 class MANNState(NamedTuple):
@@ -36,7 +35,10 @@ class MANNState(NamedTuple):
 class MANN(nn.Module):
     """Controller + optional LRUA memory + linear output on ``[h_t, r_t]``.
 
-    ``cfg.kind == "mann"`` uses the memory; ``"lstm"`` / ``"feedforward"`` are the controller alone.
+    ``cfg.kind == "mann"`` uses the memory; ``"lstm"`` / ``"feedforward"`` are the controller alone. The memory step
+    is :func:`mann.memory.lrua_step` (``fused_memory: false``, plain autograd) or its hand-written backward
+    (``mann.fused``, the default, every reading): the whole episode as one node with the LSTM controller, one node
+    per step with the feed-forward one.
     """
 
     def __init__(self, cfg: ModelConfig, input_size: int, output_size: int):
@@ -56,13 +58,10 @@ class MANN(nn.Module):
         recurrent_in = R * W + (H if self.lstm else 0)
         self.recurrent = nn.Linear(recurrent_in, gates, bias=False) if recurrent_in else None
         if self.use_memory:
-            self.add = m.write_content == "add"
-            self.strength = m.key_strength == "learned"
+            self.reading = mem.Reading.of(m)
             # One matmul for every head's key, gate alpha, optional add vector and optional key strength.
-            head_out = R * W + R + (R * W if self.add else 0) + (R if self.strength else 0)
-            self.head = nn.Linear(H, head_out)
-            # The fused step (mann.fused) covers the paper's read-after-write without key strength.
-            self.fused = cfg.fused_memory and m.read_after_write and not self.strength
+            self.head = nn.Linear(H, mem.head_layout(R, W, self.reading.add, self.reading.strength))
+            self.fused = cfg.fused_memory
         self.output = nn.Linear(H + R * W, output_size)
         self._reset_parameters()
 
@@ -87,14 +86,12 @@ class MANN(nn.Module):
             read_vectors=torch.full((batch, R, W), init, **opts),
         )
 
-    def step(self, x_proj: Tensor, state: MANNState, tapes: dict | None = None) -> MANNState:
+    def step(self, x_proj: Tensor, state: MANNState) -> MANNState:
         """One time step.
 
         Args:
             x_proj: ``[B, G]`` the projected input ``input_proj([x_t, y_{t-1}])``.
             state: the state after step t-1.
-            tapes: from :meth:`_deferred_weights`, inside :meth:`forward`: the per-step layers then leave their
-                weight gradients to one product after the loop (same values, fewer operations).
 
         Returns:
             The state after step t; its ``h`` and ``read_vectors`` feed the output layer.
@@ -107,8 +104,7 @@ class MANN(nn.Module):
             rec.append(state.h)
         gates = x_proj
         if self.recurrent is not None:
-            z = torch.cat(rec, dim=-1) if len(rec) > 1 else rec[0]
-            gates = gates + (self._linear(z, "recurrent", tapes))
+            gates = gates + self.recurrent(torch.cat(rec, dim=-1) if len(rec) > 1 else rec[0])
         if self.lstm:
             H = self.hidden
             i, f, _, o = torch.sigmoid(gates).chunk(4, dim=-1)  # one sigmoid for three gates
@@ -120,69 +116,22 @@ class MANN(nn.Module):
             h = torch.tanh(gates)
         if not self.use_memory:
             return state._replace(h=h, c=c)
-        memory, usage, read_weights, read_vectors = self._memory_step(h, state, tapes)
-        return MANNState(h, c, memory, usage, read_weights, read_vectors)
-
-    def _linear(self, x: Tensor, name: str, tapes: dict | None) -> Tensor:
-        layer = getattr(self, name)
-        if tapes is None:
-            return layer(x)
-        weight, tape = tapes[name]
-        out = DeferredLinear.apply(x, weight, tape)
-        return out if layer.bias is None else out + layer.bias
-
-    def _deferred_weights(self) -> dict | None:
-        """Per-step weights wrapped so their gradients are computed once after the time loop."""
-        if not torch.is_grad_enabled():
-            return None
-        tapes = {}
-        for name in ("recurrent", "head"):
-            layer = getattr(self, name, None)
-            if layer is not None:
-                tape: list = []
-                tapes[name] = (DeferredWeight.apply(layer.weight, tape), tape)
-        return tapes
-
-    def _memory_step(self, h: Tensor, state: MANNState, tapes: dict | None = None):
-        m = self.cfg.memory
-        B, R, W = h.shape[0], self.heads, self.width
-        out = self._linear(h, "head", tapes)
-        keys = torch.tanh(out[:, : R * W]).view(B, R, W)  # (B, R, W)
-        alpha = out[:, R * W : R * W + R]  # (B, R)
-        pos = R * W + R
-        content = keys
-        if self.add:
-            content = torch.tanh(out[:, pos : pos + R * W]).view(B, R, W)
-            pos += R * W
-        strength = F.softplus(out[:, pos : pos + R]) + 1.0 if self.strength else None
-
-        # Eq. 6-7: write weights from the previous reads and the least-used slots of w_u_{t-1}.
-        lu_prev = mem.least_used(state.usage, R)  # (B, N)
+        r = self.reading
+        heads = mem.split_heads(self.head(h), self.heads, self.width, r.add, r.strength)
         if self.fused:
-            keep = torch.arange(self.slots, device=h.device) != torch.argmin(state.usage, -1, keepdim=True)
-            if not m.zero_least_used:
-                keep = torch.ones_like(keep)
-            return LRUAStep.apply(keys, content, alpha, state.memory, state.usage, state.read_weights, lu_prev,
-                                  keep.to(h.dtype), m.gamma)
-        ww = mem.write_weights(alpha, state.read_weights, lu_prev)  # (B, R, N)
-        memory = state.memory
-        if not m.read_after_write:
-            rw = mem.content_read_weights(keys, memory, strength)  # Eq. 3 on M_{t-1}
-        if m.zero_least_used:
-            memory = mem.zero_rows(memory, torch.argmin(state.usage, dim=-1))
-        memory = mem.write(memory, ww, content)  # Eq. 8
-        if m.read_after_write:
-            rw = mem.content_read_weights(keys, memory, strength)  # Eq. 3 on M_t (paper)
-        reads = mem.read(memory, rw)  # Eq. 4, (B, R, W)
-        usage = mem.update_usage(state.usage, rw, ww, m.gamma)  # Eq. 5
-        return memory, usage, rw, reads
+            new = LRUAStep.apply(state.memory, state.usage, state.read_weights, *heads, *r[:3])
+        else:
+            new = mem.lrua_step(state.memory, state.usage, state.read_weights, heads, r.gamma, r.zero_least_used,
+                                r.read_after_write)
+        return MANNState(h, c, *new)
 
-    def forward(self, inputs: Tensor, state: MANNState | None = None) -> Tensor:
+    def forward(self, inputs: Tensor, state: MANNState | None = None, per_step: bool = False) -> Tensor:
         """Run whole episodes.
 
         Args:
             inputs: ``[B, T, D]`` images joined with the previous step's label.
             state: initial state, default :meth:`initial_state`.
+            per_step: run :meth:`step` by step even where the whole-episode node applies (tests compare them).
 
         Returns:
             ``[B, T, output_size]`` logits.
@@ -191,17 +140,15 @@ class MANN(nn.Module):
         if state is None:
             state = self.initial_state(B, inputs.device, inputs.dtype)
         x_proj = self.input_proj(inputs)  # (B, T, G), hoisted out of the loop
-        if self.use_memory and self.lstm and self.fused:
+        if self.use_memory and self.lstm and self.fused and not per_step:
             # the whole episode as one node with a hand-written backward through time (mann.fused)
-            m = self.cfg.memory
-            hs, reads = MANNSequence.apply(x_proj, self.recurrent.weight, self.head.weight, self.head.bias,
-                                           *(t.detach() for t in state), m.gamma, m.zero_least_used, self.add)
+            hs, reads = MANNSequence.apply(x_proj, self.recurrent.weight, self.head.weight, self.head.bias, *state,
+                                           self.reading)
             return self.output(torch.cat([hs, reads], -1))
         feats = []
-        tapes = self._deferred_weights()
         # unbind, not x_proj[:, t]: indexing would make backward write a full-size zero gradient per step.
         for x_t in x_proj.unbind(1):
-            state = self.step(x_t, state, tapes)
+            state = self.step(x_t, state)
             if self.use_memory:
                 feats.append(torch.cat([state.h, state.read_vectors.reshape(B, -1)], dim=-1))
             else:

@@ -1,10 +1,11 @@
-"""The benchmark's plain port computes exactly what the model computes; `mann bench` runs."""
+"""`mann bench` runs, with its comparisons (that the plain port computes what the model computes:
+tests/test_conformance.py)."""
 
 from __future__ import annotations
 
 import json
 
-import torch
+import pytest
 
 from mann.bench.plain import PlainMANN
 from mann.config import ControllerConfig, MemoryConfig, ModelConfig
@@ -13,23 +14,29 @@ from mann.model import MANN
 from .test_cli import mann
 
 
-def test_plain_port_matches_model_forward_and_gradients():
-    torch.manual_seed(0)
-    cfg = ModelConfig(controller=ControllerConfig(hidden=24), memory=MemoryConfig(slots=12, width=5, read_heads=3))
-    model = MANN(cfg, input_size=30, output_size=5)
-    plain = PlainMANN.from_model(model)
-    x = torch.rand(4, 20, 30)
-    y = torch.randint(0, 5, (4, 20))
-    out_m, out_p = model(x), plain(x)
-    torch.testing.assert_close(out_m, out_p, atol=1e-5, rtol=1e-4)
-    torch.nn.functional.cross_entropy(out_m.reshape(-1, 5), y.reshape(-1)).backward()
-    torch.nn.functional.cross_entropy(out_p.reshape(-1, 5), y.reshape(-1)).backward()
-    RW = 15
-    g_ih = torch.cat([model.input_proj.weight.grad, model.recurrent.weight.grad[:, :RW]], 1)
-    torch.testing.assert_close(plain.cell.weight_ih.grad, g_ih, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(plain.cell.weight_hh.grad, model.recurrent.weight.grad[:, RW:], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(plain.head.weight.grad, model.head.weight.grad, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(plain.output.weight.grad, model.output.weight.grad, atol=1e-5, rtol=1e-4)
+def test_plain_port_needs_an_lstm_controlled_mann():
+    cfg = ModelConfig(kind="mann", controller=ControllerConfig(kind="feedforward", hidden=4),
+                      memory=MemoryConfig(slots=4, width=2, read_heads=1))
+    with pytest.raises(ValueError, match="LSTM controller"):
+        PlainMANN.from_model(MANN(cfg, input_size=3, output_size=2))
+
+
+def test_bench_compare_times_two_configs_interleaved(omniglot_dir, capsys):
+    """``--compare`` (mann/cli.py forwards it as ``args.compare``): a KEY=VALUE override, and another config."""
+    from mann.bench import run_bench
+    from mann.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--config", "configs/mann/smoke.yaml", "--steps", "1", "--repeats",
+                                      "2", "--warmup", "0", "--json"])
+    for compare, config in ((["model.fused_memory=false"], "configs/mann/smoke.yaml"),
+                            (["configs/mann/small.yaml", "task.instances=2"], "configs/mann/small.yaml")):
+        args.compare = compare
+        assert run_bench(args) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["compare"] == compare and out["compare_config"] == config
+        assert out["compare_episodes_per_s"] > 0 and out["speedup_vs_compare"] > 0
+        lo, hi = out["compare_speedup_range"]
+        assert lo <= out["speedup_vs_compare"] <= hi
 
 
 def test_bench_json(omniglot_dir):

@@ -36,22 +36,25 @@ def np_least_used(u, n):
     return w
 
 
-def np_lrua_step(M, u, wr_prev, keys, alpha, gamma, zero=True, read_after_write=True):
-    """One LRUA step for one batch element (paper Eq. 2-8)."""
+def np_lrua_step(M, u, wr_prev, keys, alpha, gamma, zero=True, read_after_write=True, content=None,
+                 strength=None):
+    """One LRUA step for one batch element (paper Eq. 2-8; the key is written unless ``content`` is given)."""
     R = keys.shape[0]
+    content = keys if content is None else content
+    beta = np.ones(R) if strength is None else strength
     lu = np_least_used(u, R)
     ww = np.stack([1 / (1 + np.exp(-alpha[r])) * wr_prev[r] + (1 - 1 / (1 + np.exp(-alpha[r]))) * lu
                    for r in range(R)])
     M = M.copy()
     if not read_after_write:
-        wr = np_softmax(np_cosine(keys, M))
+        wr = np_softmax(beta[:, None] * np_cosine(keys, M))
     if zero:
         M[int(np.argmin(u))] = 0.0
     for r in range(R):
         for i in range(M.shape[0]):
-            M[i] += ww[r, i] * keys[r]
+            M[i] += ww[r, i] * content[r]
     if read_after_write:
-        wr = np_softmax(np_cosine(keys, M))
+        wr = np_softmax(beta[:, None] * np_cosine(keys, M))
     reads = wr @ M
     u = gamma * u + wr.sum(0) + ww.sum(0)
     return M, u, wr, ww, reads
@@ -111,11 +114,12 @@ def test_usage_decay_hand_computed():
 
 def test_least_used_marks_n_smallest_with_ties_to_lower_index():
     u = torch.tensor([[0.3, 0.1, 0.2, 0.1, 0.9], [0.0, 0.0, 0.0, 0.0, 0.0]])
-    torch.testing.assert_close(mem.least_used(u, 1), torch.tensor([[0, 1, 0, 0, 0], [1, 0, 0, 0, 0.0]]))
-    torch.testing.assert_close(mem.least_used(u, 2), torch.tensor([[0, 1, 0, 1, 0], [1, 1, 0, 0, 0.0]]))
-    torch.testing.assert_close(mem.least_used(u, 3), torch.tensor([[0, 1, 1, 1, 0], [1, 1, 1, 0, 0.0]]))
-    # argmin (the zeroed row) agrees with the first least-used slot on ties
-    assert torch.argmin(u, dim=-1).tolist() == [1, 0]
+    torch.testing.assert_close(mem.least_used(u, 1)[0], torch.tensor([[0, 1, 0, 0, 0], [1, 0, 0, 0, 0.0]]))
+    torch.testing.assert_close(mem.least_used(u, 2)[0], torch.tensor([[0, 1, 0, 1, 0], [1, 1, 0, 0, 0.0]]))
+    torch.testing.assert_close(mem.least_used(u, 3)[0], torch.tensor([[0, 1, 1, 1, 0], [1, 1, 1, 0, 0.0]]))
+    # the least-used slot (the zeroed row) is the first marked one, as argmin on ties
+    for n in (1, 2, 3):
+        assert mem.least_used(u, n)[1].tolist() == [1, 0] == torch.argmin(u, dim=-1).tolist()
 
 
 def test_write_weights_interpolate():
@@ -145,7 +149,8 @@ def test_zero_rows_and_write():
 
 @pytest.mark.parametrize("zero", [True, False])
 @pytest.mark.parametrize("read_after_write", [True, False])
-def test_lrua_steps_match_numpy_reference(zero, read_after_write):
+@pytest.mark.parametrize("add,strength", [(False, False), (True, True)])
+def test_lrua_steps_match_numpy_reference(zero, read_after_write, add, strength):
     rng = np.random.default_rng(0)
     B, R, N, W, gamma = 3, 2, 6, 4, 0.9
     M = rng.normal(size=(B, N, W))
@@ -157,29 +162,33 @@ def test_lrua_steps_match_numpy_reference(zero, read_after_write):
     for _ in range(4):
         keys = np.tanh(rng.normal(size=(B, R, W)))
         alpha = rng.normal(size=(B, R))
-        kt, at = torch.tensor(keys), torch.tensor(alpha)
-        # torch, batched
-        lu = mem.least_used(ut, R)
-        ww_t = mem.write_weights(at, wrt, lu)
-        M_new = Mt
-        if not read_after_write:
-            wr_t = mem.content_read_weights(kt, M_new)
-        if zero:
-            M_new = mem.zero_rows(M_new, torch.argmin(ut, -1))
-        M_new = mem.write(M_new, ww_t, kt)
-        if read_after_write:
-            wr_t = mem.content_read_weights(kt, M_new)
-        reads_t = mem.read(M_new, wr_t)
-        u_new = mem.update_usage(ut, wr_t, ww_t, gamma)
+        content = np.tanh(rng.normal(size=(B, R, W))) if add else keys
+        beta = 1 + rng.uniform(size=(B, R)) * 3 if strength else None
+        heads = mem.Heads(torch.tensor(keys), torch.tensor(alpha), torch.tensor(content),
+                          None if beta is None else torch.tensor(beta))
+        M_new, u_new, wr_t, reads_t = mem.lrua_step(Mt, ut, wrt, heads, gamma, zero, read_after_write)
         for b in range(B):
-            M[b], u[b], wr[b], ww, reads = np_lrua_step(M[b], u[b], wr[b], keys[b], alpha[b], gamma, zero,
-                                                        read_after_write)
-            np.testing.assert_allclose(ww_t[b].numpy(), ww, atol=1e-12)
+            M[b], u[b], wr[b], _, reads = np_lrua_step(M[b], u[b], wr[b], keys[b], alpha[b], gamma, zero,
+                                                       read_after_write, content[b],
+                                                       None if beta is None else beta[b])
             np.testing.assert_allclose(reads_t[b].numpy(), reads, atol=1e-10)
         np.testing.assert_allclose(M_new.numpy(), M, atol=1e-12)
         np.testing.assert_allclose(u_new.numpy(), u, atol=1e-12)
         np.testing.assert_allclose(wr_t.numpy(), wr, atol=1e-12)
         Mt, ut, wrt = M_new, u_new, wr_t
+
+
+def test_split_heads_layout():
+    out = torch.arange(2 * 15, dtype=torch.float64).view(2, 15) / 30  # R=2, W=3: keys 6, alphas 2, add 6, beta 2
+    assert mem.head_layout(2, 3, add=True, strength=True) == 16 and mem.head_layout(2, 3, False, False) == 8
+    out = torch.cat([out, out[:, :1]], 1)
+    h = mem.split_heads(out, 2, 3, add=True, strength=True)
+    torch.testing.assert_close(h.keys, torch.tanh(out[:, :6]).view(2, 2, 3))
+    torch.testing.assert_close(h.alpha, out[:, 6:8])
+    torch.testing.assert_close(h.content, torch.tanh(out[:, 8:14]).view(2, 2, 3))
+    torch.testing.assert_close(h.strength, torch.nn.functional.softplus(out[:, 14:16]) + 1)
+    plain = mem.split_heads(out[:, :8], 2, 3, add=False, strength=False)
+    assert plain.content is plain.keys and plain.strength is None
 
 
 def test_zeroed_row_is_the_least_used_before_the_write():

@@ -2,7 +2,9 @@
 
 Medians over repeats after warm-up; with ``--compare-plain`` the plain port (``mann.bench.plain``) is timed in
 the same process, interleaved with the model (each repeat times both, back to back), and the median of the
-per-repeat ratios printed with their range. ``--compare-prefetch`` times whole loops the same way, a fresh batch
+per-repeat ratios printed with their range. ``--compare SPEC`` (repeatable) does the same for a second model: SPEC
+is another config file, or a ``KEY.PATH=VALUE`` override of the bench's config (``model.fused_memory=false``
+times the readable path against the fused one). ``--compare-prefetch`` times whole loops the same way, a fresh batch
 every step, sampled in the loop or ahead on the training loop's background thread.
 """
 
@@ -56,10 +58,33 @@ def _time_loop(model, optimizer, sampler, g, cfg, device, steps: int, prefetch: 
     return (time.perf_counter() - t0) / steps
 
 
+def _paired(slow: list[float], fast: list[float]) -> tuple[float, list[float]]:
+    """Median and range of the per-repeat ratios: each repeat times both back to back, so the median of those
+    paired ratios is robust to the machine's drift."""
+    ratios = sorted(s / f for s, f in zip(slow, fast))
+    return statistics.median(ratios), [ratios[0], ratios[-1]]
+
+
+def _config(path, sets, batch_size):
+    cfg = load_train_config(path, sets)
+    if batch_size:
+        cfg = replace(cfg, train=replace(cfg.train, batch_size=batch_size))
+    return cfg
+
+
+def _compare_config(args, specs: list[str]):
+    """The second model of ``--compare``: the config files and ``KEY.PATH=VALUE`` overrides in ``specs``, on top of
+    the bench's own config (``--config``, ``--set``)."""
+    paths = [s for s in specs if "=" not in s]
+    if len(paths) > 1:
+        raise ValueError(f"--compare: at most one config file, got {paths}")
+    path = paths[0] if paths else (args.config or PAPER)
+    return str(path), _config(path, list(args.set) + [s for s in specs if "=" in s], args.batch_size)
+
+
 def run_bench(args) -> int:
-    cfg = load_train_config(args.config or PAPER, args.set)
-    if args.batch_size:
-        cfg = replace(cfg, train=replace(cfg.train, batch_size=args.batch_size))
+    cfg = _config(args.config or PAPER, args.set, args.batch_size)
+    compare = list(getattr(args, "compare", None) or [])  # mann/cli.py: --compare (action append)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -80,19 +105,28 @@ def run_bench(args) -> int:
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.task, cfg.data.image_size).to(device)
     opt = make_optimizer(model, cfg.train)
-    contenders = {"model": (model, opt)}
+    contenders = {"model": (model, opt, batches, cfg)}
     if args.compare_plain:
         from .plain import PlainMANN
 
         plain = PlainMANN.from_model(model).to(device)
-        contenders["plain"] = (plain, make_optimizer(plain, cfg.train))
-    for m, o in contenders.values():
+        contenders["plain"] = (plain, make_optimizer(plain, cfg.train), batches, cfg)
+    if compare:
+        compare_path, c_cfg = _compare_config(args, compare)
+        c_batches = batches
+        if (c_cfg.data, c_cfg.task) != (cfg.data, cfg.task):  # another task: its own episodes
+            c_sampler = make_sampler(load_splits(c_cfg.data), "train", c_cfg)
+            c_batches = [c_sampler.sample(c_cfg.train.batch_size, g).to(device) for _ in range(8)]
+        torch.manual_seed(0)
+        c_model = build_model(c_cfg.model, c_cfg.task, c_cfg.data.image_size).to(device)
+        contenders["compare"] = (c_model, make_optimizer(c_model, c_cfg.train), c_batches, c_cfg)
+    for m, o, bs, c in contenders.values():
         if args.warmup:
-            _time_steps(m, o, batches, cfg.task, cfg.train.grad_clip, args.warmup)
+            _time_steps(m, o, bs, c.task, c.train.grad_clip, args.warmup)
     times: dict[str, list[float]] = {k: [] for k in contenders}
-    for _ in range(args.repeats):  # interleaved, so both see the same machine noise
-        for name, (m, o) in contenders.items():
-            times[name].append(_time_steps(m, o, batches, cfg.task, cfg.train.grad_clip, args.steps))
+    for _ in range(args.repeats):  # interleaved, so all see the same machine noise
+        for name, (m, o, bs, c) in contenders.items():
+            times[name].append(_time_steps(m, o, bs, c.task, c.train.grad_clip, args.steps))
     loops: dict[str, list[float]] = {"inline": [], "prefetch": []}
     for _ in range(args.repeats if args.compare_prefetch else 0):
         for name in loops:
@@ -112,15 +146,19 @@ def run_bench(args) -> int:
         "steps_per_repeat": args.steps,
     }
     if "plain" in med:
-        # each repeat times both back to back: the median of those paired ratios is robust to the machine's drift
-        ratios = sorted(p / m for p, m in zip(times["plain"], times["model"]))
+        speedup, span = _paired(times["plain"], times["model"])
         out.update(plain_median_step_s=med["plain"], plain_episodes_per_s=B / med["plain"],
-                   speedup_vs_plain=statistics.median(ratios), speedup_range=[ratios[0], ratios[-1]])
+                   speedup_vs_plain=speedup, speedup_range=span)
+    if "compare" in med:
+        speedup, span = _paired(times["compare"], times["model"])
+        out.update(compare=compare, compare_config=compare_path, compare_median_step_s=med["compare"],
+                   compare_episodes_per_s=c_cfg.train.batch_size / med["compare"],
+                   speedup_vs_compare=speedup, compare_speedup_range=span)
     if args.compare_prefetch:
-        ratios = sorted(i / p for i, p in zip(loops["inline"], loops["prefetch"]))
+        speedup, span = _paired(loops["inline"], loops["prefetch"])
         out.update(loop_inline_episodes_per_s=B / statistics.median(loops["inline"]),
                    loop_prefetch_episodes_per_s=B / statistics.median(loops["prefetch"]),
-                   prefetch_speedup=statistics.median(ratios), prefetch_speedup_range=[ratios[0], ratios[-1]])
+                   prefetch_speedup=speedup, prefetch_speedup_range=span)
     if args.json:
         print(json.dumps(out))
         return 0
@@ -131,6 +169,12 @@ def run_bench(args) -> int:
         print(f"plain  {out['plain_episodes_per_s']:8.1f} episodes/s  (median step {med['plain'] * 1000:.1f} ms)")
         lo, hi = out["speedup_range"]
         print(f"speed-up vs plain port: {out['speedup_vs_plain']:.2f}x (median of {args.repeats} paired repeats; "
+              f"range {lo:.2f}-{hi:.2f})")
+    if "compare" in med:
+        lo, hi = out["compare_speedup_range"]
+        print(f"compare {out['compare_episodes_per_s']:7.1f} episodes/s  (median step {med['compare'] * 1000:.1f} ms; "
+              f"{out['compare_config']} with {' '.join(compare)})")
+        print(f"speed-up vs compare: {out['speedup_vs_compare']:.2f}x (median of {args.repeats} paired repeats; "
               f"range {lo:.2f}-{hi:.2f})")
     print(f"episode sampling {sample_s * 1000:.2f} ms per batch ({out['sampling_vs_step']:.0f}x faster than a step)")
     if args.compare_prefetch:

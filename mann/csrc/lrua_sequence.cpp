@@ -1,15 +1,17 @@
-// The whole-episode LRUA sequence of mann/fused.py (MANNSequence) with its time loops in C++.
+// The whole-episode LRUA sequence of mann/fused.py (MANNSequence) with its time loops in C++, for every reading
+// (key or add vector written, zeroing on or off, read weights from M_t or M_{t-1}, key strength or none, any heads).
 //
-// The same math as sequence_forward_step / sequence_backward_step in mann/fused.py (read those first: they carry
-// the equations and the shapes). The per-step matrix products stay ATen calls; the LRUA memory (Eq. 2-8 and
-// their gradients), the LSTM cell's backward and the head layer's backward are loops over each episode's rows,
-// one episode per OpenMP thread, with AVX2 + FMA versions for float where compiled in; each step writes what the
-// backward needs straight into [T, ...] buffers (reused across calls, see mann/fused.py). Sums may be taken in
-// another order than ATen's, so results agree to rounding: tests/test_fused.py checks outputs and gradients
-// against the readable model in float64 and float32.
+// The same math as sequence_forward_step / sequence_backward_step and lrua_forward / lrua_backward in
+// mann/fused.py (read those first: they carry the equations and the shapes). The per-step matrix products stay
+// ATen calls; the LRUA memory (Eq. 2-8 and their gradients), the LSTM cell's backward and the head layer's
+// backward are loops over each episode's rows, episodes split over OpenMP threads where the memory is large
+// enough, with AVX2 + FMA versions for float where compiled in; each step writes what the backward needs straight
+// into [T, ...] buffers (reused across calls, see mann/fused.py). Sums may be taken in another order than ATen's,
+// so results agree to rounding: tests/test_conformance.py checks outputs and gradients against a plain-autograd
+// model in float64 and float32.
 //
 // Shapes: B batch, T steps, H controller width, G = 4H gates, R heads, W memory width, N slots, RW = R*W,
-// P head-layer outputs (R*W keys, R alphas, then R*W add vectors when `add`).
+// P head-layer outputs (R*W keys, R alphas, then R*W add vectors when `add`, R strengths when `strength`).
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -25,9 +27,12 @@ namespace {
 using at::Tensor;
 constexpr double kEps = 1e-8;  // mann.memory.EPS
 
-// What the forward saves per step, stacked over time: the indices into its list of [T, ...] tensors.
+// What the forward saves per step, stacked over time: the indices into its list of [T, ...] tensors. kM has
+// T + 1 entries, M_{t-1} at t (the initial memory at 0); kMraw, kSim belong to the memory the read weights come
+// from (M_t, or M_{t-1}); kBeta, kSlope (the key strength and softplus' of its pre-activation) are empty
+// without a strength.
 enum : int { kZ, kSG, kGt, kCprev, kTC, kKeys, kContent, kS, kDiff, kKeep, kM, kMraw, kKraw, kSim, kWr, kWw,
-             kSaved };
+             kBeta, kSlope, kSaved };
 
 // An out= argument from a temporary view (it lives to the end of the full expression).
 Tensor& L(Tensor&& t) { return t; }
@@ -295,15 +300,17 @@ void least_used(const T* usage, int64_t N, int64_t R, std::vector<int64_t>& idx)
 
 // In: keys, content [R, W]; alpha [R]; mem_prev [N, W]; usage_prev [N]; wr_prev [R, N].
 // Out: s [R] sigmoid(alpha); keep [1] the zeroed row (-1: none); diff [R, N] = w_r_{t-1} - w_lu; ww [R, N]
-// (Eq. 7); m1 [N, W] (Eq. 8); m_raw [N], k_raw [R] the norms; sim [R, N] (Eq. 2, before the softmax).
+// (Eq. 7); m1 [N, W] (Eq. 8); m_raw [N], k_raw [R] the norms; sim [R, N] (Eq. 2, the cosine before the
+// softmax and the strength), of m1 if `after`, else of mem_prev.
 template <typename T>
 void memory_write(Dims d, const T* keys, const T* content, const T* alpha, const T* mem_prev, const T* usage_prev,
-                  const T* wr_prev, bool zero, T* s, int64_t* keep, T* diff, T* ww, T* m1, T* m_raw, T* k_raw,
-                  T* sim) {
+                  const T* wr_prev, bool zero, bool after, T* s, int64_t* keep, T* diff, T* ww, T* m1, T* m_raw,
+                  T* k_raw, T* sim) {
   const int64_t R = d.R, N = d.N, W = d.W;
   thread_local std::vector<int64_t> lu;
-  thread_local std::vector<T> w_lu;
+  thread_local std::vector<T> w_lu, unused;
   lu.reserve(R + 1);
+  unused.resize(R);
   least_used(usage_prev, N, R, lu);
   w_lu.assign(N, T(0));
   for (int64_t i : lu) w_lu[i] = T(1);
@@ -320,8 +327,15 @@ void memory_write(Dims d, const T* keys, const T* content, const T* alpha, const
     k_raw[r] = std::sqrt(dot(keys + r * W, keys + r * W, W));
   }
   for (int64_t n = 0; n < N; ++n) {
-    const T norm = std::sqrt(write_row(mem_prev + n * W, n == zeroed, ww + n, N, content, keys, R, W, m1 + n * W,
-                                       sim + n, N));  // Eq. 8, the row's norm and k_r . M_t(n)
+    const T* prev = mem_prev + n * W;
+    T norm;
+    if (after) {  // Eq. 8, the row's norm and k_r . M_t(n) in one pass
+      norm = std::sqrt(write_row(prev, n == zeroed, ww + n, N, content, keys, R, W, m1 + n * W, sim + n, N));
+    } else {  // the norm and k_r . M_{t-1}(n), then Eq. 8
+      norm = std::sqrt(dot(prev, prev, W));
+      dots(keys, prev, R, W, sim + n, N);
+      write_row(prev, n == zeroed, ww + n, N, content, keys, R, W, m1 + n * W, unused.data(), 1);
+    }
     m_raw[n] = norm;
     for (int64_t r = 0; r < R; ++r) sim[r * N + n] /= (k_raw[r] + T(kEps)) * (norm + T(kEps));  // Eq. 2
   }
@@ -340,30 +354,34 @@ void memory_read(Dims d, const T* wr, const T* ww, const T* m1, const T* usage_p
   }
 }
 
-// In: what the forward saved, and d_reads [R, W] (the reads' gradient, from the output and from step t+1).
-// In/out: the carries from step t+1 to step t: dm [N, W] (M_t), du [N] (w_u_t), dwr [R, N] (w_r_t).
-// Out: g_keys, g_content [R, W] (with `same_content`, g_keys holds both), g_alpha [R].
+// In: what the forward saved (m1: M_t; m_addr: the memory the read weights come from, m1 itself if `after`;
+// beta [R]: the key strength, or null), and d_reads [R, W] (the reads' gradient, from the output and step t+1).
+// In/out: the carries from step t+1 to step t: dm [N, W] (M_t in, M_{t-1} out), du [N] (w_u_t), dwr [R, N] (w_r_t).
+// Out: g_keys, g_content [R, W] (with `same_content`, g_keys holds both), g_alpha [R], g_beta [R] (with beta).
 // Scratch: g_a, g_b [R, N], g_mnorm [N].
 template <typename T>
 void memory_backward(Dims d, const T* keys, const T* content, bool same_content, const T* s, int64_t keep,
-                     const T* diff, const T* ww, const T* m1, const T* m_raw, const T* k_raw, const T* sim,
-                     const T* wr, const T* d_reads, double gamma, T* dm, T* du, T* dwr, T* g_keys, T* g_content,
-                     T* g_alpha, T* g_a, T* g_b, T* g_mnorm) {
+                     const T* diff, const T* ww, const T* m1, const T* m_addr, bool after, const T* beta,
+                     const T* m_raw, const T* k_raw, const T* sim, const T* wr, const T* d_reads, double gamma, T* dm,
+                     T* du, T* dwr, T* g_keys, T* g_content, T* g_alpha, T* g_beta, T* g_a, T* g_b, T* g_mnorm) {
   const int64_t R = d.R, N = d.N, W = d.W;
-  // read (Eq. 4) and usage (Eq. 5) into the read weights: g_a = d w_r_t
+  // read (Eq. 4, from M_t) and usage (Eq. 5) into the read weights: g_a = d w_r_t
   for (int64_t n = 0; n < N; ++n) dots(d_reads, m1 + n * W, R, W, g_a + n, N);
   for (int64_t r = 0; r < R; ++r)
     for (int64_t n = 0; n < N; ++n) g_a[r * N + n] += dwr[r * N + n] + du[n];
-  // softmax (Eq. 3), then the cosine (Eq. 2): sim = D / q, q = (|k| + eps)(|M| + eps); g_b = dD
+  // softmax (Eq. 3) of beta * sim, then the cosine (Eq. 2): sim = D / q, q = (|k| + eps)(|M| + eps); g_b = dD
   std::fill(g_mnorm, g_mnorm + N, T(0));
   for (int64_t r = 0; r < R; ++r) {
     const T* gw = g_a + r * N;
     const T* p = wr + r * N;
     const T inner = dot(gw, p, N);
     const T kq = k_raw[r] + T(kEps);
-    T g_knorm = 0;
+    const T b = beta ? beta[r] : T(1);
+    T g_knorm = 0, g_b_r = 0;
     for (int64_t n = 0; n < N; ++n) {
-      const T g_sim = p[n] * (gw[n] - inner);
+      const T g_logit = p[n] * (gw[n] - inner);
+      g_b_r += g_logit * sim[r * N + n];
+      const T g_sim = g_logit * b;
       const T q = kq * (m_raw[n] + T(kEps));
       const T gq = -(g_sim * sim[r * N + n]) / q;
       g_b[r * N + n] = g_sim / q;
@@ -371,18 +389,24 @@ void memory_backward(Dims d, const T* keys, const T* content, bool same_content,
       g_mnorm[n] += gq * kq;
     }
     g_alpha[r] = g_knorm;  // d|k_r| until the end
+    if (beta) g_beta[r] = g_b_r;
   }
-  // every path into row n of M_t: the next step, the read, the dot products, the row norm; dm becomes dM_t
+  // every path into row n of M_t: the next step, the read, and (`after`) the dot products and the row norm
+  // (d|M|/dM = M/|M|, 0 at 0); dm becomes dM_t; then the write (Eq. 8) into the write weights (Eq. 7): g_a holds
+  // d w_w_t
   for (int64_t n = 0; n < N; ++n) {
-    const T* row = m1 + n * W;
     T* g_row = dm + n * W;
-    // d|M|/dM = M/|M| (0 at 0); then the write (Eq. 8) into the write weights (Eq. 7): g_a holds d w_w_t
-    grad_row(g_row, wr + n, d_reads, g_b + n, keys, g_mnorm[n] / std::max(m_raw[n], T(1e-30)), row, content, R, W,
-             N, g_a + n);
+    if (after) {
+      grad_row(g_row, wr + n, d_reads, g_b + n, keys, g_mnorm[n] / std::max(m_raw[n], T(1e-30)), m1 + n * W,
+               content, R, W, N, g_a + n);
+    } else {
+      for (int64_t r = 0; r < R; ++r) axpy(wr[r * N + n], d_reads + r * W, g_row, W);
+      dots(content, g_row, R, W, g_a + n, N);
+    }
     for (int64_t r = 0; r < R; ++r) g_a[r * N + n] += du[n];
   }
   for (int64_t r = 0; r < R; ++r) {
-    combine(g_b + r * N, m1, N, W, g_keys + r * W);  // through the dot products
+    combine(g_b + r * N, m_addr, N, W, g_keys + r * W);  // through the dot products
     axpy(g_alpha[r] / std::max(k_raw[r], T(1e-30)), keys + r * W, g_keys + r * W, W);  // through |k|
     combine(ww + r * N, dm, N, W, g_content + r * W);  // through the write
     if (same_content) axpy(T(1), g_content + r * W, g_keys + r * W, W);
@@ -392,19 +416,28 @@ void memory_backward(Dims d, const T* keys, const T* content, bool same_content,
     for (int64_t n = 0; n < N; ++n) dwr[r * N + n] = gw[n] * sr;
   }
   if (keep >= 0) std::fill(dm + keep * W, dm + keep * W + W, T(0));  // the row zeroed before the write
+  if (!after)  // the dot products and row norms of M_{t-1}
+    for (int64_t n = 0; n < N; ++n) {
+      T* g_row = dm + n * W;
+      for (int64_t r = 0; r < R; ++r) axpy(g_b[r * N + n], keys + r * W, g_row, W);
+      axpy(g_mnorm[n] / std::max(m_raw[n], T(1e-30)), m_addr + n * W, g_row, W);
+    }
   for (int64_t n = 0; n < N; ++n) du[n] *= T(gamma);
 }
 
-// The head layer's backward for one episode: keys = tanh(.), alphas, add vectors = tanh(.) (when `add`) into
-// d_out [P] (the gradient of the head layer's output), from g_keys, g_content [R, W] and g_alpha [R].
+// The head layer's backward for one episode: keys = tanh(.), alphas, add vectors = tanh(.) (when `add`), strengths
+// = softplus(.) + 1 (when `slope`, softplus' [R], is given) into d_out [P] (the gradient of the head layer's
+// output), from g_keys, g_content [R, W], g_alpha [R] and g_beta [R].
 template <typename T>
-void head_backward(int64_t R, int64_t W, const T* keys, const T* content, bool add, const T* g_keys,
-                   const T* g_content, const T* g_alpha, T* d_out) {
+void head_backward(int64_t R, int64_t W, const T* keys, const T* content, bool add, const T* slope, const T* g_keys,
+                   const T* g_content, const T* g_alpha, const T* g_beta, T* d_out) {
   const int64_t RW = R * W;
   for (int64_t i = 0; i < RW; ++i) d_out[i] = g_keys[i] * (T(1) - keys[i] * keys[i]);
   for (int64_t r = 0; r < R; ++r) d_out[RW + r] = g_alpha[r];
   if (add)
     for (int64_t i = 0; i < RW; ++i) d_out[RW + R + i] = g_content[i] * (T(1) - content[i] * content[i]);
+  if (slope)
+    for (int64_t r = 0; r < R; ++r) d_out[RW + R + (add ? RW : 0) + r] = g_beta[r] * slope[r];
 }
 
 // The LSTM cell's backward for one episode (H units): sg [4H] the sigmoid of the gates (i, f, ., o), g [H] the
@@ -431,12 +464,19 @@ T* ptr(const Tensor& t) {
   return t.data_ptr<T>();
 }
 
+// Episodes per task of at::parallel_for for `work` elements per episode: one where that is large (the paper's
+// 128 x 40 x 4 memory), all where it is so small that a parallel region costs more than it saves (a 16 x 16
+// memory with one head; and on a busy machine every region waits for its slowest thread).
+int64_t grain(int64_t work) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, work));
+}
+
 // Returns {hs [T, B, H], reads [T, B, RW], saved...} (saved: the kSaved stacks named above). `workspace`: empty,
 // or the saved stacks of an earlier call that are no longer needed, to be written over.
 std::vector<Tensor> sequence_forward(const Tensor& x_proj, const Tensor& w_rec_t, const Tensor& w_head_t,
                                      const Tensor& b_head, Tensor h, Tensor c, Tensor memory, Tensor usage,
-                                     Tensor wr, Tensor reads, double gamma, bool zero, bool add,
-                                     const std::vector<Tensor>& workspace) {
+                                     Tensor wr, Tensor reads, double gamma, bool zero, bool after, bool add,
+                                     bool strength, const std::vector<Tensor>& workspace) {
   at::NoGradGuard no_grad;
   const int64_t B = x_proj.size(0), T = x_proj.size(1), H = h.size(1), N = usage.size(1);
   const int64_t R = reads.size(1), W = reads.size(2), RW = R * W, P = w_head_t.size(1);
@@ -464,13 +504,15 @@ std::vector<Tensor> sequence_forward(const Tensor& x_proj, const Tensor& w_rec_t
   buf(kS, {T, B, R}, opts);
   buf(kDiff, {T, B, R, N}, opts);
   buf(kKeep, {T, B}, opts.dtype(at::kLong));
-  buf(kM, {T, B, N, W}, opts);
+  buf(kM, {T + 1, B, N, W}, opts);
   buf(kMraw, {T, B, N}, opts);
   buf(kKraw, {T, B, R}, opts);
   buf(kSim, {T, B, R, N}, opts);
   buf(kWr, {T, B, R, N}, opts);
   buf(kWw, {T, B, R, N}, opts);
-  memory = memory.contiguous();
+  buf(kBeta, {strength ? T : 0, B, R}, opts);
+  buf(kSlope, {strength ? T : 0, B, R}, opts);
+  sv[kM][0].copy_(memory);
   usage = usage.contiguous();
   wr = wr.contiguous();
   reads = reads.reshape({B, RW});
@@ -500,24 +542,32 @@ std::vector<Tensor> sequence_forward(const Tensor& x_proj, const Tensor& w_rec_t
       content = sv[kContent][t];
       at::tanh_out(L(content.view({B, RW})), out.narrow(1, RW + R, RW));
     }
+    Tensor beta;
+    if (strength) {  // softplus(.) + 1, as F.softplus (threshold 20)
+      Tensor pre = out.narrow(1, P - R, R);
+      beta = sv[kBeta][t];
+      beta.copy_(at::softplus(pre, 1, 20)).add_(1);
+      at::sigmoid_out(L(sv[kSlope][t]), pre);
+    }
     // the memory (Eq. 5-8, 2-4), one episode per task
-    Tensor s = sv[kS][t], keep = sv[kKeep][t], diff = sv[kDiff][t], ww = sv[kWw][t], m1 = sv[kM][t];
+    Tensor s = sv[kS][t], keep = sv[kKeep][t], diff = sv[kDiff][t], ww = sv[kWw][t], m1 = sv[kM][t + 1];
+    Tensor mem_prev = sv[kM][t];
     Tensor m_raw = sv[kMraw][t], k_raw = sv[kKraw][t], sim = sv[kSim][t], wr_t = sv[kWr][t], rd = rs[t];
     AT_DISPATCH_FLOATING_TYPES(x_proj.scalar_type(), "memory_write", [&] {
       const scalar_t* alpha = ptr<scalar_t>(out) + RW;
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      at::parallel_for(0, B, grain(N * W * R), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b)
           memory_write<scalar_t>(
               dims, ptr<scalar_t>(keys) + b * RW, ptr<scalar_t>(content) + b * RW, alpha + b * P,
-              ptr<scalar_t>(memory) + b * N * W, ptr<scalar_t>(usage) + b * N, ptr<scalar_t>(wr) + b * R * N, zero,
-              ptr<scalar_t>(s) + b * R, ptr<int64_t>(keep) + b, ptr<scalar_t>(diff) + b * R * N,
+              ptr<scalar_t>(mem_prev) + b * N * W, ptr<scalar_t>(usage) + b * N, ptr<scalar_t>(wr) + b * R * N,
+              zero, after, ptr<scalar_t>(s) + b * R, ptr<int64_t>(keep) + b, ptr<scalar_t>(diff) + b * R * N,
               ptr<scalar_t>(ww) + b * R * N, ptr<scalar_t>(m1) + b * N * W, ptr<scalar_t>(m_raw) + b * N,
               ptr<scalar_t>(k_raw) + b * R, ptr<scalar_t>(sim) + b * R * N);
       });
     });
-    at::_softmax_out(wr_t, sim, -1, false);  // Eq. 3
+    at::_softmax_out(wr_t, strength ? sim * beta.unsqueeze(-1) : sim, -1, false);  // Eq. 3
     AT_DISPATCH_FLOATING_TYPES(x_proj.scalar_type(), "memory_read", [&] {
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      at::parallel_for(0, B, grain(N * W * R), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b)
           memory_read<scalar_t>(dims, ptr<scalar_t>(wr_t) + b * R * N, ptr<scalar_t>(ww) + b * R * N,
                                 ptr<scalar_t>(m1) + b * N * W, ptr<scalar_t>(usage) + b * N, gamma,
@@ -526,7 +576,6 @@ std::vector<Tensor> sequence_forward(const Tensor& x_proj, const Tensor& w_rec_t
     });
     std::swap(usage, usage_next);
     if (t == 0) usage_next = at::empty_like(usage);  // the caller's initial usage is not ours to overwrite
-    memory = m1;
     wr = wr_t;
     reads = rd;
   }
@@ -535,11 +584,12 @@ std::vector<Tensor> sequence_forward(const Tensor& x_proj, const Tensor& w_rec_t
   return result;
 }
 
-// Back through time. `saved` as returned by sequence_forward (after hs and reads); d_hs [B, T, H], d_rs [B, T, RW].
-// Returns {g_x_proj [B, T, G], g_w_rec [G, RW + H], g_w_head [P, H], g_b_head [P]}.
+// Back through time. `saved` as returned by sequence_forward (after hs and reads); d_hs [B, T, H], d_rs [B, T, RW];
+// the reading as given to sequence_forward (`zero` is in the saved rows). Returns {g_x_proj [B, T, G], g_w_rec
+// [G, RW + H], g_w_head [P, H], g_b_head [P]}, then the initial state's gradients: h, c, memory, usage, wr, reads.
 std::vector<Tensor> sequence_backward(const std::vector<Tensor>& sv, const Tensor& hs, const Tensor& d_hs,
                                       const Tensor& d_rs, const Tensor& w_rec, const Tensor& w_head, double gamma,
-                                      bool add) {
+                                      bool /*zero*/, bool after, bool add, bool strength) {
   at::NoGradGuard no_grad;
   const Tensor& keys_all = sv[kKeys];
   const int64_t T = keys_all.size(0), B = keys_all.size(1), R = keys_all.size(2), W = keys_all.size(3);
@@ -550,29 +600,35 @@ std::vector<Tensor> sequence_backward(const std::vector<Tensor>& sv, const Tenso
   Tensor dh_next = at::zeros({B, H}, opts), dr_next = at::zeros({B, R, W}, opts), dc = at::zeros({B, H}, opts);
   Tensor dm = at::zeros({B, N, W}, opts), du = at::zeros({B, N}, opts), dwr = at::zeros({B, R, N}, opts);
   Tensor g_keys = at::empty({B, R, W}, opts), g_content = at::empty({B, R, W}, opts);
-  Tensor g_alpha = at::empty({B, R}, opts), g_a = at::empty({B, R, N}, opts), g_b = at::empty({B, R, N}, opts);
+  Tensor g_alpha = at::empty({B, R}, opts), g_beta = at::empty({B, R}, opts);
+  Tensor g_a = at::empty({B, R, N}, opts), g_b = at::empty({B, R, N}, opts);
   Tensor g_mnorm = at::empty({B, N}, opts);
   for (int64_t t = T - 1; t >= 0; --t) {
     Tensor sg = sv[kSG][t], g = sv[kGt][t], c_prev = sv[kCprev][t], tc = sv[kTC][t];
     Tensor keys = sv[kKeys][t], content = add ? sv[kContent][t] : keys, s = sv[kS][t], diff = sv[kDiff][t];
-    Tensor keep = sv[kKeep][t], m1 = sv[kM][t], m_raw = sv[kMraw][t], k_raw = sv[kKraw][t];
+    Tensor keep = sv[kKeep][t], m1 = sv[kM][t + 1], m_addr = after ? m1 : sv[kM][t];
+    Tensor m_raw = sv[kMraw][t], k_raw = sv[kKraw][t];
+    Tensor beta = strength ? sv[kBeta][t] : Tensor(), slope = strength ? sv[kSlope][t] : Tensor();
     Tensor sim = sv[kSim][t], wr = sv[kWr][t], ww = sv[kWw][t];
     Tensor d_reads = at::add(d_rs.select(1, t).reshape({B, R, W}), dr_next);
     // the memory step's backward (LRUAStep.backward), one episode per task
     AT_DISPATCH_FLOATING_TYPES(d_hs.scalar_type(), "memory_backward", [&] {
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      at::parallel_for(0, B, grain(N * W * R), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           memory_backward<scalar_t>(
               dims, ptr<scalar_t>(keys) + b * RW, ptr<scalar_t>(content) + b * RW, !add, ptr<scalar_t>(s) + b * R,
               ptr<int64_t>(keep)[b], ptr<scalar_t>(diff) + b * R * N, ptr<scalar_t>(ww) + b * R * N,
-              ptr<scalar_t>(m1) + b * N * W, ptr<scalar_t>(m_raw) + b * N, ptr<scalar_t>(k_raw) + b * R,
-              ptr<scalar_t>(sim) + b * R * N, ptr<scalar_t>(wr) + b * R * N, ptr<scalar_t>(d_reads) + b * RW, gamma,
-              ptr<scalar_t>(dm) + b * N * W, ptr<scalar_t>(du) + b * N, ptr<scalar_t>(dwr) + b * R * N,
-              ptr<scalar_t>(g_keys) + b * RW, ptr<scalar_t>(g_content) + b * RW, ptr<scalar_t>(g_alpha) + b * R,
-              ptr<scalar_t>(g_a) + b * R * N, ptr<scalar_t>(g_b) + b * R * N, ptr<scalar_t>(g_mnorm) + b * N);
+              ptr<scalar_t>(m1) + b * N * W, ptr<scalar_t>(m_addr) + b * N * W, after,
+              strength ? ptr<scalar_t>(beta) + b * R : nullptr, ptr<scalar_t>(m_raw) + b * N,
+              ptr<scalar_t>(k_raw) + b * R, ptr<scalar_t>(sim) + b * R * N, ptr<scalar_t>(wr) + b * R * N,
+              ptr<scalar_t>(d_reads) + b * RW, gamma, ptr<scalar_t>(dm) + b * N * W, ptr<scalar_t>(du) + b * N,
+              ptr<scalar_t>(dwr) + b * R * N, ptr<scalar_t>(g_keys) + b * RW, ptr<scalar_t>(g_content) + b * RW,
+              ptr<scalar_t>(g_alpha) + b * R, ptr<scalar_t>(g_beta) + b * R, ptr<scalar_t>(g_a) + b * R * N,
+              ptr<scalar_t>(g_b) + b * R * N, ptr<scalar_t>(g_mnorm) + b * N);
           head_backward<scalar_t>(R, W, ptr<scalar_t>(keys) + b * RW, ptr<scalar_t>(content) + b * RW, add,
-                                  ptr<scalar_t>(g_keys) + b * RW, ptr<scalar_t>(g_content) + b * RW,
-                                  ptr<scalar_t>(g_alpha) + b * R, ptr<scalar_t>(d_out_all) + (t * B + b) * P);
+                                  strength ? ptr<scalar_t>(slope) + b * R : nullptr, ptr<scalar_t>(g_keys) + b * RW,
+                                  ptr<scalar_t>(g_content) + b * RW, ptr<scalar_t>(g_alpha) + b * R,
+                                  ptr<scalar_t>(g_beta) + b * R, ptr<scalar_t>(d_out_all) + (t * B + b) * P);
         }
       });
     });
@@ -580,7 +636,7 @@ std::vector<Tensor> sequence_backward(const std::vector<Tensor>& sv, const Tenso
     Tensor dh = at::addmm(d_hs.select(1, t) + dh_next, d_out, w_head);
     Tensor d_gates = d_gates_all[t];
     AT_DISPATCH_FLOATING_TYPES(d_hs.scalar_type(), "lstm_backward", [&] {
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      at::parallel_for(0, B, grain(4 * H), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b)
           lstm_backward<scalar_t>(H, ptr<scalar_t>(sg) + b * G, ptr<scalar_t>(g) + b * H, ptr<scalar_t>(tc) + b * H,
                                   ptr<scalar_t>(c_prev) + b * H, ptr<scalar_t>(dh) + b * H, ptr<scalar_t>(dc) + b * H,
@@ -594,7 +650,7 @@ std::vector<Tensor> sequence_backward(const std::vector<Tensor>& sv, const Tenso
   Tensor d_out = d_out_all.view({T * B, P}), d_gates = d_gates_all.view({T * B, G});
   Tensor g_w_rec = at::mm(d_gates.t(), sv[kZ].view({T * B, RW + H}));
   Tensor g_w_head = at::mm(d_out.t(), hs.reshape({T * B, H}));
-  return {d_gates_all.transpose(0, 1), g_w_rec, g_w_head, d_out.sum(0)};
+  return {d_gates_all.transpose(0, 1), g_w_rec, g_w_head, d_out.sum(0), dh_next, dc, dm, du, dwr, dr_next};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
