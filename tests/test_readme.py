@@ -11,6 +11,9 @@ apart):
   the test's own (free ports, a real ``mlflow server`` from conftest);
 - the search is scaled down by ``--set`` on the block's ``mann-search run`` line (2 trials of 32 episodes; a key
   the block already sets gets the test's value in place);
+- before ``ray job submit``, one line waits until the head's job agent has registered with the GCS: Ray's
+  Jobs API waits only 10 s for the head's agent ("No available agent to submit job"), which a machine busy with
+  the rest of the suite can exceed (a user just submits again);
 - the final ``ray stop`` (which stops every Ray node of the machine) is replaced by stopping these two nodes by
   their processes' ids. A fresh ``RAY_AUTH_TOKEN`` in the environment is the token ``ray get-auth-token`` finds,
   so nothing is written to ``~/.ray``.
@@ -67,6 +70,24 @@ def scale_down(script: str, settings: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+WAIT_FOR_AGENTS = """
+import sys, time
+import ray  # noqa: F401  (reads RAY_AUTH_MODE / RAY_AUTH_TOKEN)
+from ray._private import ray_constants
+from ray._raylet import GcsClient
+
+# what the Jobs API looks up (ray.dashboard.modules.job.job_head._get_head_node_agent_once)
+gcs, deadline = GcsClient(address=sys.argv[1]), time.monotonic() + 120
+while True:
+    head = gcs.internal_kv_get(ray_constants.KV_HEAD_NODE_ID_KEY, namespace=ray_constants.KV_NAMESPACE_JOB)
+    if head and gcs.internal_kv_get(b"DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX:" + head, namespace=b"dashboard"):
+        break
+    if time.monotonic() > deadline:
+        sys.exit("the head's job agent did not register within 120 s")
+    time.sleep(0.5)
+"""
+
+
 def test_ray_job_submit_block_runs_as_written(tmp_path, mlflow_server, omniglot_dir):
     script = readme_block(SECTION)
     assert re.search(r"^\. \.venv/bin/activate\b", script, re.M), "the block activates the venv first"
@@ -81,6 +102,9 @@ def test_ray_job_submit_block_runs_as_written(tmp_path, mlflow_server, omniglot_
     script = substitute(script, r"http://127\.0\.0\.1:5000\b", mlflow_server.uri, 1)
     script = substitute(script, r"^ray stop\s*\Z", "", 1)
     script = scale_down(script, {"storage": tmp_path / "runs", **SCALE_DOWN})
+    (tmp_path / "wait_for_agents.py").write_text(WAIT_FOR_AGENTS)
+    script = substitute(script, r"^(?=ray job submit )",
+                        f"{BIN / 'python'} {tmp_path / 'wait_for_agents.py'} 127.0.0.1:{gcs}\n", 1)
 
     path = [p for p in os.environ["PATH"].split(os.pathsep) if p and os.path.realpath(p) != os.path.realpath(BIN)]
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
