@@ -7,7 +7,8 @@ apart):
 - ``. .venv/bin/activate`` sources the venv that runs the tests (the install's ``.venv`` under ``.ci/run``), and
   PATH starts without it: the block's own activation is what must put ``ray`` and ``mann-search`` on PATH (for the
   nodes' workers and the job's entrypoint, which runs under ``/bin/sh``);
-- the ports 6379 / 8265, the temp dirs ``/tmp/ray-h`` / ``/tmp/ray-w`` and the MLflow server 127.0.0.1:5000 become
+- the ports 6379 / 8265 / 52365 (the head's job agent: another cluster of the suite in the same network namespace
+  holds Ray's default, and the Jobs API then finds no agent), the temp dirs ``/tmp/ray-h`` / ``/tmp/ray-w`` and the MLflow server 127.0.0.1:5000 become
   the test's own (free ports, a real ``mlflow server`` from conftest);
 - the search is scaled down by ``--set`` on the block's ``mann-search run`` line (2 trials of 32 episodes; a key
   the block already sets gets the test's value in place);
@@ -97,6 +98,8 @@ def test_ray_job_submit_block_runs_as_written(tmp_path, mlflow_server, omniglot_
     script = substitute(script, r"^\. \.venv/bin/activate\b", f". {BIN}/activate", 1)
     script = substitute(script, r"\b6379\b", str(gcs), 2)
     script = substitute(script, r"\b8265\b", str(dash), 2)
+    script = substitute(script, r"--dashboard-agent-listen-port=52365\b",
+                        f"--dashboard-agent-listen-port={free_port()}", 1)
     script = substitute(script, r"--temp-dir=/tmp/ray-h\b", f"--temp-dir={head_tmp}", 1)
     script = substitute(script, r"--temp-dir=/tmp/ray-w\b", f"--temp-dir={worker_tmp}", 1)
     script = substitute(script, r"http://127\.0\.0\.1:5000\b", mlflow_server.uri, 1)
