@@ -4,7 +4,8 @@
 - built-in kinds validate strictly against the Kubernetes OpenAPI schemas (kubernetes-validate) for
   K8S_VERSION; RayCluster/RayJob strictly against the KubeRay v1.7.0 CRDs in ../shared (unknown fields rejected);
 - a policy walk over every pod and container (Ray head, workers, autoscaler, RayJob submitter, MLflow, PostgreSQL,
-  data Job), the Services, Secrets and NetworkPolicies;
+  the Optuna database Job, data Job, optuna-dashboard), the Services, Secrets and NetworkPolicies;
+- the Optuna study's storage: MANN_OPTUNA_STORAGE on the Ray head, its database created in PostgreSQL;
 - version pins of the Dockerfile, image tags and rayVersion agree with pyproject.toml; hadolint passes;
 - the RayJob's entrypoint, read from the rendered manifest and scaled down by `--set`, runs via `ray job submit`
   on a 2-node Ray cluster on 127.0.0.1 and completes.
@@ -34,11 +35,14 @@ KUBERAY_VERSION = "v1.7.0"
 CRD_DIR = REPO.parent / "shared" / "k8s" / f"kuberay-{KUBERAY_VERSION}-crds"
 # Every variant `kubectl apply -k` takes, and what it must contain.
 VARIANTS = {
-    "k8s": {"RayCluster", "Deployment", "StatefulSet", "NetworkPolicy", "Namespace"},
-    "k8s/overlays/dev": {"RayCluster", "Deployment", "StatefulSet", "NetworkPolicy", "Namespace"},
-    "k8s/overlays/job": {"RayJob", "Deployment", "StatefulSet", "NetworkPolicy", "Namespace"},
+    "k8s": {"RayCluster", "Deployment", "StatefulSet", "NetworkPolicy", "Namespace", "Job", "ConfigMap"},
+    "k8s/overlays/dev": {"RayCluster", "Deployment", "StatefulSet", "NetworkPolicy", "Namespace", "Job", "ConfigMap"},
+    "k8s/overlays/job": {"RayJob", "Deployment", "StatefulSet", "NetworkPolicy", "Namespace", "Job", "ConfigMap"},
     "k8s/data": {"Job"},
+    # optional, applied beside any of the first three
+    "k8s/optuna-dashboard": {"Deployment", "Service", "NetworkPolicy", "ServiceAccount"},
 }
+DASHBOARD = "k8s/optuna-dashboard"
 NAMESPACE = "mann-search"
 
 
@@ -272,8 +276,19 @@ def test_every_container_and_object_meets_the_safety_rules(rendered):
     for variant, doc in all_docs(rendered):
         assert policy_violations(doc) == [], name_of(variant, doc)
         walked += sum(1 for _ in containers(doc))
-    # head + worker + autoscaler (x3 clusters), submitter, mlflow, postgres (x3), data job
-    assert walked >= 3 * 3 + 1 + 3 * 2 + 1
+    # head + worker + autoscaler (x3 clusters), submitter, mlflow, postgres, optuna-db (x3), data job, dashboard +
+    # its init container
+    assert walked >= 3 * 3 + 1 + 3 * 3 + 1 + 2
+
+
+def test_non_ray_containers_have_read_only_root_filesystems(rendered):
+    seen = set()
+    for variant, doc in all_docs(rendered):
+        if doc["kind"] in ("Deployment", "StatefulSet") or doc["metadata"]["name"] == "optuna-db":
+            for where, c, _ in containers(doc):
+                assert c["securityContext"].get("readOnlyRootFilesystem") is True, f"{name_of(variant, doc)} {where}"
+                seen.add(c["name"])
+    assert {"mlflow", "postgres", "create-database", "optuna-dashboard", "create-schema"} <= seen, seen
 
 
 def test_gpu_workers_request_gpus_and_tolerate_gpu_taints(rendered):
@@ -373,29 +388,106 @@ def templates(docs: list[dict]) -> dict[str, dict]:
 
 @pytest.mark.parametrize("variant", ["k8s", "k8s/overlays/dev", "k8s/overlays/job"])
 def test_network_policies_admit_only_the_intended_peers(rendered, variant):
-    docs = rendered[variant]
+    # each variant with the optional optuna-dashboard applied beside it (its policy adds to the variant's)
+    docs = rendered[variant] + rendered[DASHBOARD]
     policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
     labels = templates(docs) | templates(rendered["k8s/data"])
     pod = {name: {"ns": NAMESPACE, "labels": lab} for name, lab in labels.items()}
-    assert {"ray-head", "ray-worker", "mlflow", "postgres", "omniglot-download"} <= set(pod)
+    assert {"ray-head", "ray-worker", "mlflow", "postgres", "omniglot-download", "optuna-db",
+            "optuna-dashboard"} <= set(pod)
     outsider = {"ns": "default", "labels": {"app": "anything"}}
     ok = lambda src, dst, port: ingress_allowed(policies, src, pod[dst], port)  # noqa: E731
     others = [n for n in pod if n not in ("ray-head", "ray-worker")]
     # MLflow's port: the Ray pods only
     assert ok(pod["ray-head"], "mlflow", 5000) and ok(pod["ray-worker"], "mlflow", 5000)
     assert not any(ok(pod[n], "mlflow", 5000) for n in others) and not ok(outsider, "mlflow", 5000)
-    # PostgreSQL: MLflow only
-    assert ok(pod["mlflow"], "postgres", 5432)
-    assert not any(ok(pod[n], "postgres", 5432) for n in pod if n != "mlflow") and not ok(outsider, "postgres", 5432)
+    # PostgreSQL: MLflow, and for the Optuna study the Ray head (the driver), the Job that creates its database and
+    # the dashboard; not the workers (they run trials only), the submitter or the data Job
+    postgres_clients = {"mlflow", "ray-head", "optuna-db", "optuna-dashboard"}
+    assert all(ok(pod[n], "postgres", 5432) for n in postgres_clients)
+    assert not any(ok(pod[n], "postgres", 5432) for n in pod if n not in postgres_clients)
+    assert not ok(outsider, "postgres", 5432) and not ok(operator := {
+        "ns": "kuberay-system", "labels": {"app.kubernetes.io/name": "kuberay-operator"}}, "postgres", 5432)
+    # optuna-dashboard: `kubectl port-forward` only, no pod connects to it
+    assert not any(ok(pod[n], "optuna-dashboard", 8080) for n in pod) and not ok(outsider, "optuna-dashboard", 8080)
     # the dashboard / Jobs API (runs code): from this namespace only (and KubeRay's operator for a RayJob)
     assert all(ok(pod[n], "ray-head", 8265) for n in pod)
     assert not ok(outsider, "ray-head", 8265) and not ok(outsider, "ray-worker", 8265)
-    operator = {"ns": "kuberay-system", "labels": {"app.kubernetes.io/name": "kuberay-operator"}}
     assert ok(operator, "ray-head", 8265) == (variant == "k8s/overlays/job")
     assert not ok(operator, "ray-head", 6379) and not ok(operator, "mlflow", 5000)
     # Ray's own ports between Ray pods, not from MLflow or elsewhere
     assert ok(pod["ray-worker"], "ray-head", 6379) and ok(pod["ray-head"], "ray-worker", 12345)
     assert not ok(pod["mlflow"], "ray-head", 6379) and not ok(outsider, "ray-worker", 12345)
+
+
+# ------------------------------------------------------------------------------------- the Optuna storage
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def secret_ref(entry: dict) -> tuple[str, str]:
+    ref = entry["valueFrom"]["secretKeyRef"]
+    return ref["name"], ref["key"]
+
+
+@pytest.mark.parametrize("variant", ["k8s", "k8s/overlays/dev", "k8s/overlays/job"])
+def test_the_ray_head_gets_the_optuna_storage_without_credentials_in_the_url(rendered, variant):
+    from sqlalchemy.engine import make_url
+
+    docs = rendered[variant]
+    ray = next(d for d in docs if d["kind"] in ("RayCluster", "RayJob"))
+    cluster = ray["spec"] if ray["kind"] == "RayCluster" else ray["spec"]["rayClusterSpec"]
+    head = env_of(cluster["headGroupSpec"]["template"]["spec"]["containers"][0])
+    url = make_url(head["MANN_OPTUNA_STORAGE"]["value"])
+    postgres = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "postgres")
+    assert (url.drivername, url.host, url.port, url.database) == (
+        "postgresql+psycopg2", postgres["metadata"]["name"], postgres["spec"]["ports"][0]["port"], "optuna")
+    assert url.username is None and url.password is None, "credentials come from the Secret, not the URL"
+    # libpq's variables, from the Secret the PostgreSQL StatefulSet itself uses
+    sts = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "postgres")
+    pg = env_of(sts["spec"]["template"]["spec"]["containers"][0])
+    assert secret_ref(head["PGUSER"]) == secret_ref(pg["POSTGRES_USER"]) == ("mlflow-db", "username")
+    assert secret_ref(head["PGPASSWORD"]) == secret_ref(pg["POSTGRES_PASSWORD"]) == ("mlflow-db", "password")
+    # the workers run trials only: no database credentials there
+    for group in cluster["workerGroupSpecs"]:
+        for c in group["template"]["spec"]["containers"]:
+            assert not {"PGUSER", "PGPASSWORD", "MANN_OPTUNA_STORAGE"} & set(env_of(c)), group["groupName"]
+    # the optional dashboard reads the same database
+    dashboard = next(d for d in rendered[DASHBOARD] if d["kind"] == "Deployment")
+    for c in dashboard["spec"]["template"]["spec"]["initContainers"] + dashboard["spec"]["template"]["spec"][
+            "containers"]:
+        env = env_of(c)
+        assert env["OPTUNA_STORAGE"]["value"] == head["MANN_OPTUNA_STORAGE"]["value"], c["name"]
+        assert secret_ref(env["PGPASSWORD"]) == ("mlflow-db", "password")
+    (main,) = dashboard["spec"]["template"]["spec"]["containers"]
+    assert "$(OPTUNA_STORAGE)" in main["args"]  # expanded by the kubelet, not a shell
+
+
+@pytest.mark.parametrize("variant", ["k8s", "k8s/overlays/dev", "k8s/overlays/job"])
+def test_the_optuna_database_is_created_on_fresh_and_existing_volumes(rendered, variant):
+    docs = rendered[variant]
+    (config,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "optuna-db-sql"]
+    (sql,) = config["data"].values()
+    # idempotent: the same statement runs at initdb and from the Job, on every apply
+    assert re.fullmatch(r"SELECT 'CREATE DATABASE optuna'\s+WHERE NOT EXISTS \(SELECT FROM pg_database "
+                        r"WHERE datname = 'optuna'\)\\gexec\s*", sql), sql
+    sts = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "postgres")
+    pod = sts["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v.get("configMap", {}).get("name") == "optuna-db-sql"]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["mountPath"] == "/docker-entrypoint-initdb.d"
+    job = next(d for d in docs if d["kind"] == "Job" and d["metadata"]["name"] == "optuna-db")
+    jpod = job["spec"]["template"]["spec"]
+    (c,) = jpod["containers"]
+    assert c["image"] == pod["containers"][0]["image"]  # the server's own psql
+    env = env_of(c)
+    assert env["PGHOST"]["value"] == "postgres" and env["PGDATABASE"]["value"] == "mlflow"
+    assert secret_ref(env["PGPASSWORD"]) == ("mlflow-db", "password")
+    (jvolume,) = [v for v in jpod["volumes"] if v.get("configMap", {}).get("name") == "optuna-db-sql"]
+    (jmount,) = [m for m in c["volumeMounts"] if m["name"] == jvolume["name"]]
+    assert f"-f {jmount['mountPath']}/optuna-db.sql" in " ".join(c["args"]) and "ON_ERROR_STOP=1" in c["args"][0]
 
 
 # ------------------------------------------------------------------------------------- image and versions
@@ -441,9 +533,17 @@ def test_image_tags_ray_version_and_dockerfile_pins_agree_with_pyproject(rendere
         for _, c, _ in containers(doc):
             if c["name"] != "autoscaler":
                 images.add(c["image"])
-    ours = {i for i in images if i.split(":")[0].endswith(("mann-search", "mann-search-mlflow"))}
+    ours = {i for i in images if i.split(":")[0].startswith("mann-search")}
+    dashboard_version = re.search(r'"optuna-dashboard==([0-9.]+)"', docker).group(1)
     assert ours == {f"mann-search:{project_version}-ray{ray_version}",
-                    f"mann-search-mlflow:{project_version}-mlflow{mlflow_version}"}, images
+                    f"mann-search-mlflow:{project_version}-mlflow{mlflow_version}",
+                    f"mann-search-optuna-dashboard:{project_version}-optuna-dashboard{dashboard_version}"}, images
+    # a package pinned in several images is pinned to one version (the dashboard reads the searcher's schema)
+    every = re.findall(r'"([a-z0-9_-]+)(?:\[[a-z,]+\])?==([0-9.]+)"', docker)
+    for name in {n for n, _ in every}:
+        assert len({v for n, v in every if n == name}) == 1, f"{name}: {sorted({v for n, v in every if n == name})}"
+    targets = re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", docker, re.M)
+    assert targets[-1] == "ray" and {"mlflow", "optuna-dashboard"} <= set(targets), targets  # ray: the default
 
 
 def test_dockerfile_passes_hadolint():
@@ -483,8 +583,10 @@ def test_rayjob_entrypoint_runs_on_a_two_node_local_cluster(rendered, tmp_path, 
     assert env_vars["MANN_DATA_DIR"] and env_vars["MLFLOW_TRACKING_URI"]
     # The cluster's paths and services, replaced by this machine's; the working_dir is this checkout, which
     # holds what the image copies into its working_dir.
+    assert env_vars["MANN_OPTUNA_STORAGE"].startswith("postgresql")
     env_vars |= {"MANN_DATA_DIR": str(omniglot_dir), "MANN_SEARCH_STORAGE": str(tmp_path),
-                 "MLFLOW_TRACKING_URI": mlflow_server.uri}
+                 "MLFLOW_TRACKING_URI": mlflow_server.uri,
+                 "MANN_OPTUNA_STORAGE": f"sqlite:///{tmp_path / 'optuna.db'}"}
     scale_down = {
         "storage": str(tmp_path), "mlflow.tracking_uri": mlflow_server.uri, "mlflow.experiment": "k8s-rayjob",
         "budget.num_samples": 2, "budget.max_concurrent": 2, "resources.cpus_per_trial": 1,
