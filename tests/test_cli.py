@@ -57,6 +57,8 @@ def test_data_check(omniglot_dir):
         (["train", "--config", "configs/mann/smoke.yaml", "--set", "model.memory.slotz=4"], ["model.memory.slotz"]),
         (["train", "--config", "configs/mann/smoke.yaml", "--set", "train.lr=fast"], ["train.lr"]),
         (["train", "--config", "configs/mann/smoke.yaml", "--set", "oops"], ["oops", "KEY.PATH=VALUE"]),
+        (["train", "--config", "configs/mann/smoke.yaml", "--set", "data.val_characters=0"],
+         ["data.val_characters: must be >= 1 to train"]),
         (["evaluate", "--checkpoint", "/nonexistent/ckpt.pt"], ["/nonexistent/ckpt.pt"]),
         (["evaluate", "--checkpoint", "x", "--episodes", "0"], ["--episodes"]),
         (["evaluate", "--checkpoint", "x", "--split", "dev"], ["--split"]),
@@ -72,6 +74,14 @@ def test_missing_data_setting_is_named(tmp_path):
     env = {"MANN_DATA_DIR": ""}
     proc = mann("train", "--config", "configs/mann/smoke.yaml", "--out", str(tmp_path), env=env)
     assert_one_line_error(proc, "data.data_dir", "MANN_DATA_DIR")
+
+
+def test_empty_config_file_is_named(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# only a comment\n")
+    proc = mann("train", "--config", str(empty), "--out", str(tmp_path / "run"))
+    assert_one_line_error(proc, "empty.yaml", "empty config file")
+    assert not (tmp_path / "run").exists()
 
 
 def test_corrupt_checkpoint_is_named(tmp_path):
