@@ -15,11 +15,17 @@ search path (the Tuner, searcher, sampler and scheduler that ``mann-search run``
   ``episodes_to_1pt``: episodes spent until the regret is at most 1 point. ``kill_before_click``: the share of
   the trials the scheduler stopped (before the full budget and before the study's episode cap) whose recorded
   curve ends in the table's top quartile of curves.
-* **Budget.** Every method gets the same episode cap, what a study of the config without stopping spends
-  (``num_samples x max_episodes``), and up to ``4 x num_samples`` trials to spend it on. Budgets are reported as
-  fractions of the baseline's full study: the episodes of its first ``num_samples`` trials (median over repeats).
+* **Budget.** The baseline (today's TPE + ASHA: Ray's plain OptunaSearch) runs its full study first: the
+  config's ``num_samples`` trials, no cap. Its spend (median over repeats) is the budget unit of ``regret_at``;
+  its largest spend is the episode cap (``budget.max_episodes``) every other method then gets, with up to
+  ``4 x num_samples`` trials to spend it on, so early stopping buys more trials, as in a capped study.
+* **Methods.** Each is the table's recorded search config with a few overrides (``METHODS``): sampler and
+  scheduler kind; ASHA and median stopping keep the recorded settings, the plateau rule takes the shipped
+  config's when it uses it (else a grace of a tenth of the budget). Trials report every ``every``-th recorded
+  evaluation (the CLI matches the shipped config's ``eval_every``).
 
-One Ray instance runs every study, one after another; no MLflow, Optuna storage in a temporary SQLite file.
+One Ray instance runs every study (``parallel`` at once, each its own Tuner in a thread); no MLflow callback;
+Optuna storage: a SQLite file per study in /dev/shm (Ray's OptunaSearch for the baseline: in memory).
 """
 
 from __future__ import annotations
