@@ -58,10 +58,10 @@ def test_benchmark_command_json(tmp_path, capsys):
     from search.cli import main
 
     plot = tmp_path / "regret.png"
-    assert main(["benchmark", "--curves", str(TINY), "--repeats", "2", "--methods", "random", "tpe+plateau",
+    assert main(["benchmark", "--curves", str(TINY), "--repeats", "1", "--methods", "random", "tpe+plateau",
                  "--json", "--plot", str(plot), "--compress", "0.0005", "--parallel", "2"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["curves"] == 12 and out["configs"] == 6 and out["repeats"] == 2 and out["baseline"] == BASELINE
+    assert out["curves"] == 12 and out["configs"] == 6 and out["repeats"] == 1 and out["baseline"] == BASELINE
     assert set(out["methods"]) == {BASELINE, "random", "tpe+plateau"}
     for m in out["methods"].values():
         assert set(m["regret_at"]) == {"0.25", "0.5", "1.0"} and all(r >= 0 for r in m["regret_at"].values())
