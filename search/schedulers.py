@@ -19,8 +19,8 @@ say it cannot catch up; it places no rung in advance:
   stopped when its reach plus ``margin`` is below the incumbent (used once ``min_refs`` curves span the window).
 
 No trial is stopped before ``grace_episodes`` or once it reached the full budget. Values are in the objective's
-units, larger = better (a ``min`` objective is negated). :class:`PlateauRule` is the pure rule (no Ray);
-:class:`PlateauStopping` is its Tune scheduler.
+units, larger = better (a ``min`` objective is negated). :class:`PlateauRule` is the rule on plain numbers
+(tested without Ray); :class:`PlateauStopping` is its Tune scheduler.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from ray.tune.schedulers import FIFOScheduler
 
 CONTINUE, STOP = "CONTINUE", "STOP"
 
@@ -114,13 +115,7 @@ class PlateauRule:
         return CONTINUE
 
 
-def _fifo():
-    from ray.tune.schedulers import FIFOScheduler
-
-    return FIFOScheduler
-
-
-class PlateauStopping(_fifo()):
+class PlateauStopping(FIFOScheduler):
     """Tune scheduler around :class:`PlateauRule` (see the module doc)."""
 
     def __init__(self, time_attr: str, metric: str, mode: str, max_t: float, **rule: Any):
