@@ -1,4 +1,4 @@
-"""`mann-search run | resume | select | status | replay`.
+"""`mann-search run | resume | select | status | replay | curves record | benchmark`.
 
 Bad input (config, arguments, unreachable Ray or MLflow) exits with status 2 and one line naming the culprit.
 """
@@ -134,6 +134,44 @@ def cmd_curves_record(args) -> int:
     return 0
 
 
+def cmd_benchmark(args) -> int:
+    from pathlib import Path
+
+    from .benchmark import METHODS, benchmark, load_table
+    from .config import load_search_config
+
+    tab = load_table(args.curves)
+    shipped = args.config
+    if shipped is None:  # the shipped search config of the table's name, if there is one
+        guess = Path(__file__).resolve().parents[1] / "configs" / "search" / f"{tab.header.get('name')}.yaml"
+        shipped = str(guess) if guess.is_file() else None
+    loaded = load_search_config(shipped) if shipped else None
+    every = args.report_every
+    if every is None:  # report as often as a study of the shipped config evaluates
+        recorded = max(1, int(tab.header.get("eval_every") or 1))
+        every = max(1, round(loaded.base.train.eval_every / recorded)) if loaded else 1
+    log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
+    out = benchmark(args.curves, repeats=args.repeats, methods=args.methods or list(METHODS),
+                    compress=args.compress, plot=args.plot, shipped=loaded.config if loaded else None, every=every,
+                    parallel=args.parallel, progress=log)
+    out["command"] = " ".join(["mann-search", "benchmark", *sys.argv[2:]])
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"{out['curves']} curves of {out['configs']} configurations, {out['repeats']} repeats, "
+          f"{out['wall_s']:.0f} s; budgets as fractions of {out['full_study_episodes']:.0f} episodes "
+          f"(the baseline's full study); default: {out['default']}")
+    head = ["method", "regret@0.25", "@0.5", "@1.0", "episodes to 1 pt", "kill before click", "trials/study"]
+    rows = [[m, *(f"{v['regret_at'][f]:.2f}" for f in ("0.25", "0.5", "1.0")),
+             "-" if v["episodes_to_1pt"] is None else f"{v['episodes_to_1pt']:.0f}",
+             f"{v['kill_before_click'] * 100:.1f} %", f"{v['trials_per_study']:.1f}"]
+            for m, v in out["methods"].items()]
+    for line in table(head, rows, right=set(range(1, 7))):
+        print(line)
+    print(f"plot: {out['plot']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = parser_class(PROG)
     p = parser(prog=PROG, description="Optuna-guided Ray Tune search over MANN hyperparameters")
@@ -168,6 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--draw-seed", type=int, default=0, help="seed of the random draw of configurations")
     rec.add_argument("--limit-s", type=float, default=None, help="start no training after this many seconds")
     rec.set_defaults(fn=cmd_curves_record)
+    be = sub.add_parser("benchmark", help="compare search methods on a table of recorded curves (no training)")
+    be.add_argument("--curves", required=True, help="a table written by `mann-search curves record`")
+    be.add_argument("--repeats", type=positive_int, default=20, help="studies per method (seeds 0..N-1)")
+    be.add_argument("--json", action="store_true", help="print one JSON object")
+    be.add_argument("--methods", nargs="+", default=None, help="a subset of the methods (the baseline always runs)")
+    be.add_argument("--config", help="the shipped search config (default: configs/search/<table name>.yaml)")
+    be.add_argument("--plot", help="where the plot goes (default: beside the table, <table>.benchmark.png)")
+    be.add_argument("--compress", type=float, default=0.005, help="replayed seconds per recorded training second")
+    be.add_argument("--parallel", type=positive_int, default=3, help="studies at once (threads, one Ray)")
+    be.add_argument("--report-every", type=positive_int, default=None,
+                    help="report every k-th recorded evaluation (default: the shipped config's eval_every)")
+    be.set_defaults(fn=cmd_benchmark)
     return p
 
 

@@ -85,13 +85,30 @@ class SamplerConfig(Section):
     n_startup_trials: int = Field(4, ge=0)
 
 
+class PlateauConfig(Section):
+    """Settings of ``scheduler.kind: plateau`` (search/schedulers.py), in the objective's units."""
+
+    # A trial is stopped when even the largest rise seen in the study, in the episodes it has left, would leave
+    # it this far below the best value seen.
+    margin: float = Field(0.02, ge=0)
+    # Clicked: this share of the way from the study's plateau to the best value seen.
+    click_fraction: float = Field(0.25, gt=0, lt=1)
+    # A trial not clicked by episode t is stopped when the completed trials not clicked by t / click_slack (at
+    # least min_refs) all ended margin below the best completed one clicked by then (at least min_clicked).
+    click_slack: float = Field(1.0, ge=1)
+    min_clicked: int = Field(1, ge=1)
+    # Also: curves that must span a window before its rises are trusted.
+    min_refs: int = Field(2, ge=1)
+
+
 class SchedulerConfig(Section):
     """Early stopping on the primary objective; budgets in training episodes."""
 
-    kind: Literal["asha", "median", "none"] = "asha"
+    kind: Literal["asha", "median", "plateau", "none"] = "asha"
     # No trial is stopped before this many episodes (MANN sits at chance for a while before it clicks).
     grace_episodes: int = Field(4000, ge=1)
     reduction_factor: int = Field(2, ge=2)
+    plateau: PlateauConfig = Field(default_factory=PlateauConfig)
 
 
 class BudgetConfig(Section):

@@ -57,6 +57,11 @@ def _scheduler(search: LoadedSearch):
     if s.kind == "median":
         return MedianStoppingRule(time_attr=metrics.EPISODES, metric=primary.metric, mode=primary.mode,
                                   grace_period=s.grace_episodes, min_samples_required=3)
+    if s.kind == "plateau":
+        from .schedulers import PlateauStopping
+
+        return PlateauStopping(time_attr=metrics.EPISODES, metric=primary.metric, mode=primary.mode, max_t=max_t,
+                               grace=min(s.grace_episodes, max_t), **s.plateau.to_dict())
     return None
 
 
@@ -91,7 +96,7 @@ class EpisodeBudget(Stopper):
         return sum(self.spent.values()) >= self.max_episodes
 
 
-def _run_config(study: Study, callback):
+def _run_config(study: Study, callback, verbose: int = 1):
     from ray import tune
 
     storage, name = study.path.rsplit("/", 1)
@@ -103,23 +108,28 @@ def _run_config(study: Study, callback):
         failure_config=tune.FailureConfig(max_failures=study.search.config.budget.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         callbacks=[callback],
-        verbose=1,
+        verbose=verbose,
     )
 
 
-def build_tuner(study: Study, callback):
-    """The Tuner of a new study: OptunaSearch over the snapshot's space, its scheduler and budget."""
+def build_tuner(study: Study, callback, trainable=None, search_alg=None, verbose: int = 1,
+                reuse_actors: bool | None = None):
+    """The Tuner of a new study: OptunaSearch over the snapshot's space, its scheduler and budget.
+
+    ``trainable`` and ``search_alg`` replace the study's (``mann-search benchmark`` replays recorded curves and
+    compares searchers through the very same Tuner)."""
     from ray import tune
 
     search = study.search
     budget = search.config.budget
     return tune.Tuner(
-        _trainable(search),
+        trainable if trainable is not None else _trainable(search),
         tune_config=tune.TuneConfig(
-            search_alg=_searcher(study), scheduler=_scheduler(search), num_samples=budget.num_samples,
-            max_concurrent_trials=budget.max_concurrent, time_budget_s=budget.time_budget_s,
+            search_alg=search_alg if search_alg is not None else _searcher(study), scheduler=_scheduler(search),
+            num_samples=budget.num_samples, max_concurrent_trials=budget.max_concurrent,
+            time_budget_s=budget.time_budget_s, reuse_actors=reuse_actors,
         ),
-        run_config=_run_config(study, callback),
+        run_config=_run_config(study, callback, verbose),
     )
 
 

@@ -1,0 +1,138 @@
+"""The search benchmark: the replay trainable on a tiny recorded table through the real Tuner, the nearest-
+configuration mapping, the command's JSON, and the plateau-aware scheduler (pure rule and as built from YAML)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import search  # noqa: F401  (before Ray: token auth)
+from search.benchmark import BASELINE, load_table, pick_seed, run_study, trajectory
+from search.config import load_search_config
+from search.schedulers import CONTINUE, STOP, PlateauRule
+
+from .test_config import REPO
+
+TINY = Path(__file__).parent / "data" / "curves-tiny.jsonl"  # 6 recorded quickstart configs x 2 seeds
+
+
+def test_table_values_and_nearest_mapping():
+    table = load_table(TINY)
+    assert len(table.points) == 6 and table.n_curves == 12
+    for i, p in enumerate(table.points):  # a recorded point maps to itself
+        assert table.nearest(p) == i
+        finals = [c["objective"][-1] for c in table.curves[i]]
+        assert table.value[i] == pytest.approx(np.mean(finals))
+    # a point near one configuration (a little lr, same the rest) maps to it; the space's log scale is used
+    p = dict(table.points[2])
+    p["train.lr"] = p["train.lr"] * 1.05
+    assert table.nearest(p) == 2
+    assert table.best == pytest.approx(table.value.max()) and 0.7 < table.best < 0.8
+    assert pick_seed(2, p, 0) == pick_seed(2, p, 0) and {pick_seed(2, p, s) for s in range(20)} == {0, 1}
+
+
+def test_replay_trainable_serves_recorded_curves_through_the_tuner(tmp_path):
+    from search.ray_cluster import connect_ray
+
+    connect_ray(num_cpus=2)
+    table = load_table(TINY)
+    run = run_study(table, "tpe+plateau", 0, tmp_path, compress=0.0005, num_samples=6, cap=None)
+    assert len(run.started) == 6 and set(run.ended) == set(run.started)
+    by_trial: dict[str, list] = {}
+    for trial, e, v, cfg, c in run.results:
+        by_trial.setdefault(trial, []).append((e, v, cfg, c))
+    for rows in by_trial.values():
+        cfg, c = rows[0][2], rows[0][3]
+        curve = table.curves[cfg][c]
+        recorded = dict(zip(curve["episodes"], curve["objective"]))
+        assert [e for e, *_ in rows] == sorted(e for e, *_ in rows)  # in order, each a recorded evaluation
+        assert all(recorded[int(e)] == pytest.approx(v) for e, v, *_ in rows)
+    xs, ys = trajectory(table, run)
+    assert np.all(np.diff(xs) >= 0) and np.all(ys >= 0) and xs[-1] <= 6 * table.search.max_episodes
+
+
+def test_benchmark_command_json(tmp_path, capsys):
+    from search.cli import main
+
+    plot = tmp_path / "regret.png"
+    assert main(["benchmark", "--curves", str(TINY), "--repeats", "1", "--methods", "random", "tpe+plateau",
+                 "--json", "--plot", str(plot), "--compress", "0.0005", "--parallel", "2"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["curves"] == 12 and out["configs"] == 6 and out["repeats"] == 1 and out["baseline"] == BASELINE
+    assert set(out["methods"]) == {BASELINE, "random", "tpe+plateau"}
+    for m in out["methods"].values():
+        assert set(m["regret_at"]) == {"0.25", "0.5", "1.0"} and all(r >= 0 for r in m["regret_at"].values())
+        assert 0 <= m["kill_before_click"] <= 1
+    assert out["methods"]["random"]["kill_before_click"] == 0 and out["methods"]["random"]["stopped_trials"] == 0
+    assert plot.stat().st_size > 1000
+
+
+# --- the plateau-aware rule ----------------------------------------------------------------------------------
+
+T = [1500 * i for i in range(1, 21)]  # 1.5k .. 30k
+
+
+def _curve(click: float | None, top: float, plateau: float = 0.45) -> list[float]:
+    """Flat at the plateau, then a linear rise of 10k episodes to ``top`` (no click: flat)."""
+    if click is None:
+        return [plateau] * len(T)
+    return [plateau + (top - plateau) * min(1.0, max(0.0, (t - click) / 10000)) for t in T]
+
+
+def _feed(rule: PlateauRule, key, curve) -> tuple[str, float]:
+    for t, v in zip(T, curve):
+        if rule.observe(key, t, v) == STOP:
+            return STOP, t
+    return CONTINUE, T[-1]
+
+
+def _together(rule: PlateauRule, curves: list[list[float]]) -> None:
+    """Reference trials that ran the full budget (fed with the rule held off)."""
+    grace, rule.grace = rule.grace, rule.max_t
+    for i, t in enumerate(T):
+        for k, curve in enumerate(curves):
+            assert rule.observe(k, t, curve[i]) == CONTINUE
+    rule.grace = grace
+
+
+def test_plateau_rule_stops_flat_trials_once_early_clickers_won_and_keeps_clickers():
+    rule = PlateauRule(max_t=30000, grace=3000)
+    _together(rule, [_curve(4000, 0.75), _curve(None, 0), _curve(None, 0)])
+    decision, t = _feed(rule, "flat", _curve(None, 0))
+    assert decision == STOP and t < 12000  # stopped soon after the clickers' click times, not at a fixed rung
+    assert _feed(rule, "clicker", _curve(5000, 0.75)) == (CONTINUE, 30000)
+
+
+def test_plateau_rule_waits_when_a_late_clicker_reached_the_top():
+    rule = PlateauRule(max_t=30000, grace=3000)
+    _together(rule, [_curve(4000, 0.75), _curve(None, 0), _curve(None, 0), _curve(16000, 0.76)])
+    # the study saw a click at 16k reach the top: a trial still flat at 12k is not stopped for being late
+    decision, t = _feed(rule, "late", _curve(15000, 0.75))
+    assert decision == CONTINUE
+    assert "late" not in rule.stopped.values()
+
+
+def test_plateau_rule_grace_and_noise_below_the_plateau():
+    rule = PlateauRule(max_t=30000, grace=9000)
+    _together(rule, [_curve(3000, 0.9), _curve(None, 0), _curve(None, 0)])
+    low = [0.30] * len(T)
+    assert all(rule.observe("low", t, v) == CONTINUE for t, v in zip(T[:5], low))  # before grace: never
+    rule2 = PlateauRule(max_t=30000, grace=1500)
+    _together(rule2, [_curve(3000, 0.7), _curve(3000, 0.7)])
+    assert rule2.observe("noisy", 1500, 0.38) == CONTINUE  # below the plateau early: credited with the plateau
+
+
+def test_plateau_scheduler_from_yaml_and_existing_configs_load():
+    from search.runner import _scheduler
+    from search.schedulers import PlateauStopping
+
+    for name in ("smoke", "quickstart", "cluster"):
+        load_search_config(REPO / "configs" / "search" / f"{name}.yaml")
+    s = load_search_config(REPO / "configs" / "search" / "smoke.yaml",
+                           ["scheduler.kind=plateau", "scheduler.plateau.margin=0.05"])
+    sched = _scheduler(s)
+    assert isinstance(sched, PlateauStopping) and sched.rule.margin == 0.05 and sched.rule.grace == 160
+    assert sched.rule.max_t == s.max_episodes
