@@ -347,7 +347,7 @@ def benchmark(curves: str | Path, repeats: int = 20, methods: list[str] | None =
         methods.insert(0, BASELINE)
     budget = table.search.config.budget
     num_samples, max_t = budget.num_samples, table.search.max_episodes
-    connect_ray(num_cpus=parallel * (budget.max_concurrent or 2))
+    started = connect_ray(num_cpus=parallel * (budget.max_concurrent or 2)) == "local"
     _serialise_tune_registry()
     import optuna
 
@@ -372,6 +372,10 @@ def benchmark(curves: str | Path, repeats: int = 20, methods: list[str] | None =
                 progress(f"{m}: {repeats} studies, {time.perf_counter() - t0:.0f} s so far")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if started:  # the Ray we started goes with us (its dashboard agent holds a port other clusters need)
+            import ray
+
+            ray.shutdown()
     methods.insert(0, BASELINE)
     full = float(np.median([full_study_episodes(x, num_samples) for x in runs[BASELINE]]))
     blind = 100.0 * (table.best - float(table.value.mean()))

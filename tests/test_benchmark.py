@@ -34,10 +34,21 @@ def test_table_values_and_nearest_mapping():
     assert pick_seed(2, p, 0) == pick_seed(2, p, 0) and {pick_seed(2, p, s) for s in range(20)} == {0, 1}
 
 
-def test_replay_trainable_serves_recorded_curves_through_the_tuner(tmp_path):
+@pytest.fixture
+def local_ray():
+    """A local Ray for one test, shut down after it: a Ray left running in the test process keeps its dashboard
+    agent's port, and the multi-node clusters of later tests then never get an agent."""
+    import ray
+
     from search.ray_cluster import connect_ray
 
-    connect_ray(num_cpus=2)
+    started = connect_ray(num_cpus=2) == "local"
+    yield
+    if started:
+        ray.shutdown()
+
+
+def test_replay_trainable_serves_recorded_curves_through_the_tuner(tmp_path, local_ray):
     table = load_table(TINY)
     run = run_study(table, "tpe+plateau", 0, tmp_path, compress=0.0005, num_samples=6, cap=None)
     assert len(run.started) == 6 and set(run.ended) == set(run.started)
@@ -55,11 +66,14 @@ def test_replay_trainable_serves_recorded_curves_through_the_tuner(tmp_path):
 
 
 def test_benchmark_command_json(tmp_path, capsys):
+    import ray
+
     from search.cli import main
 
     plot = tmp_path / "regret.png"
     assert main(["benchmark", "--curves", str(TINY), "--repeats", "1", "--methods", "random", "tpe+plateau",
                  "--json", "--plot", str(plot), "--compress", "0.0005", "--parallel", "2"]) == 0
+    assert not ray.is_initialized()  # the command shut down the Ray it started
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["curves"] == 12 and out["configs"] == 6 and out["repeats"] == 1 and out["baseline"] == BASELINE
     assert set(out["methods"]) == {BASELINE, "random", "tpe+plateau"}
