@@ -334,6 +334,7 @@ def benchmark(curves: str | Path, repeats: int = 20, methods: list[str] | None =
 
     from .ray_cluster import connect_ray
 
+    saved_env = {k: os.environ.get(k) for k in ("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "RAY_AIR_NEW_OUTPUT")}
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no result files: nobody reads them
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     logging.getLogger("ray.tune").setLevel(logging.ERROR)
@@ -376,6 +377,11 @@ def benchmark(curves: str | Path, repeats: int = 20, methods: list[str] | None =
             import ray
 
             ray.shutdown()
+        for k, v in saved_env.items():  # and so do our settings (a caller's later `mann-search run` needs them)
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     methods.insert(0, BASELINE)
     full = float(np.median([full_study_episodes(x, num_samples) for x in runs[BASELINE]]))
     blind = 100.0 * (table.best - float(table.value.mean()))
