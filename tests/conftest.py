@@ -81,6 +81,7 @@ def tiny_data(tmp_path) -> Path:
 
 import contextlib  # noqa: E402
 import signal  # noqa: E402
+import shutil  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -186,6 +187,15 @@ def _pgrep(pattern: str) -> set[int]:
     return {int(p) for p in found}
 
 
+def stop_and_clean(temp_dirs: list[str], gcs: int) -> set[int]:
+    """Stop the nodes, remove their temp dirs; the pids of their processes still running (a leak)."""
+    stop_nodes(temp_dirs, gcs)
+    leaked = {p for p in cluster_processes(temp_dirs, gcs) if not _zombie(p)}
+    for d in temp_dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    return leaked
+
+
 def node_processes(temp_dir: str) -> set[int]:
     """Every process of the Ray node(s) started with ``--temp-dir=temp_dir``: those whose command line names it
     (GCS, raylet, agents, monitors) and all their descendants (the workers, which rename themselves ``ray::...``)."""
@@ -261,10 +271,7 @@ def two_node_ray(cpus_per_node: int = 1):
         wait_port(dash, timeout=90)
         yield env, gcs, dash, worker_tmp
     finally:
-        stop_nodes([worker_tmp, head_tmp], gcs)
-        leaked = {p for p in cluster_processes([worker_tmp, head_tmp], gcs) if not _zombie(p)}
-        for d in (worker_tmp, head_tmp):
-            shutil.rmtree(d, ignore_errors=True)
+        leaked = stop_and_clean([worker_tmp, head_tmp], gcs)
     # reached only when the test body passed (a failure's own error is not hidden by this one)
     assert not leaked, f"Ray processes left running after the nodes were stopped: {sorted(leaked)}"
 

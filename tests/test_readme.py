@@ -28,7 +28,7 @@ import secrets
 import shutil
 import subprocess
 
-from .conftest import BIN, REPO, _zombie, cluster_processes, free_port, stop_nodes
+from .conftest import BIN, REPO, free_port, stop_and_clean
 
 SECTION = "## Submitting to a Ray cluster (`ray job submit`)"
 
@@ -128,10 +128,7 @@ def test_ray_job_submit_block_runs_as_written(tmp_path, mlflow_server, omniglot_
             timeout=60)
         assert refused.returncode != 0, refused.stdout
     finally:
-        stop_nodes([worker_tmp, head_tmp], gcs)
-        leaked = {p for p in cluster_processes([worker_tmp, head_tmp], gcs) if not _zombie(p)}
-        for d in (worker_tmp, head_tmp):
-            shutil.rmtree(d, ignore_errors=True)
+        leaked = stop_and_clean([worker_tmp, head_tmp], gcs)
     assert not leaked, f"Ray processes left running after the nodes were stopped: {sorted(leaked)}"
 
     import mlflow
