@@ -137,6 +137,8 @@ def cmd_curves_record(args) -> int:
 def cmd_benchmark(args) -> int:
     from pathlib import Path
 
+    from mann.config import ConfigError
+
     from .benchmark import METHODS, benchmark, load_table
     from .config import load_search_config
 
@@ -145,7 +147,10 @@ def cmd_benchmark(args) -> int:
     if shipped is None:  # the shipped search config of the table's name, if there is one
         guess = Path(__file__).resolve().parents[1] / "configs" / "search" / f"{tab.header.get('name')}.yaml"
         shipped = str(guess) if guess.is_file() else None
-    loaded = load_search_config(shipped) if shipped else None
+    if args.set and not shipped:
+        raise ConfigError(f"--set: no shipped search config to apply it to (none named {tab.header.get('name')}.yaml "
+                          "in configs/search; name one with --config)")
+    loaded = load_search_config(shipped, args.set) if shipped else None
     every = args.report_every
     if every is None:  # report as often as a study of the shipped config evaluates
         recorded = max(1, int(tab.header.get("eval_every") or 1))
@@ -212,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--json", action="store_true", help="print one JSON object")
     be.add_argument("--methods", nargs="+", default=None, help="a subset of the methods (the baseline always runs)")
     be.add_argument("--config", help="the shipped search config (default: configs/search/<table name>.yaml)")
+    be.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                    help="override the shipped config (e.g. scheduler.plateau.click_slack=2): its scheduler settings "
+                         "are the ones the methods of that scheduler kind use")
     be.add_argument("--plot", help="where the plot goes (default: beside the table, <table>.benchmark.png)")
     be.add_argument("--compress", type=float, default=0.005, help="replayed seconds per recorded training second")
     be.add_argument("--parallel", type=positive_int, default=3, help="studies at once (threads, one Ray)")

@@ -18,6 +18,12 @@ say it cannot catch up; it places no rung in advance:
   many episodes, anywhere on its curve (so a late click is credited with an earlier trial's whole rise). It is
   stopped when its reach plus ``margin`` is below the incumbent (used once ``min_refs`` curves span the window).
 
+* **noise.** Both rules stop only on a gap larger than ``margin`` and than ``noise_factor`` times the study's
+  evaluation noise: the standard deviation of one evaluation about its curve's local trend, estimated from every
+  curve's second differences (``v[i+1] - 2 v[i] + v[i-1]`` has variance 6 sigma^2 for white noise on a locally
+  linear curve; median absolute value, median over trials). So a task evaluated on fewer episodes, or with a
+  noisier objective, gets a wider margin without retuning.
+
 No trial is stopped before ``grace_episodes`` or once it reached the full budget. Values are in the objective's
 units, larger = better (a ``min`` objective is negated). :class:`PlateauRule` is the rule on plain numbers
 (tested without Ray); :class:`PlateauStopping` is its Tune scheduler.
@@ -40,8 +46,9 @@ class PlateauRule:
     max_t: float
     grace: float = 0.0
     margin: float = 0.02
+    noise_factor: float = 3.0
     click_fraction: float = 0.25
-    click_slack: float = 1.0
+    click_slack: float = 1.5
     min_clicked: int = 1
     min_refs: int = 2
     history: dict[Any, list[tuple[float, float]]] = field(default_factory=dict)
@@ -56,6 +63,20 @@ class PlateauRule:
     def incumbent(self) -> float:
         return max(v for h in self.history.values() for _, v in h)
 
+    def noise(self) -> float:
+        """The study's evaluation noise (one standard deviation): the median over trials with at least four
+        evaluations of 1.4826 x median |second difference| / sqrt(6); 0 before any such trial."""
+        sigmas = []
+        for h in self.history.values():
+            if len(h) >= 4:
+                v = np.array([x for _, x in h])
+                sigmas.append(1.4826 * float(np.median(np.abs(v[2:] - 2 * v[1:-1] + v[:-2]))) / math.sqrt(6))
+        return float(np.median(sigmas)) if sigmas else 0.0
+
+    def gap(self) -> float:
+        """How far below the bar a trial must be to be stopped: ``margin`` or ``noise_factor`` x the noise."""
+        return max(self.margin, self.noise_factor * self.noise())
+
     def click_level(self) -> float:
         p = self.plateau()
         return p + self.click_fraction * (self.incumbent() - p)
@@ -69,14 +90,14 @@ class PlateauRule:
     def late_clickers_lose(self, t: float, level: float) -> bool:
         """True when the completed trials say a trial not clicked by ``t`` ends below the best: at least
         ``min_clicked`` of them had clicked by ``t / click_slack`` and at least ``min_refs`` had not, and the best
-        of the latter ended ``margin`` below the best of the former."""
+        of the latter ended :meth:`gap` below the best of the former."""
         by = t / self.click_slack
         early, late = [], []
         for k in self.completed():
             (early if self.click_time(k, level) <= by else late).append(self.history[k][-1][1])
         if len(early) < self.min_clicked or len(late) < self.min_refs:
             return False
-        return max(late) + self.margin < max(early)
+        return max(late) + self.gap() < max(early)
 
     def best_rise(self, window: float, exclude: Any) -> float | None:
         """The largest rise within ``window`` episodes on any other trial's curve (a curve shorter than the
@@ -109,7 +130,7 @@ class PlateauRule:
             return STOP
         rise = self.best_rise(self.max_t - t, exclude=key)
         # a trial still below the plateau is credited with it: low early values are noise, not evidence
-        if rise is not None and max(best_own, self.plateau()) + rise + self.margin < self.incumbent():
+        if rise is not None and max(best_own, self.plateau()) + rise + self.gap() < self.incumbent():
             self.stopped[key] = "reach"
             return STOP
         return CONTINUE

@@ -4,6 +4,7 @@ configuration mapping, the command's JSON, and the plateau-aware scheduler (pure
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +117,9 @@ def test_plateau_rule_stops_flat_trials_once_early_clickers_won_and_keeps_clicke
     rule = PlateauRule(max_t=30000, grace=3000)
     _together(rule, [_curve(4000, 0.75), _curve(None, 0), _curve(None, 0)])
     decision, t = _feed(rule, "flat", _curve(None, 0))
-    assert decision == STOP and t < 12000  # stopped soon after the clickers' click times, not at a fixed rung
+    # the clicker clicked at 7.5k on this grid: the flat trial is stopped once it is click_slack (1.5) times as
+    # late as that, at the next evaluation, not at a fixed rung
+    assert decision == STOP and t == 12000
     assert _feed(rule, "clicker", _curve(5000, 0.75)) == (CONTINUE, 30000)
 
 
@@ -150,3 +153,36 @@ def test_plateau_scheduler_from_yaml_and_existing_configs_load():
     sched = _scheduler(s)
     assert isinstance(sched, PlateauStopping) and sched.rule.margin == 0.05 and sched.rule.grace == 160
     assert sched.rule.max_t == s.max_episodes
+
+
+def test_plateau_rule_gap_follows_the_study_noise():
+    rule = PlateauRule(max_t=30000, grace=30000)
+    assert rule.noise() == 0.0 and rule.gap() == rule.margin  # no curve yet: the margin alone
+    zigzag = [0.5 + 0.001 * i + (0.02 if i % 2 else -0.02) for i in range(len(T))]
+    for t, v in zip(T, zigzag):
+        rule.observe("z", t, v)
+    # second differences of a line plus +-0.02 alternating are +-0.08: sigma = 1.4826 * 0.08 / sqrt(6)
+    sigma = 1.4826 * 0.08 / math.sqrt(6)
+    assert rule.noise() == pytest.approx(sigma) and rule.gap() == pytest.approx(3 * sigma)
+    assert PlateauRule(max_t=30000, noise_factor=0.0, history=rule.history).gap() == 0.02
+
+
+def test_plateau_rule_stops_on_a_gap_above_the_noise_only():
+    def study(noise: float) -> PlateauRule:
+        rule = PlateauRule(max_t=30000, grace=3000)
+        wiggle = [noise if i % 2 else -noise for i in range(len(T))]
+        refs = [_curve(4000, 0.75), _curve(15000, 0.72), _curve(15000, 0.72)]
+        _together(rule, [[v + w for v, w in zip(c, wiggle)] for c in refs])
+        return rule
+
+    # late clickers ended 3 points below the early one: more than the 2-point margin of a clean study, so a flat
+    # trial is stopped for being late ...
+    clean = study(0.0)
+    decision, t_clean = _feed(clean, "flat", _curve(None, 0))
+    assert decision == STOP and clean.stopped["flat"] == "late"
+    # ... but not more than 3 x the noise of a study whose evaluations scatter by +-1 point: the flat trial runs
+    # on until even the largest rise seen could no longer lift it to the best value (the reach rule)
+    rule = study(0.01)
+    assert rule.gap() > 0.03
+    decision, t = _feed(rule, "flat", _curve(None, 0))
+    assert t > t_clean and rule.stopped.get("flat") != "late"
