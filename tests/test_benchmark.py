@@ -85,6 +85,18 @@ def test_benchmark_command_json(tmp_path, capsys):
     assert plot.stat().st_size > 1000
 
 
+def test_benchmark_set_errors_name_the_key(capsys):
+    from search.cli import main
+
+    quickstart = str(REPO / "configs" / "search" / "quickstart.yaml")
+    assert main(["benchmark", "--curves", str(TINY), "--config", quickstart,
+                 "--set", "scheduler.plateau.click_slak=2"]) == 2
+    assert "click_slak" in capsys.readouterr().err
+    assert main(["benchmark", "--curves", str(TINY), "--set", "scheduler.plateau.click_slack=2"]) == 2
+    err = capsys.readouterr().err
+    assert "--set" in err and "tiny.yaml" in err and "--config" in err
+
+
 # --- the plateau-aware rule ----------------------------------------------------------------------------------
 
 T = [1500 * i for i in range(1, 21)]  # 1.5k .. 30k
