@@ -21,7 +21,7 @@ search path (the Tuner, searcher, sampler and scheduler that ``mann-search run``
   ``4 x num_samples`` trials to spend it on, so early stopping buys more trials, as in a capped study.
 * **Methods.** Each is the table's recorded search config with a few overrides (``METHODS``): sampler and
   scheduler kind; ASHA and median stopping keep the recorded settings, the plateau rule takes the shipped
-  config's when it uses it (else a grace of a tenth of the budget). Trials report every ``every``-th recorded
+  config's when it uses it (else a grace of 15 % of the budget). Trials report every ``every``-th recorded
   evaluation (the CLI matches the shipped config's ``eval_every``).
 
 One Ray instance runs every study (``parallel`` at once, each its own Tuner in a thread); no MLflow callback;
@@ -231,12 +231,12 @@ def _recorder(run: Run, metric: str, cap: float | None):
 
 def scheduler_overrides(table: Table, kind: str, shipped: SearchConfig | None) -> dict[str, Any]:
     """A method's scheduler settings: the shipped config's when it uses that kind, else the table's recorded
-    search's (ASHA and median as recorded); the plateau rule without either waits a tenth of the budget."""
+    search's (ASHA and median as recorded); the plateau rule without either waits 15 % of the budget."""
     for cfg in (shipped, table.search.config):
         if cfg is not None and cfg.scheduler.kind == kind:
             return {"scheduler": cfg.scheduler.to_dict()}
     if kind == "plateau":
-        return {"scheduler.grace_episodes": max(1, table.search.max_episodes // 10)}
+        return {"scheduler.grace_episodes": max(1, round(0.15 * table.search.max_episodes))}
     return {}
 
 
