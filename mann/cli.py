@@ -122,7 +122,10 @@ def cmd_train(args) -> int:
     cfg = load_train_config(args.config, args.set)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
     progress = _Progress(cfg.train.episodes)
-    print(f"training {cfg.model.kind} on {cfg.task.classes} classes x {cfg.task.instances} instances; out: {out}")
+    task = cfg.task
+    shape = (f"{task.classes} classes x {task.instances} instances" if task.sampling == "balanced" else
+             f"{task.classes} classes, {task.length} steps with random classes (instances 1-{task.instances} scored)")
+    print(f"training {cfg.model.kind} on {shape}; out: {out}")
     result = train(cfg, callbacks=[progress.callback], out_dir=out, resume_from=args.resume)
     print(f"done: {result.episodes} episodes, checkpoint {result.checkpoint}")
     return 0

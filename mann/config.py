@@ -147,12 +147,23 @@ class DataConfig(Section):
 
 
 class TaskConfig(Section):
-    """One episode: ``classes`` classes x ``instances`` instances each, shuffled."""
+    """One episode of ``length`` steps over ``classes`` classes.
+
+    ``sampling: balanced`` (the default) shows every class exactly ``instances`` times in a random order, so an
+    episode has ``classes * instances`` steps. ``sampling: random`` is the paper's 15-class string set-up as its
+    only public port (snowkylin/ntm) runs it: ``steps`` steps, each step's class drawn uniformly with replacement
+    among the episode's ``classes`` classes, so a class may appear fewer or more than ``instances`` times (or not
+    at all). ``instances`` is then the number of instance columns reported (accuracy at the 1st..K-th
+    appearance); later appearances are trained on but not scored.
+    """
 
     classes: int = Field(5, ge=2)
     instances: int = Field(10, ge=1)
     # "onehot": classes-way one-hot labels; "string": the paper's five 5-way characters (25 dims, 3125 labels).
     labels: Literal["onehot", "string"] = "onehot"
+    sampling: Literal["balanced", "random"] = "balanced"
+    # Steps per episode; None: classes * instances (the only length balanced sampling allows).
+    steps: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _fits_omniglot(self) -> "TaskConfig":
@@ -160,11 +171,16 @@ class TaskConfig(Section):
                 f"instances: Omniglot has 20 drawers per character, so at most 20, got {self.instances}")
         if self.labels == "string":
             require(self.classes <= 3125, f"classes: string labels allow at most 3125, got {self.classes}")
+        if self.sampling == "balanced" and self.steps is not None:
+            require(self.steps == self.classes * self.instances,
+                    f"steps: balanced sampling has classes * instances = {self.classes * self.instances} steps, "
+                    f"got {self.steps} (set sampling: random for another length)")
         return self
 
     @property
-    def steps(self) -> int:
-        return self.classes * self.instances
+    def length(self) -> int:
+        """Steps per episode."""
+        return self.steps if self.steps is not None else self.classes * self.instances
 
 
 class OptimConfig(Section):
@@ -181,6 +197,11 @@ class OptimConfig(Section):
     momentum: Number = Field(0.9, ge=0, lt=1)
     rmsprop_decay: Number = Field(0.95, gt=0, lt=1)
     grad_clip: Number | None = Field(10.0, gt=0)
+    # String labels: the training loss per step is the mean ("mean") or the sum ("sum", the paper's wording) of
+    # the five characters' cross-entropies; both are averaged over steps and episodes. Adam is invariant to the
+    # scale of the loss, so the two differ only where grad_clip cuts (sum's gradient is 5x mean's) and in RMSprop
+    # and Adam's epsilon. Ignored for one-hot labels.
+    string_loss: Literal["mean", "sum"] = "mean"
     # Evaluate on fixed validation episodes every this many training episodes.
     eval_every: int = Field(2000, ge=1)
     eval_episodes: int = Field(320, ge=1)

@@ -161,8 +161,9 @@ def build_model(model: ModelConfig, task: TaskConfig, image_size: int) -> MANN:
     return MANN(model, input_size=image_size * image_size + dim, output_size=dim)
 
 
-def episode_loss(logits: Tensor, labels: Tensor, task: TaskConfig) -> Tensor:
-    """Mean cross-entropy over steps (and over the five characters of a string label).
+def episode_loss(logits: Tensor, labels: Tensor, task: TaskConfig, string_loss: str = "mean") -> Tensor:
+    """Mean cross-entropy over steps and episodes; for string labels the per-step loss is the mean (default) or,
+    with ``string_loss="sum"`` (the paper's wording), the sum of the five characters' cross-entropies.
 
     Args:
         logits: ``[B, T, L]``.
@@ -170,7 +171,8 @@ def episode_loss(logits: Tensor, labels: Tensor, task: TaskConfig) -> Tensor:
     """
     if task.labels == "string":
         digits = string_digits(labels)  # (B, T, 5)
-        return F.cross_entropy(logits.reshape(-1, STRING_ALPHABET), digits.reshape(-1))
+        loss = F.cross_entropy(logits.reshape(-1, STRING_ALPHABET), digits.reshape(-1))
+        return loss * STRING_LENGTH if string_loss == "sum" else loss
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 

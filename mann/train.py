@@ -239,11 +239,22 @@ def evaluate(
         per_episode.append(accuracy_by_instance(predict(logits, task), ep.labels, ep.instance, task.instances))
         done += n
     model.train(was_training)
-    acc = torch.cat(per_episode).double().cpu()  # (episodes, K)
-    mean = acc.mean(0)
-    std = acc.std(0, unbiased=True) if episodes > 1 else torch.zeros_like(mean)
-    ci = 1.96 * std / math.sqrt(episodes)
+    mean, ci = mean_ci95(torch.cat(per_episode))
     return EvalResult(split, episodes, loss_sum / episodes, mean.tolist(), ci.tolist())
+
+
+def mean_ci95(acc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[episodes, K]`` per-episode accuracy (NaN where an episode has no k-th instance) -> ``([K], [K])`` the
+    mean and the 95 % half-width (1.96 standard errors) of each column over the episodes that have that instance
+    (all of them with balanced sampling). A column no episode has (random sampling, short episodes) reads 0."""
+    acc = acc.double().cpu()
+    have = ~acc.isnan()
+    n = have.sum(0).double()  # (K,)
+    mean = acc.nan_to_num(0.0).sum(0) / n.clamp_min(1.0)
+    dev = torch.where(have, acc - mean, torch.zeros_like(acc))
+    std = (dev.pow(2).sum(0) / (n - 1).clamp_min(1.0)).sqrt()
+    ci = torch.where(n > 1, 1.96 * std / n.clamp_min(1.0).sqrt(), torch.zeros_like(std))
+    return mean, ci
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -301,6 +312,8 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", episodes: int = 1
 
 def _check_resumable(cfg: TrainConfig, saved: dict[str, Any]) -> None:
     current = cfg.to_dict()
+    # through the schema, so that keys added since the checkpoint was written compare at their defaults
+    saved = train_config_from_dict(saved).to_dict()
     for section in ("model", "task"):
         if current[section] != saved[section]:
             diff = [k for k in current[section] if current[section][k] != saved[section].get(k)]
@@ -371,7 +384,7 @@ def train(
         while step < total_steps:
             t_step = time.perf_counter()
             ep = batches.take().to(device)
-            loss = episode_loss(model(ep.inputs), ep.labels, cfg.task)
+            loss = episode_loss(model(ep.inputs), ep.labels, cfg.task, opt_cfg.string_loss)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(step + 1, (step + 1) * B, float(loss.detach()))
             optimizer.zero_grad(set_to_none=True)

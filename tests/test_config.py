@@ -11,7 +11,7 @@ from mann.config import ConfigError, TrainConfig, load_train_config
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["smoke", "paper", "lstm", "feedforward", "strings15"])
+@pytest.mark.parametrize("name", ["smoke", "paper", "lstm", "feedforward", "strings15", "strings5"])
 def test_shipped_configs_load(name):
     cfg = load_train_config(REPO / "configs" / "mann" / f"{name}.yaml")
     assert isinstance(cfg, TrainConfig)
@@ -46,6 +46,11 @@ def test_paper_config_is_the_paper_setup():
         (["train.lr_milestones=800"], r"train.lr_milestones: expected a list, got 800"),
         (["train.lr_decay=0"], r"train.lr_decay: must be in \(0, 1\], got 0"),
         (["task.instances=21"], r"task.instances: Omniglot has 20 drawers"),
+        (["task.sampling=shuffled"], r"task.sampling: must be one of 'balanced', 'random', got 'shuffled'"),
+        (["task.steps=0", "task.sampling=random"], r"task.steps: must be >= 1, got 0"),
+        (["task.steps=many"], r"task.steps: expected an integer, got 'many'"),
+        (["task.steps=40"], r"task.steps: balanced sampling has classes \* instances = 50 steps, got 40"),
+        (["train.string_loss=max"], r"train.string_loss: must be one of 'mean', 'sum', got 'max'"),
         (["model=3"], r"model: expected a mapping"),
         (["model.memory.slots.x=3"], r"'model.memory.slots' is a value, not a section"),
         (["nokey"], r"expected KEY.PATH=VALUE"),
@@ -84,3 +89,19 @@ def test_overrides_apply_and_round_trip():
     from mann.config import train_config_from_dict
 
     assert train_config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_string_configs_are_the_papers_episodes_and_the_balanced_one_stays_reachable():
+    c15 = load_train_config(REPO / "configs" / "mann" / "strings15.yaml")
+    assert (c15.task.classes, c15.task.length, c15.task.sampling, c15.task.labels) == (15, 100, "random", "string")
+    c5 = load_train_config(REPO / "configs" / "mann" / "strings5.yaml")
+    assert (c5.task.classes, c5.task.length, c5.task.sampling, c5.task.labels) == (5, 50, "random", "string")
+    old = load_train_config(REPO / "configs" / "mann" / "strings15.yaml",
+                            ["task.sampling=balanced", "task.steps=null"])
+    assert (old.task.classes, old.task.instances, old.task.length) == (15, 10, 150)
+
+
+def test_new_keys_default_to_the_earlier_behaviour():
+    # a config written before task.sampling, task.steps and train.string_loss existed means what it meant
+    cfg = load_train_config(REPO / "configs" / "mann" / "paper.yaml")
+    assert (cfg.task.sampling, cfg.task.steps, cfg.task.length, cfg.train.string_loss) == ("balanced", None, 50, "mean")

@@ -155,6 +155,24 @@ def test_checkpoint_loads_with_weights_only_and_refuses_pickles(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
+def test_resume_accepts_a_checkpoint_written_before_the_newer_config_keys(tmp_path, omniglot_dir):
+    train(tiny("train.episodes=16"), out_dir=tmp_path)
+    payload = load_checkpoint(tmp_path)
+    for key in ("sampling", "steps"):
+        del payload["config"]["task"][key]
+    del payload["config"]["train"]["string_loss"]
+    torch.save(payload, tmp_path / "old.pt")
+    assert train(tiny("train.episodes=32"), resume_from=tmp_path / "old.pt").episodes == 32
+
+
+@pytest.mark.parametrize("string_loss", ["mean", "sum"])
+def test_random_sampling_trains_and_scores_every_instance_column(string_loss, omniglot_dir):
+    result = train(tiny("task.sampling=random", "task.steps=9", "task.labels=string", "train.episodes=8",
+                        f"train.string_loss={string_loss}"))
+    accs = [result.history[-1][f"val/acc_{k}"] for k in range(1, 5)]
+    assert all(math.isfinite(a) for a in accs) and math.isfinite(result.history[-1]["val/loss"])
+
+
 @pytest.mark.parametrize("labels", ["onehot", "string"])
 @pytest.mark.parametrize("kind", ["mann", "lstm", "feedforward"])
 def test_every_model_and_label_kind_trains(kind, labels, omniglot_dir):

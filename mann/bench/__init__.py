@@ -137,7 +137,7 @@ def run_bench(args) -> int:
         "device": str(device),
         "threads": torch.get_num_threads(),
         "batch_size": B,
-        "steps_per_episode": cfg.task.steps,
+        "steps_per_episode": cfg.task.length,
         "median_step_s": med["model"],
         "episodes_per_s": B / med["model"],
         "sample_s_per_batch": sample_s,
@@ -162,7 +162,7 @@ def run_bench(args) -> int:
     if args.json:
         print(json.dumps(out))
         return 0
-    print(f"{out['config']}: batch {B}, {cfg.task.steps} steps/episode, {out['device']}, {out['threads']} threads")
+    print(f"{out['config']}: batch {B}, {cfg.task.length} steps/episode, {out['device']}, {out['threads']} threads")
     print(f"model  {out['episodes_per_s']:8.1f} episodes/s  (median step {med['model'] * 1000:.1f} ms over "
           f"{args.repeats} x {args.steps} steps)")
     if "plain" in med:
