@@ -53,11 +53,7 @@ def test_previous_label_shift_and_instance_numbers():
     torch.testing.assert_close(prev[:, 1:], encode_labels(ep.labels, task)[:, :-1])
     cls, _ = decode(ep)
     for b in range(4):
-        seen: dict[int, int] = {}
-        for t in range(50):
-            c = int(cls[b, t])
-            seen[c] = seen.get(c, 0) + 1
-            assert int(ep.instance[b, t]) == seen[c]
+        _assert_instances_count_appearances(ep.instance[b], cls[b])
 
 
 def test_string_labels_are_distinct_five_character_strings():
@@ -79,11 +75,7 @@ def test_same_seed_same_episodes_different_seed_different(omniglot_dir):
 
     splits = make_splits(load_omniglot(DataConfig(data_dir=str(omniglot_dir))), DataConfig())
     sampler = EpisodeSampler(splits.train, TaskConfig(), max_shift=1)
-    a = sampler.sample(16, torch.Generator().manual_seed(7))
-    b = sampler.sample(16, torch.Generator().manual_seed(7))
-    c = sampler.sample(16, torch.Generator().manual_seed(8))
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
+    a, c = _same_seed_same_episodes(sampler, 16, 7)
     assert not torch.equal(a.inputs, c.inputs)
     # images are real strokes in [0, 1]
     img = a.inputs[..., :400]
@@ -164,11 +156,7 @@ def test_random_sampling_counts_vary_and_instances_are_numbered_past_k():
     assert len(counts[counts > 0].unique()) > 3  # samples per class vary between classes and episodes
     assert int(ep.instance.max()) > 10  # a class seen more than K times keeps counting
     for b in range(64):
-        seen: dict[int, int] = {}
-        for t in range(50):
-            c = int(cls[b, t])
-            seen[c] = seen.get(c, 0) + 1
-            assert int(ep.instance[b, t]) == seen[c]
+        _assert_instances_count_appearances(ep.instance[b], cls[b])
         for c in cls[b].unique():  # distinct drawers while a class has fewer than 20 appearances
             assert len(drawer[b][cls[b] == c].unique()) == min(20, int((cls[b] == c).sum()))
 
@@ -194,11 +182,7 @@ def test_random_sampling_wraps_drawers_after_the_last():
 
 def test_random_sampling_same_seed_same_episodes():
     sampler = EpisodeSampler(synthetic_pool(), random_task(labels="string"), max_shift=1)
-    a = sampler.sample(8, torch.Generator().manual_seed(9))
-    b = sampler.sample(8, torch.Generator().manual_seed(9))
-    c = sampler.sample(8, torch.Generator().manual_seed(10))
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
+    a, c = _same_seed_same_episodes(sampler, 8, 9)
     assert not torch.equal(a.labels, c.labels)
 
 
@@ -258,3 +242,21 @@ def test_string_scoring_needs_all_five_characters():
     wrong[0, 2, 20:25] = torch.tensor([0.0, 0.0, 0.0, 0.0, 2.0])  # the last character of step 2 becomes 4
     got = predict(wrong, task)
     assert (got == labels).tolist() == [[True, True, False, True]] and int(got[0, 2]) == 1234
+
+
+def _assert_instances_count_appearances(instance, cls) -> None:
+    """``[T]`` instance numbers are, step by step, how often the step's class has appeared so far (a loop)."""
+    seen: dict[int, int] = {}
+    for t in range(len(cls)):
+        c = int(cls[t])
+        seen[c] = seen.get(c, 0) + 1
+        assert int(instance[t]) == seen[c]
+
+
+def _same_seed_same_episodes(sampler: EpisodeSampler, batch: int, seed: int):
+    """Asserts two draws with ``seed`` are equal; returns one of them and a draw with ``seed + 1``."""
+    a = sampler.sample(batch, torch.Generator().manual_seed(seed))
+    b = sampler.sample(batch, torch.Generator().manual_seed(seed))
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    return a, sampler.sample(batch, torch.Generator().manual_seed(seed + 1))
