@@ -73,7 +73,13 @@ class StudySearch(OptunaSearch):
         steps = self.reported.setdefault(trial_id, set())
         if int(step) not in steps:  # a retried trial re-reports from its checkpoint
             steps.add(int(step))
-            self._ot_trials[trial_id].report(float(value), int(step))
+            try:
+                self._ot_trials[trial_id].report(float(value), int(step))
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # told before the driver died, after the searcher's last checkpoint: the storage keeps its state
+                log.warning("optuna: trial %s was already finished in the storage; its later results are not "
+                            "reported", trial_id)
+                self._completed_trials.add(trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
@@ -92,10 +98,16 @@ class StudySearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
     def restore(self, checkpoint_path: str) -> None:
-        """After a driver restart: trials the storage has as RUNNING that no Tune trial owns (asked just before
-        the driver died) are marked FAIL, so the Optuna study holds no phantom running trial."""
+        """After a driver restart: trials the storage already has as finished (told after the searcher's last
+        checkpoint) are not reported to again, and trials the storage has as RUNNING that no Tune trial owns
+        (asked just before the driver died) are marked FAIL, so the Optuna study holds no phantom running
+        trial."""
         super().restore(checkpoint_path)
         owned = {t.number for t in self._ot_trials.values()}
+        finished = {f.number for f in self._ot_study.get_trials(deepcopy=False) if f.state.is_finished()}
+        for trial_id, ot_trial in self._ot_trials.items():
+            if ot_trial.number in finished:  # told after the searcher's last checkpoint
+                self._completed_trials.add(trial_id)
         for frozen in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             if frozen.number not in owned:
                 self._ot_study.tell(frozen.number, state=optuna.trial.TrialState.FAIL)

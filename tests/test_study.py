@@ -141,3 +141,36 @@ def test_optuna_states_follow_how_a_trial_ended():
     assert state_for({"episodes": 160, "val/acc_2plus": 0.5}, False, 480) == S.PRUNED
     assert state_for({"episodes": 480, "diverged": 1}, False, 480) == S.FAIL
     assert state_for(None, True, 480) == S.FAIL
+
+
+def test_searcher_restored_from_an_older_checkpoint_leaves_trials_the_storage_finished(tmp_path):
+    """The driver dies after telling Optuna a trial ended but before the searcher's next checkpoint: the restored
+    searcher neither reports to that trial again (Optuna would refuse) nor changes its state."""
+    import optuna
+
+    from search.runner import _searcher
+
+    f = _search_yaml(tmp_path)
+    study = Study.create(load_search_config(f, []), [], f"sqlite:///{tmp_path / 'm.db'}")
+    study.local_dir.mkdir(parents=True, exist_ok=True)
+    metric = study.search.config.objectives[0].metric
+    full = study.search.max_episodes
+    searcher = _searcher(study)
+    assert searcher.suggest("a") and searcher.suggest("b")
+    searcher.on_trial_result("a", {metric: 0.3, metrics.EPISODES: full // 3})
+    checkpoint = tmp_path / "searcher.pkl"
+    searcher.save(str(checkpoint))
+    searcher.on_trial_complete("a", {metric: 0.6, metrics.EPISODES: full})  # after the last checkpoint
+
+    restored = _searcher(study)
+    restored.restore(str(checkpoint))
+    restored.on_trial_result("a", {metric: 0.4, metrics.EPISODES: 2 * full // 3})  # Tune retries "a"
+    restored.on_trial_complete("a", {metric: 0.5, metrics.EPISODES: full // 2}, error=False)
+    restored.on_trial_result("b", {metric: 0.2, metrics.EPISODES: full // 3})
+    restored.on_trial_complete("b", {metric: 0.7, metrics.EPISODES: full})
+    trials = optuna.load_study(study_name=study.key, storage=restored._ot_study._storage).get_trials()
+    by_number = {t.number: t for t in trials}
+    a, b = by_number[searcher._ot_trials["a"].number], by_number[searcher._ot_trials["b"].number]
+    assert a.state == optuna.trial.TrialState.COMPLETE and a.value == 0.6
+    assert a.intermediate_values == {full // 3: 0.3, full: 0.6}
+    assert b.state == optuna.trial.TrialState.COMPLETE and b.value == 0.7
