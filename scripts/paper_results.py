@@ -93,6 +93,11 @@ def record(args) -> int:
         "curve": [{"episodes": x["episodes"], **{f"acc_{k}": x.get(metrics.instance("val", k)) for k in COLUMNS}}
                   for x in lines],
     }
+    if args.target_2nd is not None:  # a time-to-accuracy row: the keys beside the table's
+        reached = result.as_dict()["accuracy_by_instance"]["2"]
+        row.update(episodes=row["episodes_trained"], commit=row["git_commit"], checkpoint=args.export,
+                   target={"instance": 2, "accuracy": args.target_2nd, "test_accuracy": reached,
+                           "reached": reached >= args.target_2nd})
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(row, indent=1) + "\n")
     if args.export:
@@ -125,9 +130,11 @@ def report(args) -> int:
     recorded = rows()
     print("| model | 1st | 2nd | 3rd | 4th | 5th | 10th | episodes | wall |")
     print("|---|---|---|---|---|---|---|---|---|")
+    shown = set()
     for row in recorded:
         paper = PAPER.get(row["paper_row"])
-        if paper:
+        if paper and row["paper_row"] not in shown:
+            shown.add(row["paper_row"])
             print(f"| {row['paper_row']} (paper) | " + " | ".join(f"{x:.1f}" for x in paper) + " | | |")
         print(table_line(row))
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -179,6 +186,8 @@ def main(argv=None) -> int:
     r.add_argument("--command", required=True, help="the exact command that trained it")
     r.add_argument("--commit", help="git commit the run was trained at (default: HEAD)")
     r.add_argument("--export", help="write a weights-only checkpoint here")
+    r.add_argument("--target-2nd", type=float,
+                   help="a time-to-accuracy row: the test accuracy at the 2nd instance it aims at (e.g. 0.8)")
     r.set_defaults(fn=record)
     sub.add_parser("report").set_defaults(fn=report)
     args = parser.parse_args(argv)
