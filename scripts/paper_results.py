@@ -97,7 +97,8 @@ def record(args) -> int:
         reached = result.as_dict()["accuracy_by_instance"]["2"]
         row.update(episodes=row["episodes_trained"], commit=row["git_commit"], checkpoint=args.export,
                    target={"instance": 2, "accuracy": args.target_2nd, "test_accuracy": reached,
-                           "reached": reached >= args.target_2nd})
+                           "reached": reached >= args.target_2nd},
+                   process_wall_s=args.process_wall)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(row, indent=1) + "\n")
     if args.export:
@@ -188,6 +189,8 @@ def main(argv=None) -> int:
     r.add_argument("--export", help="write a weights-only checkpoint here")
     r.add_argument("--target-2nd", type=float,
                    help="a time-to-accuracy row: the test accuracy at the 2nd instance it aims at (e.g. 0.8)")
+    r.add_argument("--process-wall", type=float,
+                   help="the training command's whole wall time in seconds (start-up included), if measured")
     r.set_defaults(fn=record)
     sub.add_parser("report").set_defaults(fn=report)
     args = parser.parse_args(argv)

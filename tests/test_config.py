@@ -11,7 +11,7 @@ from mann.config import ConfigError, TrainConfig, load_train_config
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["smoke", "paper", "lstm", "feedforward", "strings15", "strings5"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs" / "mann").glob("*.yaml")))
 def test_shipped_configs_load(name):
     cfg = load_train_config(REPO / "configs" / "mann" / f"{name}.yaml")
     assert isinstance(cfg, TrainConfig)
@@ -24,6 +24,15 @@ def test_paper_config_is_the_paper_setup():
     assert (m.slots, m.width, m.read_heads, m.gamma) == (128, 40, 4, 0.95)
     assert (cfg.model.controller.kind, cfg.model.controller.hidden, cfg.train.batch_size) == ("lstm", 200, 16)
     assert cfg.data.train_characters == 1200
+
+
+def test_time_to_accuracy_config_is_the_paper_model():
+    """paper_fast.yaml trains the paper's model (task, data, sizes); it differs in training and two readings."""
+    paper, fast = (load_train_config(REPO / "configs" / "mann" / f"{n}.yaml") for n in ("paper", "paper_fast"))
+    assert fast.task == paper.task and fast.data == paper.data
+    same = ("slots", "width", "read_heads", "gamma", "write_content", "zero_least_used", "init_value")
+    assert all(getattr(fast.model.memory, k) == getattr(paper.model.memory, k) for k in same)
+    assert fast.model.controller == paper.model.controller
 
 
 @pytest.mark.parametrize(
