@@ -94,7 +94,7 @@ def record(args) -> int:
                   for x in lines],
     }
     if args.target_2nd is not None:  # a time-to-accuracy row: the keys beside the table's
-        reached = result.as_dict()["accuracy_by_instance"]["2"]
+        reached = row["test"]["accuracy_by_instance"]["2"]
         row.update(episodes=row["episodes_trained"], commit=row["git_commit"], checkpoint=args.export,
                    target={"instance": 2, "accuracy": args.target_2nd, "test_accuracy": reached,
                            "reached": reached >= args.target_2nd},

@@ -103,14 +103,14 @@ class StudySearch(OptunaSearch):
         (asked just before the driver died) are marked FAIL, so the Optuna study holds no phantom running
         trial."""
         super().restore(checkpoint_path)
-        owned = {t.number for t in self._ot_trials.values()}
-        finished = {f.number for f in self._ot_study.get_trials(deepcopy=False) if f.state.is_finished()}
+        stored = {f.number: f.state for f in self._ot_study.get_trials(deepcopy=False)}
         for trial_id, ot_trial in self._ot_trials.items():
-            if ot_trial.number in finished:  # told after the searcher's last checkpoint
-                self._completed_trials.add(trial_id)
-        for frozen in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            if frozen.number not in owned:
-                self._ot_study.tell(frozen.number, state=optuna.trial.TrialState.FAIL)
+            if stored.get(ot_trial.number, optuna.trial.TrialState.RUNNING).is_finished():
+                self._completed_trials.add(trial_id)  # told after the searcher's last checkpoint
+        owned = {t.number for t in self._ot_trials.values()}
+        for number, state in stored.items():
+            if state == optuna.trial.TrialState.RUNNING and number not in owned:
+                self._ot_study.tell(number, state=optuna.trial.TrialState.FAIL)
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:

@@ -149,6 +149,7 @@ def test_searcher_restored_from_an_older_checkpoint_leaves_trials_the_storage_fi
     import optuna
 
     from search.runner import _searcher
+    from search.searcher import storage_url
 
     f = _search_yaml(tmp_path)
     study = Study.create(load_search_config(f, []), [], f"sqlite:///{tmp_path / 'm.db'}")
@@ -168,7 +169,7 @@ def test_searcher_restored_from_an_older_checkpoint_leaves_trials_the_storage_fi
     restored.on_trial_complete("a", {metric: 0.5, metrics.EPISODES: full // 2}, error=False)
     restored.on_trial_result("b", {metric: 0.2, metrics.EPISODES: full // 3})
     restored.on_trial_complete("b", {metric: 0.7, metrics.EPISODES: full})
-    trials = optuna.load_study(study_name=study.key, storage=restored._ot_study._storage).get_trials()
+    trials = optuna.load_study(study_name=study.key, storage=storage_url(study)).get_trials()
     by_number = {t.number: t for t in trials}
     a, b = by_number[searcher._ot_trials["a"].number], by_number[searcher._ot_trials["b"].number]
     assert a.state == optuna.trial.TrialState.COMPLETE and a.value == 0.6
