@@ -93,9 +93,8 @@ class EvalReport:
         out: dict[str, float] = {names.EPISODES: float(self.episodes), "train/loss": self.train_loss}
         evaluated = self.val.metrics()
         out.update({k: v for k, v in evaluated.items() if "/ci95_" not in k})
-        steps = self.timings.get("train", 0.0)
-        if steps > 0:
-            out["train/episodes_per_s"] = self.episodes_trained_here / steps
+        if self.train_s_here > 0:  # this process's rate: a resumed run's time totals include earlier legs
+            out["train/episodes_per_s"] = self.episodes_trained_here / self.train_s_here
         if self.lr is not None:
             out["train/lr"] = self.lr
         for name, sec in self.timings.items():
@@ -103,6 +102,7 @@ class EvalReport:
         return out
 
     episodes_trained_here: int = 0
+    train_s_here: float = 0.0  # seconds of training steps in this process (timings["train"] is the run's total)
     lr: float | None = None  # the learning rate of the last step
 
 
@@ -372,7 +372,7 @@ def train(
     ckpt_path = out / CHECKPOINT_NAME if out is not None else None
     B = opt_cfg.batch_size
     total_steps = max(1, math.ceil(opt_cfg.episodes / B))
-    start_step = step
+    start_step, train_s_start = step, timings["train"]
     for cb in callbacks:
         cb.on_start(cfg, model, step)
 
@@ -419,6 +419,7 @@ def train(
                     timings=dict(timings),
                     done=step == total_steps,
                     episodes_trained_here=(step - start_step) * B,
+                    train_s_here=timings["train"] - train_s_start,
                 )
                 loss_sum.zero_()
                 loss_n = 0

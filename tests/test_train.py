@@ -73,6 +73,9 @@ def test_resume_continues_exactly(tmp_path, omniglot_dir, prefetch):
         assert 0 < times[0] < times[1] < times[2] < times[3], (name, times)
     times = [x["time/checkpoint_s"] for x in lines]  # a line is written before its own checkpoint is timed
     assert times == sorted(times) and times[3] > times[1] > 0, times
+    # episodes/s is this process's rate: the second leg's 32 episodes over its own training time, not every leg's
+    leg2_s = lines[3]["time/train_s"] - lines[1]["time/train_s"]
+    assert lines[3]["train/episodes_per_s"] == pytest.approx(32 / leg2_s, rel=1e-6)
 
 
 def test_lr_schedule_steps_at_milestones_and_resume_follows_the_config(tmp_path, omniglot_dir):
