@@ -182,7 +182,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("record")
     r.add_argument("--name", required=True)
-    r.add_argument("--paper-row", required=True, choices=sorted(PAPER))
+    r.add_argument("--paper-row", choices=sorted(PAPER),
+                   help="the paper's row it reproduces; omit for a row the paper has none for (e.g. the 5-class string LSTM)")
     r.add_argument("--run", required=True, help="a `mann train --out` folder")
     r.add_argument("--command", required=True, help="the exact command that trained it")
     r.add_argument("--commit", help="git commit the run was trained at (default: HEAD)")
