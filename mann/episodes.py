@@ -54,7 +54,7 @@ class EpisodeSampler:
         char = classes.gather(1, slot)  # (B, T)
         images = self.pool[char, draw].float().div_(255.0)  # (B, T, S, S)
         if self.max_shift:
-            images = self._shift(images, g)
+            images = self.shift(images, g)
         # A fresh assignment of labels to classes in every episode.
         if self.task.labels == "string":
             space = STRING_ALPHABET**STRING_LENGTH
@@ -90,7 +90,7 @@ class EpisodeSampler:
         draw = order.reshape(batch, C * drawers).gather(1, slot * drawers + k)  # (B, T)
         return slot, draw
 
-    def _shift(self, images: Tensor, g: torch.Generator) -> Tensor:
+    def shift(self, images: Tensor, g: torch.Generator) -> Tensor:
         """Translate each image by a random (dy, dx) in [-max_shift, max_shift], filling with background."""
         B, T, S, _ = images.shape
         s = self.max_shift

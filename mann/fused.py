@@ -57,7 +57,7 @@ def _cflags() -> list[str]:
     return flags
 
 
-def _stable_source(flags: list[str]) -> tuple[Path, Path]:
+def stable_source(flags: list[str]) -> tuple[Path, Path]:
     """The source copied into a build directory named by its content, flags, torch and Python versions.
 
     torch's own build directory is keyed by the extension's name only, and its ``build.ninja`` names the source's
@@ -85,7 +85,7 @@ def extension():
     """The C++ time loops of :class:`MANNSequence` (``mann/csrc/lrua_sequence.cpp``), or None.
 
     Compiled with the C++ compiler on first use (about a minute) and cached under ``TORCH_EXTENSIONS_DIR``
-    (default ``~/.cache/torch_extensions``) in a directory named by the source's content (:func:`_stable_source`;
+    (default ``~/.cache/torch_extensions``) in a directory named by the source's content (:func:`stable_source`;
     a changed source builds in a new one). None, after one warning naming the
     reason, where it cannot be built; ``MANN_CPP=0`` turns it off. Either way the model computes the same thing:
     without it :class:`MANNSequence` runs the same steps from Python, slower (``mann bench`` says how much).
@@ -104,7 +104,7 @@ def extension():
                     os.environ["PATH"] = os.pathsep.join([here, path])
                 flags = _cflags()
                 name = "mann_lrua_sequence" + ("_avx2" if "-mavx2" in flags else "")
-                source, build_dir = _stable_source(flags)
+                source, build_dir = stable_source(flags)
                 _extension = load(name=name, sources=[str(source)], extra_cflags=flags,
                                   extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
             except Exception as e:  # no compiler, no ninja, no headers: fall back to the Python loops

@@ -41,8 +41,8 @@ def _print_outcome(outcome) -> None:
         lines.append([str(i), f"{m[primary.metric]:.4f}", str(int(m.get(metrics.EPISODES, 0)))] + vals + [accs])
     for line in table(head, lines, right=set(range(3 + len(keys)))):
         print(line)
-    stopped = sum(1 for t in outcome.trials if t["metrics"].get(metrics.EPISODES, 0) < study.search.max_episodes)
-    print(f"trials that ended before the full budget (early-stopped or failed): {stopped}")
+    if outcome.outcomes is not None:
+        print(f"trials by outcome: {_counts(outcome.outcomes.values())}")
     if outcome.trial_wall_s > 0:
         share = 1 - outcome.train_s / outcome.trial_wall_s
         print(f"time in training steps: {outcome.train_s:.0f} s of {outcome.trial_wall_s:.0f} s trial time "
@@ -64,6 +64,14 @@ def _print_outcome(outcome) -> None:
     if outcome.replay_file:
         print(f"WARNING: {outcome.undelivered_points} metric points (and other records) could not be logged to "
               f"MLflow; replay them with: mann-search replay {outcome.replay_file}", file=sys.stderr)
+
+
+def _counts(outcomes) -> str:
+    """``completed 3, early_stopped 13`` (search.protocol's endings, most frequent first)."""
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o] = counts.get(o, 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))) or "none"
 
 
 def _fmt(v) -> str:
@@ -104,8 +112,8 @@ def cmd_status(args) -> int:
         print(json.dumps(info, default=str))
         return 0
     print(f"study {info['study']} at {info['path']}")
-    print(f"trials {info['trials']} of {info['num_samples']}: "
-          + ", ".join(f"{k.lower()} {v}" for k, v in sorted(info["states"].items())))
+    print(f"trials {info['trials']} of {info['num_samples']}; by outcome: "
+          + _counts(info["trial_outcomes"].values()))
     if info["best"]:
         print(f"best {info['metric']} {info['best']['value']:.4f} ({info['best']['trial']}): {info['best']['config']}")
     print(f"MLflow {info['tracking_uri']} experiment '{info['experiment']}'")
@@ -126,7 +134,7 @@ def cmd_replay(args) -> int:
 def cmd_curves_record(args) -> int:
     from pathlib import Path
 
-    from .curves import record
+    from .bench.curves import record
 
     n = record(args.config, args.set, Path(args.out), args.configs, args.seeds, args.workers, args.draw_seed,
                args.limit_s)
@@ -139,7 +147,7 @@ def cmd_benchmark(args) -> int:
 
     from mann.config import ConfigError
 
-    from .benchmark import METHODS, benchmark, load_table
+    from .bench.replay import METHODS, benchmark, load_table
     from .config import load_search_config
 
     tab = load_table(args.curves)

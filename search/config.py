@@ -246,9 +246,21 @@ class LoadedSearch(Section):
 
     config: SearchConfig
     base: TrainConfig
-    source: str  # the search config file
-    base_source: str  # the base MANN config file
-    digest: str  # of both files' text and the --set overrides, to tell when they were edited since
+    # Provenance, for a search read from files (None for one built in memory: :meth:`from_trees`)
+    source: str | None = None  # the search config file
+    base_source: str | None = None  # the base MANN config file
+    digest: str | None = None  # of both files' text and the --set overrides, to tell when they were edited since
+
+    @classmethod
+    def from_trees(cls, config: dict[str, Any], base: dict[str, Any],
+                   overrides: dict[str, Any] | None = None) -> "LoadedSearch":
+        """A validated search built in memory from a search-config tree and a complete base MANN tree (what a
+        curves table's header holds), with search-config ``overrides`` by dotted path; no files involved."""
+        tree = apply_overrides(config, list((overrides or {}).items()), SearchConfig)
+        loaded = cls(config=from_dict(SearchConfig, tree), base=from_dict(TrainConfig, base))
+        _validate_space(loaded)
+        _validate_constraints(loaded)
+        return loaded
 
     @property
     def base_tree(self) -> dict[str, Any]:
@@ -275,6 +287,8 @@ class LoadedSearch(Section):
 
     def changed_on_disk(self, overrides: list[str]) -> str | None:
         """One line saying the YAML files changed since this was loaded, or None."""
+        if self.source is None or self.base_source is None:
+            return None  # built in memory: nothing on disk to change
         try:
             now = _digest(Path(self.source), Path(self.base_source), overrides)
         except OSError:

@@ -11,7 +11,9 @@ import yaml
 from mann import metrics
 
 from . import plots
+from .protocol import BudgetWatch, TrialOutcome, TrialReport, decide, outcome_counts, sampled_point, trial_name
 from .ray_cluster import ray_job_id
+from .searcher import storage_url
 from .study import Study, git_commit, versions
 from .tracking import StudyTracker, redact
 
@@ -20,11 +22,17 @@ def make_callback(tracker: StudyTracker, study: Study, fresh: bool):
     """The callback of one driver process (a resumed study gets a new one: see ``__reduce__``)."""
     from ray import tune
 
-    max_episodes = study.search.max_episodes
-    scheduler = study.search.config.scheduler.kind
-
     class MlflowLineage(tune.Callback):
-        """Parent run per study, nested child run per trial. Keeps training going when MLflow is down."""
+        """Parent run per study, nested child run per trial. Keeps training going when MLflow is down.
+
+        Every trial run ends with its outcome (:func:`search.protocol.decide`), whatever ended it: a trial the
+        study ended without a trial-complete event (the episode cap, the time budget, the driver's end) is
+        finished at the experiment's end."""
+
+        def __init__(self):
+            self.watch = BudgetWatch.of(study.search)
+            self.outcomes: dict[str, TrialOutcome] = {}  # trials this driver finished
+            self.best: float | None = None
 
         def setup(self, **info):
             if fresh:
@@ -32,41 +40,59 @@ def make_callback(tracker: StudyTracker, study: Study, fresh: bool):
             tracker.flush()
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            number = next((i for i, t in enumerate(trials, 1) if t is trial), len(trials))  # creation order
-            tracker.trial_started(trial.trial_id, trial_name(number, trial.config),
-                                  {**trial.config, **study.search.fixed_params()})
+            tracker.trial_started(trial.trial_id, trial_name(trial.config, str(trial)),
+                                  {**sampled_point(trial.config), **study.search.fixed_params()})
             tracker.flush()
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.watch.observe(trial.trial_id, TrialReport.from_result(result))
             found = metrics.loggable(result)
             if metrics.EPISODES in found:
                 tracker.trial_result(trial.trial_id, found, step=int(found[metrics.EPISODES]))
             tracker.flush()
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            last = trial.last_result or {}
-            episodes = int(last.get(metrics.EPISODES, 0))
-            if last.get("diverged"):
-                outcome, reason, status = "diverged", str(last.get("failure", "training diverged")), "FAILED"
-            elif episodes < max_episodes:
-                outcome, status = "early_stopped", "FINISHED"
-                reason = f"stopped by the {scheduler} scheduler at {episodes} episodes"
-            else:
-                outcome, reason, status = "completed", None, "FINISHED"
-            finish_trial(tracker, study, trial, outcome, reason, status)
-            report_progress(tracker, study, trials, trial, outcome)
-            tracker.flush()
+            self._finish(trials, trial, None)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             reason = "trial failed"
             if trial.error_file and Path(trial.error_file).is_file():
                 reason = Path(trial.error_file).read_text()[-2000:]
-            finish_trial(tracker, study, trial, "error", reason, "FAILED")
-            report_progress(tracker, study, trials, trial, "error")
+            self._finish(trials, trial, reason)
+
+        def _finish(self, trials, trial, error: str | None, study_ended: bool = False) -> None:
+            report = TrialReport.from_result(trial.last_result)
+            outcome = decide(report, self.watch.facts(study_ended), error)
+            self.outcomes[trial.trial_id] = outcome
+            finish_trial(tracker, study, trial, outcome)
+            self._progress(trials)
             tracker.flush()
 
+        def _progress(self, trials) -> None:
+            """Best objective so far, trial counts by outcome and episodes spent, on the parent run; each
+            metric on one step axis (``*_by_trial``: trials finished, ``*_by_episodes``: episodes spent)."""
+            primary = study.primary
+            counts = outcome_counts([self.outcomes.get(t.trial_id) for t in trials])
+            finished = sum(1 for t in trials if t.trial_id in self.outcomes)
+            for t in trials:
+                o = self.outcomes.get(t.trial_id)
+                value = TrialReport.from_result(t.last_result).value(primary.metric) \
+                    if o is not None and o.selectable and t.last_result else None
+                if value is not None and (self.best is None or (value > self.best if primary.mode == "max"
+                                                                else value < self.best)):
+                    self.best = value
+            best = {} if self.best is None else {"search/best_objective": self.best}
+            by_trial = {f"search/trials_{k}": v for k, v in counts.items()}
+            by_trial.update({f"{k}_by_trial": v for k, v in best.items()})
+            by_episodes = {f"{k}_by_episodes": v for k, v in best.items()}
+            by_episodes["search/episodes_spent"] = self.watch.episodes
+            tracker.study_progress(by_trial, finished, by_episodes, self.watch.episodes)
+
         def on_experiment_end(self, trials, **info):
-            finish_study(tracker, study, trials)
+            for t in trials:  # ended by the study (cap, time budget, driver end) without a complete event
+                if t.trial_id not in self.outcomes and t.trial_id in tracker.trials:
+                    self._finish(trials, t, None, study_ended=True)
+            finish_study(tracker, study, trials, self.outcomes)
             tracker.flush()
 
         def __reduce__(self):  # Tune pickles callbacks into its state; a resumed study gets a fresh one
@@ -81,51 +107,6 @@ def _no_callback():
     return tune.Callback()
 
 
-NAME_LIMIT = 250  # MLflow's run name limit
-
-
-def trial_name(number: int, point: dict[str, Any]) -> str:
-    """``t07 slots=35 read_heads=4 gamma=0.98``: the trial's number in the study (1-based, in the order Tune
-    created the trials, which a resumed study keeps) and its sampled values, by the last part of each path."""
-    parts = [f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
-             for k, v in point.items()]
-    return " ".join([f"t{number:02d}", *parts])[:NAME_LIMIT]
-
-
-def _outcome_of(trial, max_episodes: int) -> str | None:
-    """completed | stopped | failed for a finished Tune trial, None while it runs or waits."""
-    last = trial.last_result or {}
-    if trial.status == "ERROR":
-        return "failed"
-    if trial.status != "TERMINATED":
-        return None
-    if last.get("diverged"):
-        return "failed"
-    return "completed" if last.get(metrics.EPISODES, 0) >= max_episodes else "stopped"
-
-
-def report_progress(tracker: StudyTracker, study: Study, trials, current, outcome: str) -> None:
-    """Best objective so far, trial counts by state and episodes spent, on the parent run."""
-    primary, max_episodes = study.primary, study.search.max_episodes
-    counts = {"running": 0, "stopped": 0, "completed": 0, "failed": 0}
-    values, episodes = [], 0
-    for t in trials:
-        state = {"early_stopped": "stopped", "diverged": "failed", "error": "failed"}.get(outcome, outcome) \
-            if t is current else _outcome_of(t, max_episodes)
-        counts[state or "running"] += 1
-        last = t.last_result or {}
-        episodes += int(last.get(metrics.EPISODES, 0))
-        if state in ("completed", "stopped") and primary.metric in last:
-            values.append(float(last[primary.metric]))
-    finished = counts["stopped"] + counts["completed"] + counts["failed"]
-    progress = {f"search/trials_{k}": v for k, v in counts.items()}
-    best = {}
-    if values:
-        best = {"search/best_objective": max(values) if primary.mode == "max" else min(values)}
-    tracker.study_progress({**progress, **best}, finished,
-                           {**best, "search/episodes_spent": episodes}, episodes)
-
-
 def study_record(study: Study) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
     """Params, tags and files of the study's parent run."""
     cfg = study.search.config
@@ -138,8 +119,6 @@ def study_record(study: Study) -> tuple[dict[str, Any], dict[str, str], dict[str
         "resources.gpus_per_trial": cfg.resources.gpus_per_trial,
         "space": ",".join(cfg.space),
     }
-    from .searcher import storage_url
-
     tags = {"mann.git_commit": git_commit(), **{f"mann.version.{k}": v for k, v in versions().items()},
             "mann.optuna.study_name": study.key, "mann.optuna.storage": redact("uri", storage_url(study))}
     job = ray_job_id()
@@ -157,9 +136,10 @@ def study_record(study: Study) -> tuple[dict[str, Any], dict[str, str], dict[str
     return params, tags, files
 
 
-def finish_trial(tracker: StudyTracker, study: Study, trial, outcome: str, reason: str | None, status: str) -> None:
+def finish_trial(tracker: StudyTracker, study: Study, trial, outcome: TrialOutcome) -> None:
     history = tracker.history(trial.trial_id)
     acc = metrics.by_instance(trial.last_result or {}, study.split)
+    name = trial_name(trial.config, str(trial))
     files = {
         "accuracy_by_instance.json": json.dumps({"split": study.split, "instance": list(range(1, len(acc) + 1)),
                                                  "accuracy": acc}),
@@ -167,30 +147,31 @@ def finish_trial(tracker: StudyTracker, study: Study, trial, outcome: str, reaso
     }
     figures = {}
     if history:
-        figures["learning_curve.png"] = lambda p: plots.learning_curve(history, p, str(trial), study.split)
+        figures["learning_curve.png"] = lambda p: plots.learning_curve(history, p, name, study.split)
     if acc:
-        figures["accuracy_by_instance.png"] = lambda p: plots.accuracy_by_instance({str(trial): acc}, p)
+        figures["accuracy_by_instance.png"] = lambda p: plots.accuracy_by_instance({name: acc}, p)
     checkpoint = None
     if trial.checkpoint is not None:
         candidate = Path(trial.checkpoint.path) / "checkpoint.pt"
         checkpoint = candidate if candidate.is_file() else None
-    tracker.trial_finished(trial.trial_id, outcome, reason, checkpoint, files, figures, status)
+    tracker.trial_finished(trial.trial_id, outcome.ending.value, outcome.reason, checkpoint, files, figures,
+                           outcome.mlflow_status)
 
 
-def finish_study(tracker: StudyTracker, study: Study, trials) -> None:
+def finish_study(tracker: StudyTracker, study: Study, trials, outcomes: dict[str, TrialOutcome]) -> None:
     primary = study.primary
     done = [t for t in trials if t.last_result and primary.metric in t.last_result]
     values = [float(t.last_result[primary.metric]) for t in done]
-    points = [dict(t.config) for t in done]
+    points = [sampled_point(t.config) for t in done]
     figures = {}
     if values:
         figures["search_history.png"] = lambda p: plots.search_history(values, primary.mode, p, primary.metric)
         figures["parallel_coordinates.png"] = lambda p: plots.parallel_coordinates(points, values, p,
                                                                                   primary.metric)
-    rows = [{"trial": str(t), "status": t.status, **t.config, primary.metric: t.last_result.get(primary.metric),
+    rows = [{"trial": trial_name(t.config, str(t)), "tune_trial_id": t.trial_id,
+             "outcome": outcomes[t.trial_id].ending.value if t.trial_id in outcomes else None,
+             **sampled_point(t.config), primary.metric: t.last_result.get(primary.metric),
              metrics.EPISODES: t.last_result.get(metrics.EPISODES)} for t in done]
-    states: dict[str, int] = {}
-    for t in trials:
-        states[t.status] = states.get(t.status, 0) + 1
-    tags = {"mann.trials": str(len(trials)), "mann.trial_states": json.dumps(states)}
+    counts = {k: v for k, v in outcome_counts([outcomes.get(t.trial_id) for t in trials]).items() if v}
+    tags = {"mann.trials": str(len(trials)), "mann.trial_outcomes": json.dumps(counts)}
     tracker.study_finished({"trials.json": json.dumps(rows, indent=2, default=str)}, figures, tags)

@@ -20,8 +20,10 @@ from mann import metrics
 from .config import LoadedSearch, load_search_config
 from .lineage import make_callback
 from .ray_cluster import check_ray_address, connect_ray
-from .searcher import StudySearch, storage_url
-from .space import DefineByRun, make_sampler
+from .schedulers import StudyEvidence
+from .protocol import sampled_point, trial_dirname, trial_name
+from .searcher import StudySearch, close_open_trials, storage_url, trial_outcomes
+from .space import make_sampler
 from .study import SearchError, Study
 from .tracking import StudyTracker, check_tracking_uri, redact, resolve_tracking_uri, ui_link
 from .trainable import run_trial
@@ -45,11 +47,14 @@ class StudyOutcome:
     mlflow_link: str | None = None  # the study's runs in the MLflow UI's Model-training view
     mlflow_command: str | None = None  # what serves that UI for an embedded SQLite store
     optuna_storage: str | None = None  # the Optuna study's storage URL (credentials masked)
+    outcomes: dict[str, str] | None = None  # trial name -> how it ended (search.protocol), from Optuna
 
 
-def _scheduler(search: LoadedSearch):
+def make_scheduler(study: Study):
+    """The study's Tune scheduler (None for ``scheduler.kind: none``)."""
     from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
 
+    search = study.search
     s, primary, max_t = search.config.scheduler, search.config.primary, search.max_episodes
     if s.kind == "asha":
         return ASHAScheduler(time_attr=metrics.EPISODES, metric=primary.metric, mode=primary.mode, max_t=max_t,
@@ -61,15 +66,17 @@ def _scheduler(search: LoadedSearch):
         from .schedulers import PlateauStopping
 
         return PlateauStopping(time_attr=metrics.EPISODES, metric=primary.metric, mode=primary.mode, max_t=max_t,
-                               grace=min(s.grace_episodes, max_t), **s.plateau.to_dict())
+                               grace=min(s.grace_episodes, max_t), evidence=StudyEvidence(study),
+                               **s.plateau.to_dict())
     return None
 
 
-def _searcher(study: Study):
+def make_searcher(study: Study) -> StudySearch:
+    """The study's searcher: its sampler over its define-by-run space, its Optuna study in its storage."""
     objectives = study.search.config.objectives
     metric = objectives[0].metric if len(objectives) == 1 else [o.metric for o in objectives]
     mode = objectives[0].mode if len(objectives) == 1 else [o.mode for o in objectives]
-    return StudySearch(study, DefineByRun(study.search), make_sampler(study.search), metric, mode)
+    return StudySearch(study, make_sampler(study.search), metric, mode)
 
 
 def _trainable(search: LoadedSearch):
@@ -125,12 +132,22 @@ def build_tuner(study: Study, callback, trainable=None, search_alg=None, verbose
     return tune.Tuner(
         trainable if trainable is not None else _trainable(search),
         tune_config=tune.TuneConfig(
-            search_alg=search_alg if search_alg is not None else _searcher(study), scheduler=_scheduler(search),
+            search_alg=search_alg if search_alg is not None else make_searcher(study),
+            scheduler=make_scheduler(study), trial_name_creator=_ray_trial_name,
+            trial_dirname_creator=_ray_trial_dirname,
             num_samples=budget.num_samples, max_concurrent_trials=budget.max_concurrent,
             time_budget_s=budget.time_budget_s, reuse_actors=reuse_actors,
         ),
         run_config=_run_config(study, callback, verbose),
     )
+
+
+def _ray_trial_name(trial) -> str:
+    return trial_name(trial.config, f"trial_{trial.trial_id}")
+
+
+def _ray_trial_dirname(trial) -> str:
+    return f"{trial_dirname(trial.config, 'trial')}_{trial.trial_id}"
 
 
 def restore_tuner(study: Study, callback):
@@ -214,8 +231,13 @@ def _fit(study: Study, fresh: bool) -> StudyOutcome:
     tracker = tracker_for(study)
     callback = make_callback(tracker, study, fresh)
     tuner = build_tuner(study, callback) if fresh else restore_tuner(study, callback)
+    started = time.monotonic()
     grid = tuner.fit()
     wall = time.perf_counter() - t0
+    try:  # trials the study ended without telling the searcher (cap, time budget, the driver's end)
+        close_open_trials(study, [(r.config, r.metrics, str(r.error) if r.error else None) for r in grid], started)
+    except Exception as exc:  # the storage down at the very end: resume or the next leg closes them
+        log.error("optuna: could not close the study's open trials: %s", exc)
 
     trials, train_s, trial_wall = [], 0.0, 0.0
     for res in grid:
@@ -240,9 +262,14 @@ def _fit(study: Study, fresh: bool) -> StudyOutcome:
         time.sleep(2)
     replay_file = str(tracker.write_replay(study.local_dir / REPLAY_FILE)) if tracker.outbox else None
     link, command = mlflow_link(study, tracker)
+    try:
+        outcomes = trial_outcomes(study)
+    except Exception as exc:
+        log.error("optuna: could not read the trials' outcomes: %s", exc)
+        outcomes = None
     return StudyOutcome(study, trials, wall, train_s, trial_wall, tracker.pending_points(), replay_file,
                         tracker.known_run_id(None), selection, link, command,
-                        redact("uri", storage_url(study)))
+                        redact("uri", storage_url(study)), outcomes)
 
 
 def mlflow_link(study: Study, tracker: StudyTracker | None = None) -> tuple[str | None, str | None]:
@@ -283,9 +310,18 @@ def status(path: str) -> dict[str, Any]:
         states[t.status] = states.get(t.status, 0) + 1
         v = (t.last_result or {}).get(primary.metric)
         if v is not None and (best is None or (v > best[0] if primary.mode == "max" else v < best[0])):
-            best = (v, t.config, str(t))
+            best = (v, sampled_point(t.config), trial_name(t.config, str(t)))
+    try:
+        by_trial = trial_outcomes(study)
+    except Exception as exc:  # the Optuna storage unreachable: Tune's states still say something
+        log.warning("optuna: no outcomes (%s)", exc)
+        by_trial = {}
+    outcomes: dict[str, int] = {}
+    for o in by_trial.values():
+        outcomes[o] = outcomes.get(o, 0) + 1
     return {"study": study.key, "path": study.path, "num_samples": study.search.config.budget.num_samples,
-            "trials": len(ea.trials), "states": states, "metric": primary.metric,
+            "trials": len(ea.trials), "states": states, "outcomes": outcomes, "trial_outcomes": by_trial,
+            "metric": primary.metric,
             "best": {"value": best[0], "trial": best[2], "config": best[1]} if best else None,
             "tracking_uri": redact("uri", study.tracking_uri), "experiment": study.experiment,
             "mlflow_link": mlflow_link(study)[0], "optuna_storage": redact("uri", storage_url(study)),

@@ -27,6 +27,11 @@ say it cannot catch up; it places no rung in advance:
 No trial is stopped before ``grace_episodes`` or once it reached the full budget. Values are in the objective's
 units, larger = better (a ``min`` objective is negated). :class:`PlateauRule` is the rule on plain numbers
 (tested without Ray); :class:`PlateauStopping` is its Tune scheduler.
+
+**Resume.** Tune restores a scheduler as it was pickled when the experiment started (ray-project/ray#30838), so
+the rule's evidence is not kept in the scheduler: like Optuna's pruners, it is read from the study's Optuna
+storage (:class:`StudyEvidence`: every evaluation the searcher reported, at its episode count), once per driver,
+before the first decision. A resumed study's rule therefore decides as an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from typing import Any
 
 import numpy as np
 from ray.tune.schedulers import FIFOScheduler
+
+from .protocol import DIVERGED_KEY
 
 CONTINUE, STOP = "CONTINUE", "STOP"
 
@@ -118,9 +125,16 @@ class PlateauRule:
 
     # --- the decision --------------------------------------------------------------------------------------
 
+    def record(self, key: Any, t: float, value: float) -> None:
+        """Add one evaluation of ``key`` (an evaluation at an episode count it already has replaces it: a
+        retried trial re-reports from its checkpoint)."""
+        h = [(x, v) for x, v in self.history.get(key, []) if x != float(t)]
+        h.append((float(t), float(value)))
+        self.history[key] = sorted(h)
+
     def observe(self, key: Any, t: float, value: float) -> str:
         """Record one evaluation of ``key`` (value: larger is better); CONTINUE or STOP."""
-        self.history.setdefault(key, []).append((float(t), float(value)))
+        self.record(key, t, value)
         if t < self.grace or t >= self.max_t:
             return CONTINUE
         best_own = max(v for _, v in self.history[key])
@@ -136,20 +150,62 @@ class PlateauRule:
         return CONTINUE
 
 
+class StudyEvidence:
+    """The evaluations a study's Optuna storage holds, by Tune trial id: what a scheduler rebuilds its evidence
+    from after a driver restart. Picklable (it holds the study's snapshot, not a connection)."""
+
+    def __init__(self, study):
+        self.study = study
+
+    def history(self) -> dict[str, list[tuple[float, float]]]:
+        """``{tune trial id: [(episodes, objective), ...]}`` from the trials' intermediate values; empty
+        before the study's Optuna study exists."""
+        import optuna
+
+        from .searcher import TUNE_TRIAL_ATTR, open_storage, storage_url
+
+        try:
+            ot = optuna.load_study(study_name=self.study.key, storage=open_storage(storage_url(self.study)))
+        except KeyError:
+            return {}
+        return {t.user_attrs[TUNE_TRIAL_ATTR]: sorted((float(k), float(v)) for k, v in t.intermediate_values.items())
+                for t in ot.get_trials(deepcopy=False) if TUNE_TRIAL_ATTR in t.user_attrs}
+
+
 class PlateauStopping(FIFOScheduler):
     """Tune scheduler around :class:`PlateauRule` (see the module doc)."""
 
-    def __init__(self, time_attr: str, metric: str, mode: str, max_t: float, **rule: Any):
+    def __init__(self, time_attr: str, metric: str, mode: str, max_t: float,
+                 evidence: StudyEvidence | None = None, **rule: Any):
         super().__init__()
         self._time_attr, self._metric, self._mode = time_attr, metric, mode
         self.rule = PlateauRule(max_t=max_t, **rule)
+        self.evidence = evidence
+        self.synced = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "synced": False}  # a restored scheduler reads the storage again
+
+    def sync(self) -> int:
+        """Merge the study's stored evaluations into the rule's history (once per driver); how many."""
+        self.synced = True
+        if self.evidence is None:
+            return 0
+        n = 0
+        for key, points in self.evidence.history().items():
+            for t, v in points:
+                self.rule.record(key, t, v if self._mode == "max" else -v)
+                n += 1
+        return n
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
         return True  # metric and mode come from the search config
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         t, v = result.get(self._time_attr), result.get(self._metric)
-        if t is None or v is None or result.get("diverged") or not np.isfinite(v):
+        if not self.synced:
+            self.sync()
+        if t is None or v is None or result.get(DIVERGED_KEY) or not np.isfinite(v):
             return CONTINUE
         return self.rule.observe(trial.trial_id, float(t), float(v) if self._mode == "max" else -float(v))
 

@@ -1,25 +1,31 @@
-"""The study's Optuna searcher: Ray's OptunaSearch with truthful reporting and a real Optuna storage.
+"""The study's Optuna searcher: Ray's public ``Searcher`` interface over Optuna's ask-and-tell, told the truth.
 
 Ray 2.60's ``OptunaSearch`` reports intermediate values at Tune's ``training_iteration`` and tells Optuna that a
 trial stopped by the scheduler is COMPLETE with its truncated value, so TPE learns from values measured at
 different budgets as if they were final. Here every evaluation reaches the Optuna trial as an intermediate
-value at its episode count; a trial the scheduler stopped is told PRUNED (Optuna's samplers weigh a pruned
-trial by its intermediate values), a diverged or failed one FAIL, and only a trial that ran its full budget
-COMPLETE. The Optuna study lives in an RDB storage (SQLite beside the study, or the cluster's PostgreSQL), so
-``optuna.load_study`` and optuna-dashboard read it, and a resumed study continues it.
+value at its episode count, and a finished trial is told the state :func:`search.protocol.decide` gives it:
+COMPLETE (with its value) only for a trial that ran its full budget, PRUNED for one ended early (Optuna's
+samplers weigh a pruned trial by its intermediate values), FAIL for a diverged or failed one; the reason goes
+into the trial's user attributes. The Optuna study lives in an RDB storage (SQLite beside the study, or the
+cluster's PostgreSQL), so ``optuna.load_study`` and optuna-dashboard read it, and a resumed study continues it.
+
+Every Tune trial carries its Optuna trial number in its config (``search.protocol.TRIAL_NUMBER_KEY``), so the
+trial has one name everywhere (``t07 slots=35 ...``: Ray's trial name and folder, the MLflow run, the Optuna
+``name`` attribute; see :func:`search.protocol.trial_name`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 from typing import Any
 
 import optuna
-from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search import Searcher
 
-from mann import metrics
-
+from .protocol import TRIAL_NUMBER_KEY, BudgetWatch, Ending, TrialOutcome, TrialReport, decide, trial_name
+from .space import suggest
 from .study import Study
 from .tracking import redact
 
@@ -27,6 +33,7 @@ log = logging.getLogger("mann_search")
 
 STORAGE_ENV = "MANN_OPTUNA_STORAGE"
 TUNE_TRIAL_ATTR = "tune_trial_id"
+NAME_ATTR = "name"
 
 
 def storage_url(study: Study) -> str:
@@ -35,82 +42,187 @@ def storage_url(study: Study) -> str:
     return configured or f"sqlite:///{(study.local_dir / 'optuna.db').resolve()}"
 
 
-def state_for(result: dict[str, Any] | None, error: bool, max_episodes: int) -> optuna.trial.TrialState:
-    """How a finished Tune trial ends in Optuna."""
-    State = optuna.trial.TrialState
-    if error or not result or result.get("diverged"):
-        return State.FAIL
-    if float(result.get(metrics.EPISODES, 0)) < max_episodes:
-        return State.PRUNED
-    return State.COMPLETE
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
 
 
-class StudySearch(OptunaSearch):
-    """OptunaSearch over a study's define-by-run space, told the truth about every trial (see module doc)."""
+def open_study(study: Study, sampler: optuna.samplers.BaseSampler | None = None,
+               storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
+    """The study's Optuna study in its storage (created on first use)."""
+    directions = ["maximize" if o.mode == "max" else "minimize" for o in study.search.config.objectives]
+    return optuna.create_study(storage=storage or open_storage(storage_url(study)), study_name=study.key,
+                               sampler=sampler, directions=directions, load_if_exists=True)
 
-    def __init__(self, study: Study, space, sampler: optuna.samplers.BaseSampler, metric, mode):
-        url = storage_url(study)
-        self.max_episodes = study.search.max_episodes
-        self.storage_display = redact("uri", url)
-        self.reported: dict[str, set[int]] = {}  # trial id -> episode counts told as intermediate values
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
-        super().__init__(space=space, metric=metric, mode=mode, sampler=sampler, study_name=study.key,
-                         storage=storage)
 
-    def suggest(self, trial_id: str):
-        params = super().suggest(trial_id)
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is not None and TUNE_TRIAL_ATTR not in ot_trial.user_attrs:
-            ot_trial.set_user_attr(TUNE_TRIAL_ATTR, trial_id)
-        return params
+class OptunaStudy:
+    """A study's Optuna study in its storage, its trials addressed by number (what survives a driver restart)."""
+
+    def __init__(self, study: Study, sampler: optuna.samplers.BaseSampler | None = None):
+        self.metrics = [o.metric for o in study.search.config.objectives]
+        self.storage = open_storage(storage_url(study))
+        self.study = open_study(study, sampler, self.storage)
+        self.study_id = self.storage.get_study_id_from_name(study.key)
+
+    def trial(self, number: int) -> optuna.Trial:
+        return optuna.trial.Trial(self.study, self.storage.get_trial_id_from_study_id_trial_number(
+            self.study_id, number))
+
+    def tell(self, number: int, report: TrialReport | None, outcome: TrialOutcome) -> TrialOutcome:
+        """Tell the trial its outcome (a COMPLETE trial its objective values), with the outcome's attributes;
+        a COMPLETE trial without a finite objective is told FAIL. Returns what was told."""
+        values = None
+        if outcome.state == optuna.trial.TrialState.COMPLETE:
+            values = [report.value(m) if report else None for m in self.metrics]
+            if any(v is None for v in values):
+                outcome, values = TrialOutcome(Ending.FAILED, "no finite objective", outcome.episodes), None
+        trial = self.trial(number)
+        for k, v in outcome.as_tags().items():
+            trial.set_user_attr(k if k == "outcome" else f"outcome.{k}", v)
+        self.study.tell(number, values if values is None or len(values) > 1 else values[0], state=outcome.state)
+        return outcome
+
+    def running(self) -> set[int]:
+        return {t.number for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
+
+
+class StudySearch(Searcher):
+    """Ray ``Searcher`` over an Optuna study's ask-and-tell (see the module doc)."""
+
+    def __init__(self, study: Study, sampler: optuna.samplers.BaseSampler, metric, mode):
+        super().__init__(metric=metric, mode=mode)
+        self.study = study
+        self.sampler = sampler
+        self.watch = BudgetWatch.of(study.search)
+        self.numbers: dict[str, int] = {}  # Tune trial id -> Optuna trial number
+        self.reported: dict[str, set[int]] = {}  # Tune trial id -> episode counts told as intermediate values
+        self.finished: set[str] = set()
+        self._connect()
+
+    # --- the Optuna study (reopened after unpickling: Tune pickles the searcher) ----------------------------
+
+    def _connect(self) -> None:
+        self.optuna = OptunaStudy(self.study, self.sampler)
+        self.storage_display = redact("uri", storage_url(self.study))
+        self.watch.restart()
+        self._live: dict[str, optuna.Trial] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for k in ("optuna", "_live"):
+            state.pop(k, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._connect()
+
+    def _trial(self, trial_id: str) -> optuna.Trial:
+        """The live Optuna trial of a Tune trial (rebuilt from its number after a driver restart)."""
+        if trial_id not in self._live:
+            self._live[trial_id] = self.optuna.trial(self.numbers[trial_id])
+        return self._live[trial_id]
+
+    # --- Ray's Searcher interface ---------------------------------------------------------------------------
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # metric, mode and space come from the study
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        ot = self.optuna.study.ask()
+        point = suggest(ot, self.study.search)
+        config = {**point, TRIAL_NUMBER_KEY: ot.number}
+        ot.set_user_attr(TUNE_TRIAL_ATTR, trial_id)
+        ot.set_user_attr(NAME_ATTR, trial_name(config))
+        self.numbers[trial_id] = ot.number
+        self._live[trial_id] = ot
+        return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if isinstance(self.metric, list) or trial_id in self._completed_trials or trial_id not in self._ot_trials:
-            return  # Optuna keeps no intermediate values for multi-objective studies
-        value, step = result.get(self.metric), result.get(metrics.EPISODES)
-        if value is None or step is None or result.get("diverged"):
+        report = TrialReport.from_result(result)
+        if report is None or trial_id not in self.numbers or trial_id in self.finished:
             return
+        self.watch.observe(trial_id, report)
+        if isinstance(self.metric, list) or report.diverged:
+            return  # Optuna keeps no intermediate values for multi-objective studies
+        value = report.value(self.metric)
         steps = self.reported.setdefault(trial_id, set())
-        if int(step) not in steps:  # a retried trial re-reports from its checkpoint
-            steps.add(int(step))
-            try:
-                self._ot_trials[trial_id].report(float(value), int(step))
-            except optuna.exceptions.UpdateFinishedTrialError:
-                # told before the driver died, after the searcher's last checkpoint: the storage keeps its state
-                log.warning("optuna: trial %s was already finished in the storage; its later results are not "
-                            "reported", trial_id)
-                self._completed_trials.add(trial_id)
+        if value is None or report.episodes in steps:  # a retried trial re-reports from its checkpoint
+            return
+        steps.add(report.episodes)
+        try:
+            self._trial(trial_id).report(value, report.episodes)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # told before the driver died, after the searcher's last checkpoint: the storage keeps its state
+            log.warning("optuna: trial %s was already finished in the storage; its later results are not "
+                        "reported", trial_id)
+            self.finished.add(trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        if trial_id in self.finished or trial_id not in self.numbers:
             return
         if result:
             self.on_trial_result(trial_id, result)  # Tune hands the last evaluation to on_trial_complete only
-        state = state_for(result, error, self.max_episodes)
-        values = None
-        if state == optuna.trial.TrialState.COMPLETE:
-            values = ([result.get(m) for m in self.metric] if isinstance(self.metric, list)
-                      else result.get(self.metric))
+        report = TrialReport.from_result(result)
+        outcome = decide(report, self.watch.facts(), "the trial raised" if error else None)
         try:
-            self._ot_study.tell(self._ot_trials[trial_id], values, state=state)
-        except Exception as exc:  # e.g. already told before a driver restart, or a NaN value
-            log.warning("optuna: trial %s not told %s: %s", trial_id, state.name, exc)
-        self._completed_trials.add(trial_id)
+            self.optuna.tell(self.numbers[trial_id], report, outcome)
+        except Exception as exc:  # e.g. already told before a driver restart
+            log.warning("optuna: trial %s not told %s: %s", trial_id, outcome.state.name, exc)
+        self.finished.add(trial_id)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__getstate__(), f)
 
     def restore(self, checkpoint_path: str) -> None:
         """After a driver restart: trials the storage already has as finished (told after the searcher's last
         checkpoint) are not reported to again, and trials the storage has as RUNNING that no Tune trial owns
         (asked just before the driver died) are marked FAIL, so the Optuna study holds no phantom running
         trial."""
-        super().restore(checkpoint_path)
-        stored = {f.number: f.state for f in self._ot_study.get_trials(deepcopy=False)}
-        for trial_id, ot_trial in self._ot_trials.items():
-            if stored.get(ot_trial.number, optuna.trial.TrialState.RUNNING).is_finished():
-                self._completed_trials.add(trial_id)  # told after the searcher's last checkpoint
-        owned = {t.number for t in self._ot_trials.values()}
-        for number, state in stored.items():
-            if state == optuna.trial.TrialState.RUNNING and number not in owned:
-                self._ot_study.tell(number, state=optuna.trial.TrialState.FAIL)
+        with open(checkpoint_path, "rb") as f:
+            self.__setstate__(pickle.load(f))
+        running = self.optuna.running()
+        stored = {t.number for t in self.optuna.study.get_trials(deepcopy=False)}
+        for trial_id, number in self.numbers.items():
+            if number in stored and number not in running:
+                self.finished.add(trial_id)  # told after the searcher's last checkpoint
+        owned = set(self.numbers.values())
+        for number in running - owned:
+            self.optuna.tell(number, None, TrialOutcome(Ending.FAILED, "asked just before the driver stopped; "
+                                                        "no Tune trial ran it", 0))
+
+
+def close_open_trials(study: Study, ended: list[tuple[dict[str, Any], dict[str, Any] | None, str | None]],
+                      started: float) -> int:
+    """At the end of a study: tell Optuna how every trial of ``ended`` (config, last result, error) that its
+    storage still has RUNNING ended (the episode cap, the time budget or the driver's end stop trials without
+    a trial-complete event). ``started``: ``time.monotonic()`` when this driver started. Returns how many."""
+    ot = OptunaStudy(study)
+    watch = BudgetWatch.of(study.search)
+    watch.started = started
+    rows = []
+    for config, result, error in ended:
+        number = (config or {}).get(TRIAL_NUMBER_KEY)
+        if isinstance(number, int):
+            report = TrialReport.from_result(result)
+            watch.observe(str(number), report)
+            rows.append((number, report, error))
+    running, told = ot.running(), 0
+    for number, report, error in rows:
+        if number in running:
+            ot.tell(number, report, decide(report, watch.facts(study_ended=True), error))
+            told += 1
+    return told
+
+
+def trial_outcomes(study: Study) -> dict[str, str]:
+    """``{trial name: outcome}`` from the study's Optuna storage (``running`` while a trial runs or waits)."""
+    out = {}
+    for t in OptunaStudy(study).study.get_trials(deepcopy=False):
+        name = t.user_attrs.get(NAME_ATTR, f"t{t.number:02d}")
+        out[name] = "running" if t.state == optuna.trial.TrialState.RUNNING else \
+            t.user_attrs.get("outcome", t.state.name.lower())
+    return out
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any
 
 from mann.train import evaluate_checkpoint
 
+from .protocol import selectable
 from .study import Study
 from .tracking import OUTCOME_TAG, ROLE_TAG, STUDY_TAG, StudyTracker
 
@@ -40,7 +41,7 @@ def select(study: Study, tracker: StudyTracker) -> dict[str, Any]:
         filter_string=f"tags.`{STUDY_TAG}` = '{study.key}' and tags.`{ROLE_TAG}` = 'trial'",
         order_by=[f"metrics.`{primary.metric}` {order}"], max_results=1000,
     )
-    runs = [r for r in runs if r.data.tags.get(OUTCOME_TAG) in ("completed", "early_stopped")
+    runs = [r for r in runs if selectable(r.data.tags.get(OUTCOME_TAG))
             and primary.metric in r.data.metrics and r.data.tags.get("mann.model_uri")]
     if not runs:
         raise RuntimeError("no finished trial with a logged model to select from")

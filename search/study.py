@@ -36,19 +36,22 @@ class Study(Section):
     key: str  # unique, tags every MLflow run of the study
     name: str
     path: str  # the Tune experiment folder (storage/name-time)
-    tracking_uri: str
+    tracking_uri: str | None  # None: a study without MLflow (an instrument's, e.g. the replay benchmark)
     created: float
     overrides: list[str]  # the --set overrides the study started with
     search: LoadedSearch
     format: int = FORMAT
 
     @classmethod
-    def create(cls, search: LoadedSearch, overrides: list[str], tracking_uri: str) -> "Study":
+    def create(cls, search: LoadedSearch, overrides: list[str] = (), tracking_uri: str | None = None,
+               path: str | None = None) -> "Study":
+        """A new study of ``search``: its Tune folder under the config's storage (or ``path``), logged to
+        ``tracking_uri`` (None: no MLflow)."""
         cfg = search.config
         stamp = time.strftime("%Y%m%d-%H%M%S")
         return cls(key=f"{cfg.name}-{stamp}-{uuid.uuid4().hex[:6]}", name=cfg.name,
-                   path=f"{cfg.resolved_storage().rstrip('/')}/{cfg.name}-{stamp}", tracking_uri=tracking_uri,
-                   created=time.time(), overrides=list(overrides), search=search)
+                   path=path or f"{cfg.resolved_storage().rstrip('/')}/{cfg.name}-{stamp}",
+                   tracking_uri=tracking_uri, created=time.time(), overrides=list(overrides), search=search)
 
     # --- what it is ----------------------------------------------------------------------------------------
 
@@ -85,7 +88,7 @@ class Study(Section):
     @property
     def artifact_root(self) -> str | None:
         """Artifacts beside an embedded SQLite store (None: the tracking server's default)."""
-        if self.tracking_uri.startswith("sqlite:///"):
+        if self.tracking_uri and self.tracking_uri.startswith("sqlite:///"):
             return (Path(self.tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
         return None
 

@@ -15,6 +15,7 @@ from typing import Any
 from mann.train import CHECKPOINT_NAME, Callback, EvalReport, TrainingDiverged, train
 
 from .config import LoadedSearch
+from .protocol import TrialReport, sampled_point
 
 
 def worst(mode: str) -> float:
@@ -30,16 +31,16 @@ class _TuneReport(Callback):
     def on_eval(self, report: EvalReport) -> None:
         from ray import tune
 
-        metrics = {**report.metrics(), **self.extra, "diverged": 0}
-        self.last = metrics
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(self.out_dir)))
+        self.last = {**report.metrics(), **self.extra}
+        tune.report(TrialReport(report.episodes, self.last).to_result(),
+                    checkpoint=tune.Checkpoint.from_directory(str(self.out_dir)))
 
 
 def run_trial(config: dict[str, Any], search: LoadedSearch, threads: int) -> None:
     """Tune entry point. ``config`` holds the sampled dotted settings; ``search`` is the study's snapshot."""
     from ray import tune
 
-    cfg = search.trial_config(config, threads)
+    cfg = search.trial_config(sampled_point(config), threads)
     work = Path(tempfile.mkdtemp(prefix="mann-trial-"))
     try:
         resume = None
@@ -63,7 +64,6 @@ def run_trial(config: dict[str, Any], search: LoadedSearch, threads: int) -> Non
                 value = final.get(objective.metric)
                 if value is None or not math.isfinite(value):
                     final[objective.metric] = worst(objective.mode)
-            final.update({"diverged": 1, "episodes": float(exc.episodes), "failure": str(exc)})
-            tune.report(final)
+            tune.report(TrialReport(exc.episodes, final, diverged=True, failure=str(exc)).to_result())
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import search  # noqa: F401  (before Ray: token auth)
-from search.benchmark import BASELINE, load_table, pick_seed, run_study, trajectory
+from search.bench.replay import BASELINE, load_table, pick_seed, run_study, trajectory
 from search.config import load_search_config
 from search.schedulers import CONTINUE, STOP, PlateauRule
 
@@ -155,14 +155,13 @@ def test_plateau_rule_grace_and_noise_below_the_plateau():
 
 
 def test_plateau_scheduler_from_yaml_and_existing_configs_load():
-    from search.runner import _scheduler
-    from search.schedulers import PlateauStopping
+    from search import PlateauStopping, Study, make_scheduler
 
     for name in ("smoke", "quickstart", "cluster"):
         load_search_config(REPO / "configs" / "search" / f"{name}.yaml")
     s = load_search_config(REPO / "configs" / "search" / "smoke.yaml",
                            ["scheduler.kind=plateau", "scheduler.plateau.margin=0.05"])
-    sched = _scheduler(s)
+    sched = make_scheduler(Study.create(s))
     assert isinstance(sched, PlateauStopping) and sched.rule.margin == 0.05 and sched.rule.grace == 160
     assert sched.rule.max_t == s.max_episodes
 

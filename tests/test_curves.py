@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mann.config import ConfigError
-from search.curves import FORMAT, draw_points, read_table, record
+from search.bench.curves import FORMAT, draw_points, read_table, record
 from search.config import load_search_config
 
 from .test_config import REPO

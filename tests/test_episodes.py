@@ -98,7 +98,7 @@ def test_shift_is_a_window_of_the_padded_image():
     s, B, T, S = 2, 3, 4, 6
     images = torch.rand(B, T, S, S, generator=torch.Generator().manual_seed(1))
     sampler = EpisodeSampler(torch.zeros(5, 20, S, S, dtype=torch.uint8), TaskConfig(), max_shift=s)
-    got = sampler._shift(images, torch.Generator().manual_seed(7))
+    got = sampler.shift(images, torch.Generator().manual_seed(7))
     g = torch.Generator().manual_seed(7)  # the same draws as _shift: dy, then dx
     dy = torch.randint(0, 2 * s + 1, (B, T, 1, 1), generator=g)
     dx = torch.randint(0, 2 * s + 1, (B, T, 1, 1), generator=g)

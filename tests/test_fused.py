@@ -136,12 +136,12 @@ def test_copies_of_the_source_share_one_build_and_a_changed_source_gets_its_own(
         (tmp_path / copy).mkdir()
         monkeypatch.setattr(fused, "CPP_SOURCE", tmp_path / copy / "lrua_sequence.cpp")
         fused.CPP_SOURCE.write_text(text)
-        source, build_dir = fused._stable_source(flags)
+        source, build_dir = fused.stable_source(flags)
         assert source.parent == build_dir and source.read_text() == text
         assert build_dir.parent == tmp_path / "ext"
         builds.append(build_dir)
     assert builds[0] == builds[1] != builds[2]
-    assert fused._stable_source(["-O2"])[1] != builds[1]  # other flags, another build
+    assert fused.stable_source(["-O2"])[1] != builds[1]  # other flags, another build
 
 
 def test_without_a_compiler_the_python_loops_run_after_one_clear_warning(tmp_path):

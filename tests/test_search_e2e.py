@@ -66,8 +66,11 @@ def test_smoke_search_lineage_selection_and_champion(tmp_path, mlflow_server, om
     trial_ids = set()
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert child.info.status == "FINISHED"
-        assert child.data.tags["mann.outcome"] in ("completed", "early_stopped")
+        outcome = child.data.tags["mann.outcome"]
+        assert outcome in ("completed", "early_stopped")
+        # early stops are visible in the runs table: KILLED, not a green FINISHED
+        assert child.info.status == ("FINISHED" if outcome == "completed" else "KILLED")
+        assert outcome != "early_stopped" or "stopped by the asha scheduler" in child.data.tags["mann.failure_reason"]
         for p in ("model.memory.slots", "model.memory.read_heads", "model.memory.gamma", "model.controller.hidden",
                   "train.lr", "task.classes"):
             assert p in child.data.params, p
@@ -91,13 +94,20 @@ def test_smoke_search_lineage_selection_and_champion(tmp_path, mlflow_server, om
     assert f"open:         {link}" in proc.stdout, proc.stdout[-1500:]
     assert "?workflowType=machine_learning" in parent.data.tags["mlflow.note.content"]
     finals = [c.data.metrics["val/acc_2plus"] for c in children]
-    assert parent.data.metrics["search/best_objective"] == pytest.approx(max(finals))
-    assert parent.data.metrics["search/trials_completed"] + parent.data.metrics["search/trials_stopped"] == 4
+    for axis in ("by_trial", "by_episodes"):  # one step axis per key, and a best-so-far never goes down
+        best = [m.value for m in sorted(client.get_metric_history(parent.info.run_id, f"search/best_objective_{axis}"),
+                                        key=lambda m: m.step)]
+        assert best and best == sorted(best) and best[-1] == pytest.approx(max(finals)), (axis, best)
+    assert "search/best_objective" not in parent.data.metrics
+    assert parent.data.metrics["search/trials_completed"] + parent.data.metrics["search/trials_early_stopped"] == 4
     assert parent.data.metrics["search/trials_running"] == 0 and parent.data.metrics["search/trials_failed"] == 0
+    assert json.loads(parent.data.tags["mann.trial_outcomes"]) == {
+        o: sum(c.data.tags["mann.outcome"] == o for c in children) for o in ("completed", "early_stopped")
+        if any(c.data.tags["mann.outcome"] == o for c in children)}
     assert parent.data.metrics["search/episodes_spent"] == sum(c.data.metrics["episodes"] for c in children)
     assert [m.step for m in client.get_metric_history(parent.info.run_id, "search/trials_completed")][-1] == 4
     names = sorted(c.data.tags["mlflow.runName"] for c in children)
-    assert [n.split()[0] for n in names] == ["t01", "t02", "t03", "t04"] and all("slots=" in n for n in names)
+    assert [n.split()[0] for n in names] == ["t00", "t01", "t02", "t03"] and all("slots=" in n for n in names)
 
     # the Optuna study, in Optuna's own storage: every trial with its state, params and values by episode
     import optuna
@@ -116,6 +126,11 @@ def test_smoke_search_lineage_selection_and_champion(tmp_path, mlflow_server, om
         assert t.state == (optuna.trial.TrialState.COMPLETE if full else optuna.trial.TrialState.PRUNED)
         assert sorted(t.intermediate_values) == [160 * k for k in range(1, int(child.data.metrics["episodes"]) // 160 + 1)]
         assert t.params["model.memory.slots"] == int(child.data.params["model.memory.slots"])
+        # one name everywhere: MLflow's run, Optuna's attribute (its number), Ray's result folder
+        assert t.user_attrs["name"] == child.data.tags["mlflow.runName"]
+        assert child.data.tags["mlflow.runName"].startswith(f"t{t.number:02d} ")
+        assert t.user_attrs["outcome"] == child.data.tags["mann.outcome"]
+        assert any(d.name.startswith(f"t{t.number:02d}_slots=") for d in study_dir.iterdir() if d.is_dir())
         if full:
             assert t.value == pytest.approx(child.data.metrics["val/acc_2plus"])
 

@@ -16,7 +16,7 @@ from search.study import STUDY_FILE, SearchError, Study
 from .test_config import REPO
 
 
-def _search_yaml(tmp_path, **changes):
+def search_yaml(tmp_path, **changes):
     src = yaml.safe_load((REPO / "configs" / "search" / "smoke.yaml").read_text())
     src["base"] = str(REPO / "configs" / "mann" / "smoke.yaml")
     src["storage"] = str(tmp_path / "runs")
@@ -28,7 +28,7 @@ def _search_yaml(tmp_path, **changes):
 
 
 def test_snapshot_round_trips_and_ignores_edits_of_the_yaml(tmp_path, capsys):
-    f = _search_yaml(tmp_path)
+    f = search_yaml(tmp_path)
     search = load_search_config(f, ["budget.num_samples=3"])
     study = Study.create(search, ["budget.num_samples=3"], f"sqlite:///{tmp_path / 'm.db'}")
     saved = study.save()
@@ -63,7 +63,7 @@ def test_damaged_and_missing_study_files_are_named(tmp_path):
 
 
 def test_a_study_from_before_snapshots_is_snapshotted_once(tmp_path, capsys):
-    f = _search_yaml(tmp_path)
+    f = search_yaml(tmp_path)
     legacy = {"key": "smoke-1", "name": "smoke", "path": str(tmp_path / "runs" / "smoke-1"), "config_file": str(f),
               "overrides": ["budget.num_samples=5"], "tracking_uri": "sqlite:///x.db", "experiment": "e",
               "created": 1.0}
@@ -82,7 +82,7 @@ def test_training_and_searching_without_validation_characters_are_refused(tmp_pa
     cfg = load_train_config(REPO / "configs" / "mann" / "smoke.yaml", ["data.val_characters=0"])
     with pytest.raises(ConfigError, match=r"^data\.val_characters: must be >= 1 to train, got 0"):
         train(cfg)
-    f = _search_yaml(tmp_path)
+    f = search_yaml(tmp_path)
     with pytest.raises(ConfigError, match=r"data\.val_characters: must be >= 1 to train"):
         load_search_config(f, ["overrides.data.val_characters=0"])
 
@@ -123,24 +123,15 @@ def test_episode_budget_stops_the_study_once_its_trials_spent_it():
 
 
 def test_trial_names_say_the_number_and_the_sampled_values():
-    from search.lineage import NAME_LIMIT, trial_name
+    from search.protocol import NAME_LIMIT, TRIAL_NUMBER_KEY, sampled_point, trial_dirname, trial_name
 
-    name = trial_name(7, {"model.memory.slots": 35, "model.memory.read_heads": 4,
-                                       "model.memory.gamma": 0.98123, "train.lr": 0.0031234})
-    assert name == "t07 slots=35 read_heads=4 gamma=0.981 lr=0.00312"
-    assert len(trial_name(1, {f"p.k{i}": "v" * 40 for i in range(20)})) == NAME_LIMIT
-
-
-def test_optuna_states_follow_how_a_trial_ended():
-    import optuna
-
-    from search.searcher import state_for
-
-    S = optuna.trial.TrialState
-    assert state_for({"episodes": 480, "val/acc_2plus": 0.5}, False, 480) == S.COMPLETE
-    assert state_for({"episodes": 160, "val/acc_2plus": 0.5}, False, 480) == S.PRUNED
-    assert state_for({"episodes": 480, "diverged": 1}, False, 480) == S.FAIL
-    assert state_for(None, True, 480) == S.FAIL
+    config = {"model.memory.slots": 35, "model.memory.read_heads": 4, "model.memory.gamma": 0.98123,
+              "train.lr": 0.0031234, TRIAL_NUMBER_KEY: 7}
+    assert trial_name(config) == "t07 slots=35 read_heads=4 gamma=0.981 lr=0.00312"
+    assert trial_dirname(config) == "t07_slots=35_read_heads=4_gamma=0.981_lr=0.00312"
+    assert TRIAL_NUMBER_KEY not in sampled_point(config) and len(sampled_point(config)) == 4
+    assert trial_name({"a.b": 1}, "trial_x1") == "trial_x1 b=1"  # not numbered by a study searcher
+    assert len(trial_name({**{f"p.k{i}": "v" * 40 for i in range(20)}, TRIAL_NUMBER_KEY: 1})) == NAME_LIMIT
 
 
 def test_searcher_restored_from_an_older_checkpoint_leaves_trials_the_storage_finished(tmp_path):
@@ -148,22 +139,22 @@ def test_searcher_restored_from_an_older_checkpoint_leaves_trials_the_storage_fi
     searcher neither reports to that trial again (Optuna would refuse) nor changes its state."""
     import optuna
 
-    from search.runner import _searcher
+    from search.runner import make_searcher
     from search.searcher import storage_url
 
-    f = _search_yaml(tmp_path)
+    f = search_yaml(tmp_path)
     study = Study.create(load_search_config(f, []), [], f"sqlite:///{tmp_path / 'm.db'}")
     study.local_dir.mkdir(parents=True, exist_ok=True)
     metric = study.search.config.objectives[0].metric
     full = study.search.max_episodes
-    searcher = _searcher(study)
+    searcher = make_searcher(study)
     assert searcher.suggest("a") and searcher.suggest("b")
     searcher.on_trial_result("a", {metric: 0.3, metrics.EPISODES: full // 3})
     checkpoint = tmp_path / "searcher.pkl"
     searcher.save(str(checkpoint))
     searcher.on_trial_complete("a", {metric: 0.6, metrics.EPISODES: full})  # after the last checkpoint
 
-    restored = _searcher(study)
+    restored = make_searcher(study)
     restored.restore(str(checkpoint))
     restored.on_trial_result("a", {metric: 0.4, metrics.EPISODES: 2 * full // 3})  # Tune retries "a"
     restored.on_trial_complete("a", {metric: 0.5, metrics.EPISODES: full // 2}, error=False)
@@ -171,7 +162,7 @@ def test_searcher_restored_from_an_older_checkpoint_leaves_trials_the_storage_fi
     restored.on_trial_complete("b", {metric: 0.7, metrics.EPISODES: full})
     trials = optuna.load_study(study_name=study.key, storage=storage_url(study)).get_trials()
     by_number = {t.number: t for t in trials}
-    a, b = by_number[searcher._ot_trials["a"].number], by_number[searcher._ot_trials["b"].number]
+    a, b = by_number[searcher.numbers["a"]], by_number[searcher.numbers["b"]]
     assert a.state == optuna.trial.TrialState.COMPLETE and a.value == 0.6
     assert a.intermediate_values == {full // 3: 0.3, full: 0.6}
     assert b.state == optuna.trial.TrialState.COMPLETE and b.value == 0.7

@@ -36,6 +36,7 @@ import math
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,10 @@ from typing import Any
 import numpy as np
 
 from mann import metrics
-from mann.config import ConfigError, TrainConfig, apply_overrides, from_dict
+from mann.config import ConfigError
+from search import (BudgetWatch, DefineByRun, Ending, LoadedSearch, SearchConfig, Study, TrialOutcome, TrialReport,
+                    build_tuner, connect_ray, decide, make_sampler, make_searcher, sampled_point)
 
-from .config import LoadedSearch, SearchConfig
 from .curves import read_table
 
 BASELINE = "tpe+asha (ray optuna)"
@@ -83,6 +85,12 @@ class Table:
     def n_curves(self) -> int:
         return sum(len(c) for c in self.curves)
 
+    def curve_of(self, config: dict[str, Any], salt: int) -> tuple[int, int]:
+        """(configuration, seed) a trial with this Tune config replays in repetition ``salt``."""
+        point = sampled_point(config)
+        idx = self.nearest(point)
+        return idx, pick_seed(len(self.curves[idx]), point, salt)
+
     def nearest(self, point: dict[str, Any]) -> int:
         d = ((self.vectors - coordinates(self.search, point)) ** 2).sum(axis=1)
         return int(np.argmin(d))
@@ -102,9 +110,7 @@ def _finite(v) -> bool:
 
 def search_from_header(header: dict[str, Any], overrides: dict[str, Any] | None = None) -> LoadedSearch:
     """The table's search (config and base MANN tree, both in its header), with search-config overrides."""
-    tree = apply_overrides(header["search"], list((overrides or {}).items()), SearchConfig)
-    return LoadedSearch(config=from_dict(SearchConfig, tree), base=from_dict(TrainConfig, header["base"]),
-                        source=f"<table {header.get('name')}>", base_source="<table base>", digest="table")
+    return LoadedSearch.from_trees(header["search"], header["base"], overrides)
 
 
 def coordinates(search: LoadedSearch, point: dict[str, Any]) -> np.ndarray:
@@ -170,10 +176,8 @@ def replay_trial(config: dict[str, Any], table: Table, compress: float, salt: in
     from ray import tune
 
     metric = table.search.config.primary.metric
-    idx = table.nearest(config)
-    curves = table.curves[idx]
-    c = pick_seed(len(curves), config, salt)
-    curve = curves[c]
+    idx, c = table.curve_of(config, salt)
+    curve = table.curves[idx][c]
     prev = 0.0
     n = len(curve["episodes"])
     for i, (episodes, value, train_s) in enumerate(zip(curve["episodes"], curve["objective"], curve["train_s"])):
@@ -181,12 +185,11 @@ def replay_trial(config: dict[str, Any], table: Table, compress: float, salt: in
             continue
         time.sleep(max(0.0, (float(train_s) - prev) * compress))
         prev = float(train_s)
-        extra = {"bench/config": idx, "bench/curve": c}
         if not _finite(value):
-            tune.report({metric: 0.0 if table.sign > 0 else 1e9, metrics.EPISODES: float(episodes), "diverged": 1,
-                         **extra})
+            tune.report(TrialReport(int(episodes), {metric: 0.0 if table.sign > 0 else 1e9}, diverged=True,
+                                    failure="the recorded curve diverged").to_result())
             return
-        tune.report({metric: float(value), metrics.EPISODES: float(episodes), "diverged": 0, **extra})
+        tune.report(TrialReport(int(episodes), {metric: float(value)}).to_result())
 
 
 # --- one study -----------------------------------------------------------------------------------------------
@@ -197,34 +200,43 @@ class Run:
     """What one study did: its results in arrival order and how its trials ended."""
 
     results: list[tuple[str, float, float, int, int]] = field(default_factory=list)  # trial, episodes, value, cfg, curve
-    ended: dict[str, tuple[float, bool]] = field(default_factory=dict)  # trial -> (episodes, study cap spent)
+    ended: dict[str, TrialOutcome] = field(default_factory=dict)  # trial -> how it ended (search.decide)
     started: list[str] = field(default_factory=list)  # trial ids in the order the searcher created them
     wall_s: float = 0.0
 
 
-def _recorder(run: Run, metric: str, cap: float | None):
+def _recorder(run: Run, table: Table, search: LoadedSearch, salt: int):
     from ray.tune import Callback
+
+    metric = search.config.primary.metric
 
     class Recorder(Callback):
         def __init__(self):
-            self.spent: dict[str, float] = {}
+            self.watch = BudgetWatch.of(search)
 
         def on_trial_start(self, iteration, trials, trial, **info):
             if trial.trial_id not in run.started:
                 run.started.append(trial.trial_id)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            if metric in result and "bench/config" in result:
-                e = float(result[metrics.EPISODES])
-                self.spent[trial.trial_id] = e
-                run.results.append((trial.trial_id, e, float(result[metric]), int(result["bench/config"]),
-                                    int(result["bench/curve"])))
+            report = TrialReport.from_result(result)
+            self.watch.observe(trial.trial_id, report)
+            if report is not None and report.value(metric) is not None:
+                cfg, c = table.curve_of(trial.config, salt)
+                run.results.append((trial.trial_id, float(report.episodes), report.value(metric), cfg, c))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            capped = cap is not None and sum(self.spent.values()) >= cap
-            run.ended[trial.trial_id] = (self.spent.get(trial.trial_id, 0.0), capped)
+            run.ended[trial.trial_id] = decide(TrialReport.from_result(trial.last_result), self.watch.facts())
 
-        on_trial_error = on_trial_complete
+        def on_trial_error(self, iteration, trials, trial, **info):
+            run.ended[trial.trial_id] = decide(TrialReport.from_result(trial.last_result), self.watch.facts(),
+                                               "the replay raised")
+
+        def on_experiment_end(self, trials, **info):
+            for t in trials:
+                if t.trial_id not in run.ended and t.last_result:
+                    run.ended[t.trial_id] = decide(TrialReport.from_result(t.last_result),
+                                                   self.watch.facts(study_ended=True))
 
     return Recorder()
 
@@ -245,30 +257,25 @@ def run_study(table: Table, method: str, repeat: int, workdir: Path, compress: f
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    from .runner import _searcher, build_tuner
-    from .space import DefineByRun, make_sampler
-    from .study import Study
-
     overrides, flavour = METHODS[method]
     search = search_from_header(table.header, {
         **overrides, **scheduler_overrides(table, overrides["scheduler.kind"], shipped), "sampler.seed": repeat, "budget.num_samples": num_samples, "budget.max_episodes": cap,
         "budget.time_budget_s": None, "budget.max_failures": 0, "resources.cpus_per_trial": 1,
         "resources.gpus_per_trial": 0, "storage": str(workdir / "tune"),
         "optuna.storage": f"sqlite:///{workdir / f'optuna-{abs(hash((method, repeat)))}.db'}"})
-    study = Study.create(search, [], "none")
-    study = study.model_copy(update={"path": str(workdir / "tune" / f"{method.replace(' ', '_')}-{repeat}")})
+    study = Study.create(search, path=str(workdir / "tune" / f"{method.replace(' ', '_')}-{repeat}"))
     run = Run()
     primary = search.config.primary
     if flavour == "ray":
         searcher = OptunaSearch(space=DefineByRun(search), metric=primary.metric, mode=primary.mode,
                                 sampler=make_sampler(search))
     else:
-        searcher = _searcher(study)
+        searcher = make_searcher(study)
     trainable = tune.with_resources(
         tune.with_parameters(replay_trial, table=table, compress=compress, salt=repeat, every=every),
         {"cpu": 1})
     t0 = time.perf_counter()
-    build_tuner(study, _recorder(run, primary.metric, cap), trainable=trainable, search_alg=searcher,
+    build_tuner(study, _recorder(run, table, search, repeat), trainable=trainable, search_alg=searcher,
                 verbose=0, reuse_actors=True).fit()
     run.wall_s = time.perf_counter() - t0
     shutil.rmtree(study.path, ignore_errors=True)
@@ -305,19 +312,16 @@ def full_study_episodes(run: Run, num_samples: int) -> float:
     return float(sum(last.get(t, 0.0) for t in run.started[:num_samples]))
 
 
-def kills(table: Table, run: Run, max_t: float) -> tuple[int, int]:
+def kills(table: Table, run: Run) -> tuple[int, int]:
     """(stopped by the scheduler, of which the curve ends in the top quartile)."""
     curve_of = {t: (cfg, c) for t, _, _, cfg, c in run.results}
     stopped = top = 0
-    for trial, (e, capped) in run.ended.items():
-        if e >= max_t or capped or trial not in curve_of:
-            continue
+    for trial, outcome in run.ended.items():
+        if outcome.ending != Ending.EARLY_STOPPED or trial not in curve_of:
+            continue  # completed, ended by the study's cap, or failed: not the scheduler's kill
         cfg, c = curve_of[trial]
-        row = table.curves[cfg][c]
-        if row.get("diverged") or not all(_finite(v) for v in row["objective"]):
-            continue  # a failed trial, not a stopped one
         stopped += 1
-        top += table.sign * _last(row) >= table.top_quartile
+        top += table.sign * _last(table.curves[cfg][c]) >= table.top_quartile
     return stopped, top
 
 
@@ -329,10 +333,6 @@ def benchmark(curves: str | Path, repeats: int = 20, methods: list[str] | None =
     import logging
     import os
     from concurrent.futures import ThreadPoolExecutor
-
-    import search  # noqa: F401  (RAY_AUTH_MODE before Ray)
-
-    from .ray_cluster import connect_ray
 
     saved_env = {k: os.environ.get(k) for k in ("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "RAY_AIR_NEW_OUTPUT")}
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no result files: nobody reads them
@@ -347,9 +347,8 @@ def benchmark(curves: str | Path, repeats: int = 20, methods: list[str] | None =
     if BASELINE not in methods:
         methods.insert(0, BASELINE)
     budget = table.search.config.budget
-    num_samples, max_t = budget.num_samples, table.search.max_episodes
+    num_samples = budget.num_samples
     started = connect_ray(num_cpus=parallel * (budget.max_concurrent or 2)) == "local"
-    _serialise_tune_registry()
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -359,7 +358,7 @@ def benchmark(curves: str | Path, repeats: int = 20, methods: list[str] | None =
     runs: dict[str, list[Run]] = {}
     methods.remove(BASELINE)
     try:
-        with ThreadPoolExecutor(parallel) as pool:
+        with serialised_tune_registry(), ThreadPoolExecutor(parallel) as pool:
             # The baseline's full study first (the config's num_samples, no cap): it sets the budget axis and
             # the cap every other method gets (its largest spend), with up to 4 x num_samples trials.
             cap = None
@@ -395,7 +394,7 @@ def benchmark(curves: str | Path, repeats: int = 20, methods: list[str] | None =
         trajs = [trajectory(table, x) for x in runs[m]]
         at = {f: [regret_at(xs, ys, f * full, blind) for xs, ys in trajs] for f in FRACTIONS}
         to1 = [float(xs[np.argmax(ys <= 1.0)]) if (ys <= 1.0).any() else math.inf for xs, ys in trajs]
-        k = np.array([kills(table, x, max_t) for x in runs[m]])
+        k = np.array([kills(table, x) for x in runs[m]])
         curve = np.array([[regret_at(xs, ys, g, blind) for g in grid] for xs, ys in trajs])
         bands[m] = np.percentile(curve, [2.5, 50, 97.5], axis=0)
         med_to1 = float(np.median(to1))
@@ -416,23 +415,28 @@ def benchmark(curves: str | Path, repeats: int = 20, methods: list[str] | None =
     return out
 
 
-def _serialise_tune_registry() -> None:
-    """Tune registers each Tuner's trainable in a process-global registry that is not thread-safe (Ray 2.60:
-    "dictionary changed size during iteration" when two Tuners start at once); studies run in threads here."""
+@contextmanager
+def serialised_tune_registry():
+    """Within the block, Tune's process-global trainable registry takes one registration at a time; undone
+    after. Tune registers each Tuner's trainable there and the registry is not thread-safe (Ray 2.60:
+    "dictionary changed size during iteration" when two Tuners start at once); studies run in threads here.
+    The one Ray private name the instruments touch (``ray.tune.registry._Registry``)."""
     import threading
 
     from ray.tune import registry
 
-    if getattr(registry._Registry.register, "_locked", False):
-        return
-    lock, register = threading.Lock(), registry._Registry.register
+    cls = getattr(registry, "_Registry")
+    register, lock = cls.register, threading.Lock()
 
     def locked(self, *args, **kwargs):
         with lock:
             return register(self, *args, **kwargs)
 
-    locked._locked = True
-    registry._Registry.register = locked
+    cls.register = locked
+    try:
+        yield
+    finally:
+        cls.register = register
 
 
 def _method_of(cfg: SearchConfig) -> str:

@@ -33,9 +33,7 @@ import optuna
 from mann import metrics
 from mann.config import ConfigError
 
-from .config import LoadedSearch, load_search_config
-from .space import suggest
-from .study import git_commit
+from search import LoadedSearch, git_commit, load_search_config, suggest
 
 FORMAT = "mann-curves/1"
 
