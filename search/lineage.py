@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -55,16 +56,17 @@ def make_callback(tracker: StudyTracker, study: Study, fresh: bool):
             self._finish(trials, trial, None)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            reason = "trial failed"
+            text = ""
             if trial.error_file and Path(trial.error_file).is_file():
-                reason = Path(trial.error_file).read_text()[-2000:]
-            self._finish(trials, trial, reason)
+                text = ANSI.sub("", Path(trial.error_file).read_text())
+            lines = [x.strip() for x in text.splitlines() if x.strip()]
+            self._finish(trials, trial, lines[-1][:1000] if lines else "the trial raised", text[-20000:])
 
-        def _finish(self, trials, trial, error: str | None, study_ended: bool = False) -> None:
+        def _finish(self, trials, trial, error: str | None, traceback: str = "", study_ended: bool = False) -> None:
             report = TrialReport.from_result(trial.last_result)
             outcome = decide(report, self.watch.facts(study_ended), error)
             self.outcomes[trial.trial_id] = outcome
-            finish_trial(tracker, study, trial, outcome)
+            finish_trial(tracker, study, trial, outcome, traceback)
             self._progress(trials)
             tracker.flush()
 
@@ -75,9 +77,8 @@ def make_callback(tracker: StudyTracker, study: Study, fresh: bool):
             counts = outcome_counts([self.outcomes.get(t.trial_id) for t in trials])
             finished = sum(1 for t in trials if t.trial_id in self.outcomes)
             for t in trials:
-                o = self.outcomes.get(t.trial_id)
-                value = TrialReport.from_result(t.last_result).value(primary.metric) \
-                    if o is not None and o.selectable and t.last_result else None
+                o, report = self.outcomes.get(t.trial_id), TrialReport.from_result(t.last_result)
+                value = report.value(primary.metric) if o is not None and o.selectable and report else None
                 if value is not None and (self.best is None or (value > self.best if primary.mode == "max"
                                                                 else value < self.best)):
                     self.best = value
@@ -99,6 +100,9 @@ def make_callback(tracker: StudyTracker, study: Study, fresh: bool):
             return (_no_callback, ())
 
     return MlflowLineage()
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its worker logs
 
 
 def _no_callback():
@@ -136,7 +140,7 @@ def study_record(study: Study) -> tuple[dict[str, Any], dict[str, str], dict[str
     return params, tags, files
 
 
-def finish_trial(tracker: StudyTracker, study: Study, trial, outcome: TrialOutcome) -> None:
+def finish_trial(tracker: StudyTracker, study: Study, trial, outcome: TrialOutcome, traceback: str = "") -> None:
     history = tracker.history(trial.trial_id)
     acc = metrics.by_instance(trial.last_result or {}, study.split)
     name = trial_name(trial.config, str(trial))
@@ -145,6 +149,8 @@ def finish_trial(tracker: StudyTracker, study: Study, trial, outcome: TrialOutco
                                                  "accuracy": acc}),
         "trial_config.json": json.dumps(trial.config, indent=2, default=str),
     }
+    if traceback:
+        files["error.txt"] = traceback
     figures = {}
     if history:
         figures["learning_curve.png"] = lambda p: plots.learning_curve(history, p, name, study.split)

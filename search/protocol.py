@@ -204,11 +204,9 @@ def decide(report: TrialReport | None, facts: StudyFacts, error: str | None = No
         return TrialOutcome(Ending.FAILED, error or "the trial raised", episodes)
     if report is not None and report.diverged:
         return TrialOutcome(Ending.DIVERGED, report.failure or "training diverged", episodes)
-    if report is None:
-        if facts.study_ended:
-            return TrialOutcome(Ending.STUDY_ENDED, "the study ended before the trial reported", 0)
+    if report is None and not (facts.cap_spent or facts.time_up or facts.study_ended):
         return TrialOutcome(Ending.FAILED, "the trial ended without reporting an evaluation", 0)
-    if episodes >= facts.max_episodes:
+    if report is not None and episodes >= facts.max_episodes:
         return TrialOutcome(Ending.COMPLETED, f"trained its full budget of {facts.max_episodes} episodes", episodes)
     if facts.cap_spent:
         return TrialOutcome(Ending.EPISODE_CAP, f"the study's episode cap was spent at {episodes} episodes",

@@ -235,7 +235,7 @@ def _fit(study: Study, fresh: bool) -> StudyOutcome:
     grid = tuner.fit()
     wall = time.perf_counter() - t0
     try:  # trials the study ended without telling the searcher (cap, time budget, the driver's end)
-        close_open_trials(study, [(r.config, r.metrics, str(r.error) if r.error else None) for r in grid], started)
+        close_open_trials(study, started, [{**(r.metrics or {}), "config": r.config or {}} for r in grid])
     except Exception as exc:  # the storage down at the very end: resume or the next leg closes them
         log.error("optuna: could not close the study's open trials: %s", exc)
 

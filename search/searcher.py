@@ -192,27 +192,35 @@ class StudySearch(Searcher):
                                                         "no Tune trial ran it", 0))
 
 
-def close_open_trials(study: Study, ended: list[tuple[dict[str, Any], dict[str, Any] | None, str | None]],
-                      started: float) -> int:
-    """At the end of a study: tell Optuna how every trial of ``ended`` (config, last result, error) that its
-    storage still has RUNNING ended (the episode cap, the time budget or the driver's end stop trials without
-    a trial-complete event). ``started``: ``time.monotonic()`` when this driver started. Returns how many."""
+def close_open_trials(study: Study, started: float, last_results: list[dict[str, Any] | None] = ()) -> int:
+    """At the end of a study: tell Optuna how every trial its storage still has RUNNING ended (the episode
+    cap, the time budget or the driver's end stop trials without a trial-complete event, and a trial asked but
+    never started has none). Each is judged from its last report: Tune's ``last_results`` where it has them
+    (Tune does not show the searcher a result it stops a trial on), else its last intermediate value;
+    ``started``: ``time.monotonic()`` when this driver started. Returns how many were told."""
     ot = OptunaStudy(study)
     watch = BudgetWatch.of(study.search)
     watch.started = started
-    rows = []
-    for config, result, error in ended:
-        number = (config or {}).get(TRIAL_NUMBER_KEY)
-        if isinstance(number, int):
-            report = TrialReport.from_result(result)
-            watch.observe(str(number), report)
-            rows.append((number, report, error))
-    running, told = ot.running(), 0
-    for number, report, error in rows:
-        if number in running:
-            ot.tell(number, report, decide(report, watch.facts(study_ended=True), error))
-            told += 1
-    return told
+    trials = ot.study.get_trials(deepcopy=False)
+    reports = {t.number: _last_report(t, ot.metrics[0]) for t in trials}
+    for result in last_results:
+        number, report = (result or {}).get("config", {}).get(TRIAL_NUMBER_KEY), TrialReport.from_result(result)
+        if isinstance(number, int) and report and (reports.get(number) is None
+                                                   or report.episodes >= reports[number].episodes):
+            reports[number] = report
+    for number, report in reports.items():
+        watch.observe(str(number), report)
+    running = [t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    for number in running:
+        ot.tell(number, reports.get(number), decide(reports.get(number), watch.facts(study_ended=True)))
+    return len(running)
+
+
+def _last_report(trial: optuna.trial.FrozenTrial, metric: str) -> TrialReport | None:
+    if not trial.intermediate_values:
+        return None
+    step = max(trial.intermediate_values)
+    return TrialReport(int(step), {metric: float(trial.intermediate_values[step])})
 
 
 def trial_outcomes(study: Study) -> dict[str, str]:
