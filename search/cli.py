@@ -1,4 +1,4 @@
-"""`mann-search run | resume | select | status | replay | curves record | benchmark`.
+"""`mann-search run | resume | select | status | ui | replay | curves record | benchmark`.
 
 Bad input (config, arguments, unreachable Ray or MLflow) exits with status 2 and one line naming the culprit.
 """
@@ -109,10 +109,18 @@ def cmd_status(args) -> int:
     if info["best"]:
         print(f"best {info['metric']} {info['best']['value']:.4f} ({info['best']['trial']}): {info['best']['config']}")
     print(f"MLflow {info['tracking_uri']} experiment '{info['experiment']}'")
+    if info.get("mlflow_command"):
+        print(f"  serve the UI: {info['mlflow_command']}")
     if info.get("mlflow_link"):
-        print(f"  open: {info['mlflow_link']}")
+        print(f"  open:         {info['mlflow_link']}")
     print(f"Optuna {info['optuna_storage']} study '{info['optuna_study']}'")
     return 0
+
+
+def cmd_ui(args) -> int:
+    from .ui import serve
+
+    return serve(args.path, args.host, args.port)
 
 
 def cmd_replay(args) -> int:
@@ -195,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("path")
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=cmd_status)
+    ui = sub.add_parser("ui", help="serve the study's MLflow UI (its SQLite store and artifacts; no job runner)")
+    ui.add_argument("path", help="the study folder printed by `run`")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=positive_int, default=5000)
+    ui.set_defaults(fn=cmd_ui)
     rp = sub.add_parser("replay", help="deliver MLflow records saved while the server was down")
     rp.add_argument("file")
     rp.add_argument("--tracking-uri")

@@ -202,7 +202,7 @@ def resume(path: str) -> StudyOutcome:
 
 def tracker_for(study: Study) -> StudyTracker:
     return StudyTracker(study.tracking_uri, study.experiment, study.key, study.local_dir / "mlflow-staging",
-                        artifact_root=study.artifact_root)
+                        artifact_root=study.artifact_root, study_path=study.local_dir)
 
 
 def _fit(study: Study, fresh: bool) -> StudyOutcome:
@@ -246,11 +246,12 @@ def _fit(study: Study, fresh: bool) -> StudyOutcome:
 
 
 def mlflow_link(study: Study, tracker: StudyTracker | None = None) -> tuple[str | None, str | None]:
-    """The study's experiment in the MLflow UI (Model-training view) and the `mlflow ui` command for SQLite;
-    (None, None) when MLflow cannot be asked for the experiment's id."""
+    """The study's experiment in the MLflow UI (Model-training view) and, for a local store, the
+    `mann-search ui STUDY_DIR` command that serves it; (None, None) when MLflow cannot be asked for the
+    experiment's id."""
     tracker = tracker or tracker_for(study)
     try:
-        return ui_link(study.tracking_uri, tracker.experiment_id())
+        return ui_link(study.tracking_uri, tracker.experiment_id(), study_path=study.local_dir)
     except Exception as exc:  # MLflow down: the summary says where the runs are without the link
         log.warning("no MLflow link: %s", exc)
         return None, None
@@ -284,9 +285,10 @@ def status(path: str) -> dict[str, Any]:
         v = (t.last_result or {}).get(primary.metric)
         if v is not None and (best is None or (v > best[0] if primary.mode == "max" else v < best[0])):
             best = (v, t.config, str(t))
+    link, command = mlflow_link(study)
     return {"study": study.key, "path": study.path, "num_samples": study.search.config.budget.num_samples,
             "trials": len(ea.trials), "states": states, "metric": primary.metric,
             "best": {"value": best[0], "trial": best[2], "config": best[1]} if best else None,
             "tracking_uri": redact("uri", study.tracking_uri), "experiment": study.experiment,
-            "mlflow_link": mlflow_link(study)[0], "optuna_storage": redact("uri", storage_url(study)),
+            "mlflow_link": link, "mlflow_command": command, "optuna_storage": redact("uri", storage_url(study)),
             "optuna_study": study.key}
