@@ -16,6 +16,7 @@ RAY_IMPORTED_FIRST = "ray" in _sys.modules and "RAY_AUTH_MODE" not in _os.enviro
 _os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from .config import LoadedSearch, SearchConfig, load_search_config
+from .model_format import load_model
 from .study import SearchError, Study
 
-__all__ = ["LoadedSearch", "SearchConfig", "SearchError", "Study", "load_search_config"]
+__all__ = ["LoadedSearch", "SearchConfig", "SearchError", "Study", "load_model", "load_search_config"]

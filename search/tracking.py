@@ -29,7 +29,6 @@ TRIAL_TAG = "mann.trial_id"
 ROLE_TAG = "mann.role"
 OUTCOME_TAG = "mann.outcome"
 REASON_TAG = "mann.failure_reason"
-PIP_REQUIREMENTS = ["torch", "mann-search"]
 # MLflow 3 opens an experiment on its GenAI overview unless told it is model training (the tag, and the
 # workflowType parameter in every link we print: the UI picks its view from the URL first).
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
@@ -394,18 +393,14 @@ class StudyTracker:
 
     def _log_model(self, run: str, checkpoint: Path) -> None:
         import mlflow
-        import mlflow.pytorch
 
-        from mann.train import load_checkpoint, model_from_checkpoint
+        from .model_format import log_model
 
-        model, _ = model_from_checkpoint(load_checkpoint(checkpoint))
-        model.eval()
         mlflow.set_tracking_uri(self.tracking_uri)
         # log_model attaches to an active run; it leaves the run RUNNING until our own status op.
         with mlflow.start_run(run_id=run, nested=True, log_system_metrics=False):
-            # "pickle": the default "pt2" would torch.export the model, which its Python time loop does not suit.
-            info = mlflow.pytorch.log_model(model, name="model", pip_requirements=PIP_REQUIREMENTS,
-                                            serialization_format="pickle")
+            # a pyfunc whose loader is search.model_format: loading reads tensors only, never unpickles
+            info = log_model(checkpoint)
         self.client.set_tag(run, "mann.model_uri", info.model_uri)
         self.client.update_run(run, status="RUNNING")
 
