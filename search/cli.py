@@ -73,7 +73,7 @@ def _fmt(v) -> str:
 def cmd_run(args) -> int:
     from . import runner
 
-    outcome = runner.run(args.config, args.set)
+    outcome = runner.run(args.config, args.set, verbose=args.verbose)
     _print_outcome(outcome)
     return 0 if outcome.trials else 1
 
@@ -81,7 +81,7 @@ def cmd_run(args) -> int:
 def cmd_resume(args) -> int:
     from . import runner
 
-    outcome = runner.resume(args.path)
+    outcome = runner.resume(args.path, verbose=args.verbose)
     _print_outcome(outcome)
     return 0
 
@@ -192,9 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a search (joins RAY_ADDRESS or starts a local Ray)")
     r.add_argument("config", help="configs/search/<name>.yaml")
     r.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
+    r.add_argument("--verbose", action="store_true", help="Ray's own progress tables and the libraries' logs too")
     r.set_defaults(fn=cmd_run)
     rs = sub.add_parser("resume", help="continue an interrupted study (from its snapshot, not its YAML)")
     rs.add_argument("path", help="the study folder printed by `run`")
+    rs.add_argument("--verbose", action="store_true", help="Ray's own progress tables and the libraries' logs too")
     rs.set_defaults(fn=cmd_resume)
     se = sub.add_parser("select", help="re-evaluate the top trials on test characters; promote the champion")
     se.add_argument("path")
@@ -248,9 +250,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from .study import SearchError
 
+    args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        os.environ["MANN_SEARCH_VERBOSE"] = "1"  # also read by the trials of a local Ray (search/trainable.py)
     logging.basicConfig(level=logging.INFO if os.environ.get("MANN_SEARCH_VERBOSE") else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    if args.command in ("run", "resume", "benchmark", "curves"):
+        from .ray_cluster import prefer_loopback
+
+        prefer_loopback()
     return run_command(PROG, args, (ConfigError, DataError, SearchError, FileNotFoundError),
                        interrupted="interrupted; continue with `mann-search resume <study folder>`")
 

@@ -18,6 +18,7 @@ from ray.tune import Stopper
 from mann import metrics
 
 from .config import LoadedSearch, load_search_config
+from .console import print_start, quiet_libraries, trial_lines
 from .lineage import make_callback
 from .ray_cluster import check_ray_address, connect_ray
 from .searcher import StudySearch, storage_url
@@ -96,6 +97,15 @@ class EpisodeBudget(Stopper):
         return sum(self.spent.values()) >= self.max_episodes
 
 
+def _callbacks(callback) -> list:
+    """The driver's Tune callbacks: ours (one, or a list) and the CSV and JSON result loggers, passed here so
+    that Tune's default TensorBoard logger can stay off (``console.quiet_libraries``)."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    ours = list(callback) if isinstance(callback, (list, tuple)) else [callback]
+    return [*ours, CSVLoggerCallback(), JsonLoggerCallback()]
+
+
 def _run_config(study: Study, callback, verbose: int = 1):
     from ray import tune
 
@@ -107,7 +117,7 @@ def _run_config(study: Study, callback, verbose: int = 1):
         stop=EpisodeBudget(cap) if cap else None,
         failure_config=tune.FailureConfig(max_failures=study.search.config.budget.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        callbacks=[callback],
+        callbacks=_callbacks(callback),
         verbose=verbose,
     )
 
@@ -133,14 +143,15 @@ def build_tuner(study: Study, callback, trainable=None, search_alg=None, verbose
     )
 
 
-def restore_tuner(study: Study, callback):
-    """The Tuner of an interrupted study, from its Tune state, with this driver's callback."""
+def restore_tuner(study: Study, callback, verbose: int = 1):
+    """The Tuner of an interrupted study, from its Tune state, with this driver's callback(s) and verbosity."""
     from ray import tune
 
     if not tune.Tuner.can_restore(study.path):
         raise SearchError(f"{study.path}: no Tune state to resume (the study never started?)")
     tuner = tune.Tuner.restore(study.path, _trainable(study.search), resume_unfinished=True, resume_errored=True)
-    set_restored_callbacks(tuner, [callback])
+    set_restored_callbacks(tuner, _callbacks(callback))
+    tuner._local_tuner.get_run_config().verbose = verbose  # checked by set_restored_callbacks just above
     return tuner
 
 
@@ -180,8 +191,9 @@ def _preflight(search: LoadedSearch, tracking_uri: str | None = None) -> str:
     return tracking_uri
 
 
-def run(config_file: str, overrides: list[str] | None = None) -> StudyOutcome:
-    """Start a new study: load and snapshot the config, then fit."""
+def run(config_file: str, overrides: list[str] | None = None, verbose: bool = False) -> StudyOutcome:
+    """Start a new study: load and snapshot the config, then fit (``verbose``: Ray's own reporter and the
+    libraries' informational logs besides the trial lines)."""
     overrides = list(overrides or [])
     search = load_search_config(config_file, overrides)
     uri = _preflight(search)
@@ -190,14 +202,14 @@ def run(config_file: str, overrides: list[str] | None = None) -> StudyOutcome:
     load_omniglot(search.base.data)  # data present and cached before trials start
     study = Study.create(search, overrides, uri)
     study.save()
-    return _fit(study, fresh=True)
+    return _fit(study, fresh=True, verbose=verbose)
 
 
-def resume(path: str) -> StudyOutcome:
+def resume(path: str, verbose: bool = False) -> StudyOutcome:
     """Continue an interrupted study from its snapshot (never its YAML)."""
     study = Study.load(path)
     _preflight(study.search, study.tracking_uri)
-    return _fit(study, fresh=False)
+    return _fit(study, fresh=False, verbose=verbose)
 
 
 def tracker_for(study: Study) -> StudyTracker:
@@ -205,15 +217,18 @@ def tracker_for(study: Study) -> StudyTracker:
                         artifact_root=study.artifact_root, study_path=study.local_dir)
 
 
-def _fit(study: Study, fresh: bool) -> StudyOutcome:
+def _fit(study: Study, fresh: bool, verbose: bool = False) -> StudyOutcome:
     t0 = time.perf_counter()
     # Our outbox retries; MLflow's own HTTP retries (minutes by default) would stall Tune's event loop.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    connect_ray()
+    quiet_libraries(verbose)
+    connect_ray(quiet=not verbose)
     tracker = tracker_for(study)
-    callback = make_callback(tracker, study, fresh)
-    tuner = build_tuner(study, callback) if fresh else restore_tuner(study, callback)
+    callbacks = [make_callback(tracker, study, fresh), trial_lines(study)]
+    print_start(study, fresh)
+    level = 1 if verbose else 0  # Ray's own reporter (trial tables, configs, results) only when asked for
+    tuner = build_tuner(study, callbacks, verbose=level) if fresh else restore_tuner(study, callbacks, level)
     grid = tuner.fit()
     wall = time.perf_counter() - t0
 
