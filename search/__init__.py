@@ -35,6 +35,7 @@ _LAZY = {
     "PlateauRule": "schedulers", "PlateauStopping": "schedulers", "StudyEvidence": "schedulers",
     "CONTINUE": "schedulers", "STOP": "schedulers",
     "connect_ray": "ray_cluster",
+    "load_model": "model_format",
 }
 
 __all__ = [

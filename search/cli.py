@@ -1,4 +1,4 @@
-"""`mann-search run | resume | select | status | replay | curves record | benchmark`.
+"""`mann-search run | resume | select | status | ui | replay | curves record | benchmark`.
 
 Bad input (config, arguments, unreachable Ray or MLflow) exits with status 2 and one line naming the culprit.
 """
@@ -81,7 +81,7 @@ def _fmt(v) -> str:
 def cmd_run(args) -> int:
     from . import runner
 
-    outcome = runner.run(args.config, args.set)
+    outcome = runner.run(args.config, args.set, verbose=args.verbose)
     _print_outcome(outcome)
     return 0 if outcome.trials else 1
 
@@ -89,7 +89,7 @@ def cmd_run(args) -> int:
 def cmd_resume(args) -> int:
     from . import runner
 
-    outcome = runner.resume(args.path)
+    outcome = runner.resume(args.path, verbose=args.verbose)
     _print_outcome(outcome)
     return 0
 
@@ -117,10 +117,18 @@ def cmd_status(args) -> int:
     if info["best"]:
         print(f"best {info['metric']} {info['best']['value']:.4f} ({info['best']['trial']}): {info['best']['config']}")
     print(f"MLflow {info['tracking_uri']} experiment '{info['experiment']}'")
+    if info.get("mlflow_command"):
+        print(f"  serve the UI: {info['mlflow_command']}")
     if info.get("mlflow_link"):
-        print(f"  open: {info['mlflow_link']}")
+        print(f"  open:         {info['mlflow_link']}")
     print(f"Optuna {info['optuna_storage']} study '{info['optuna_study']}'")
     return 0
+
+
+def cmd_ui(args) -> int:
+    from .ui import serve
+
+    return serve(args.path, args.host, args.port)
 
 
 def cmd_replay(args) -> int:
@@ -192,9 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a search (joins RAY_ADDRESS or starts a local Ray)")
     r.add_argument("config", help="configs/search/<name>.yaml")
     r.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
+    r.add_argument("--verbose", action="store_true", help="Ray's own progress tables and the libraries' logs too")
     r.set_defaults(fn=cmd_run)
     rs = sub.add_parser("resume", help="continue an interrupted study (from its snapshot, not its YAML)")
     rs.add_argument("path", help="the study folder printed by `run`")
+    rs.add_argument("--verbose", action="store_true", help="Ray's own progress tables and the libraries' logs too")
     rs.set_defaults(fn=cmd_resume)
     se = sub.add_parser("select", help="re-evaluate the top trials on test characters; promote the champion")
     se.add_argument("path")
@@ -203,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("path")
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=cmd_status)
+    ui = sub.add_parser("ui", help="serve the study's MLflow UI (its SQLite store and artifacts; no job runner)")
+    ui.add_argument("path", help="the study folder printed by `run`")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=positive_int, default=5000)
+    ui.set_defaults(fn=cmd_ui)
     rp = sub.add_parser("replay", help="deliver MLflow records saved while the server was down")
     rp.add_argument("file")
     rp.add_argument("--tracking-uri")
@@ -243,9 +258,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from .study import SearchError
 
+    args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        os.environ["MANN_SEARCH_VERBOSE"] = "1"  # also read by the trials of a local Ray (search/trainable.py)
     logging.basicConfig(level=logging.INFO if os.environ.get("MANN_SEARCH_VERBOSE") else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    if args.command in ("run", "resume", "benchmark", "curves"):
+        from .ray_cluster import prefer_loopback
+
+        prefer_loopback()
     return run_command(PROG, args, (ConfigError, DataError, SearchError, FileNotFoundError),
                        interrupted="interrupted; continue with `mann-search resume <study folder>`")
 

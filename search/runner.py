@@ -18,6 +18,7 @@ from ray.tune import Stopper
 from mann import metrics
 
 from .config import LoadedSearch, load_search_config
+from .console import print_start, quiet_libraries, trial_lines
 from .lineage import make_callback
 from .ray_cluster import check_ray_address, connect_ray
 from .schedulers import StudyEvidence
@@ -103,6 +104,15 @@ class EpisodeBudget(Stopper):
         return sum(self.spent.values()) >= self.max_episodes
 
 
+def _callbacks(callback) -> list:
+    """The driver's Tune callbacks: ours (one, or a list) and the CSV and JSON result loggers, passed here so
+    that Tune's default TensorBoard logger can stay off (``console.quiet_libraries``)."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    ours = list(callback) if isinstance(callback, (list, tuple)) else [callback]
+    return [*ours, CSVLoggerCallback(), JsonLoggerCallback()]
+
+
 def _run_config(study: Study, callback, verbose: int = 1):
     from ray import tune
 
@@ -114,7 +124,7 @@ def _run_config(study: Study, callback, verbose: int = 1):
         stop=EpisodeBudget(cap) if cap else None,
         failure_config=tune.FailureConfig(max_failures=study.search.config.budget.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        callbacks=[callback],
+        callbacks=_callbacks(callback),
         verbose=verbose,
     )
 
@@ -150,14 +160,15 @@ def _ray_trial_dirname(trial) -> str:
     return f"{trial_dirname(trial.config, 'trial')}_{trial.trial_id}"
 
 
-def restore_tuner(study: Study, callback):
-    """The Tuner of an interrupted study, from its Tune state, with this driver's callback."""
+def restore_tuner(study: Study, callback, verbose: int = 1):
+    """The Tuner of an interrupted study, from its Tune state, with this driver's callback(s) and verbosity."""
     from ray import tune
 
     if not tune.Tuner.can_restore(study.path):
         raise SearchError(f"{study.path}: no Tune state to resume (the study never started?)")
     tuner = tune.Tuner.restore(study.path, _trainable(study.search), resume_unfinished=True, resume_errored=True)
-    set_restored_callbacks(tuner, [callback])
+    set_restored_callbacks(tuner, _callbacks(callback))
+    tuner._local_tuner.get_run_config().verbose = verbose  # checked by set_restored_callbacks just above
     return tuner
 
 
@@ -197,8 +208,9 @@ def _preflight(search: LoadedSearch, tracking_uri: str | None = None) -> str:
     return tracking_uri
 
 
-def run(config_file: str, overrides: list[str] | None = None) -> StudyOutcome:
-    """Start a new study: load and snapshot the config, then fit."""
+def run(config_file: str, overrides: list[str] | None = None, verbose: bool = False) -> StudyOutcome:
+    """Start a new study: load and snapshot the config, then fit (``verbose``: Ray's own reporter and the
+    libraries' informational logs besides the trial lines)."""
     overrides = list(overrides or [])
     search = load_search_config(config_file, overrides)
     uri = _preflight(search)
@@ -207,30 +219,33 @@ def run(config_file: str, overrides: list[str] | None = None) -> StudyOutcome:
     load_omniglot(search.base.data)  # data present and cached before trials start
     study = Study.create(search, overrides, uri)
     study.save()
-    return _fit(study, fresh=True)
+    return _fit(study, fresh=True, verbose=verbose)
 
 
-def resume(path: str) -> StudyOutcome:
+def resume(path: str, verbose: bool = False) -> StudyOutcome:
     """Continue an interrupted study from its snapshot (never its YAML)."""
     study = Study.load(path)
     _preflight(study.search, study.tracking_uri)
-    return _fit(study, fresh=False)
+    return _fit(study, fresh=False, verbose=verbose)
 
 
 def tracker_for(study: Study) -> StudyTracker:
     return StudyTracker(study.tracking_uri, study.experiment, study.key, study.local_dir / "mlflow-staging",
-                        artifact_root=study.artifact_root)
+                        artifact_root=study.artifact_root, study_path=study.local_dir)
 
 
-def _fit(study: Study, fresh: bool) -> StudyOutcome:
+def _fit(study: Study, fresh: bool, verbose: bool = False) -> StudyOutcome:
     t0 = time.perf_counter()
     # Our outbox retries; MLflow's own HTTP retries (minutes by default) would stall Tune's event loop.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    connect_ray()
+    quiet_libraries(verbose)
+    connect_ray(quiet=not verbose)
     tracker = tracker_for(study)
-    callback = make_callback(tracker, study, fresh)
-    tuner = build_tuner(study, callback) if fresh else restore_tuner(study, callback)
+    callbacks = [make_callback(tracker, study, fresh), trial_lines(study)]
+    print_start(study, fresh)
+    level = 1 if verbose else 0  # Ray's own reporter (trial tables, configs, results) only when asked for
+    tuner = build_tuner(study, callbacks, verbose=level) if fresh else restore_tuner(study, callbacks, level)
     started = time.monotonic()
     grid = tuner.fit()
     wall = time.perf_counter() - t0
@@ -273,11 +288,12 @@ def _fit(study: Study, fresh: bool) -> StudyOutcome:
 
 
 def mlflow_link(study: Study, tracker: StudyTracker | None = None) -> tuple[str | None, str | None]:
-    """The study's experiment in the MLflow UI (Model-training view) and the `mlflow ui` command for SQLite;
-    (None, None) when MLflow cannot be asked for the experiment's id."""
+    """The study's experiment in the MLflow UI (Model-training view) and, for a local store, the
+    `mann-search ui STUDY_DIR` command that serves it; (None, None) when MLflow cannot be asked for the
+    experiment's id."""
     tracker = tracker or tracker_for(study)
     try:
-        return ui_link(study.tracking_uri, tracker.experiment_id())
+        return ui_link(study.tracking_uri, tracker.experiment_id(), study_path=study.local_dir)
     except Exception as exc:  # MLflow down: the summary says where the runs are without the link
         log.warning("no MLflow link: %s", exc)
         return None, None
@@ -319,10 +335,11 @@ def status(path: str) -> dict[str, Any]:
     outcomes: dict[str, int] = {}
     for o in by_trial.values():
         outcomes[o] = outcomes.get(o, 0) + 1
+    link, command = mlflow_link(study)
     return {"study": study.key, "path": study.path, "num_samples": study.search.config.budget.num_samples,
             "trials": len(ea.trials), "states": states, "outcomes": outcomes, "trial_outcomes": by_trial,
             "metric": primary.metric,
             "best": {"value": best[0], "trial": best[2], "config": best[1]} if best else None,
             "tracking_uri": redact("uri", study.tracking_uri), "experiment": study.experiment,
-            "mlflow_link": mlflow_link(study)[0], "optuna_storage": redact("uri", storage_url(study)),
+            "mlflow_link": link, "mlflow_command": command, "optuna_storage": redact("uri", storage_url(study)),
             "optuna_study": study.key}

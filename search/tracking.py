@@ -14,7 +14,9 @@ import logging
 import math
 import os
 import re
+import shlex
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,6 @@ TRIAL_TAG = "mann.trial_id"
 ROLE_TAG = "mann.role"
 OUTCOME_TAG = "mann.outcome"
 REASON_TAG = "mann.failure_reason"
-PIP_REQUIREMENTS = ["torch", "mann-search"]
 # MLflow 3 opens an experiment on its GenAI overview unless told it is model training (the tag, and the
 # workflowType parameter in every link we print: the UI picks its view from the URL first).
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
@@ -55,19 +56,43 @@ def resolve_tracking_uri(configured: str | None, storage_dir: Path) -> str:
     return f"sqlite:///{(storage_dir / 'mlflow.db').resolve()}"
 
 
-def ui_link(tracking_uri: str, experiment_id: str | None, run_id: str | None = None) -> tuple[str, str | None]:
+def venv_tool(name: str) -> str:
+    """The absolute path of a console script of this Python's environment (a new shell has no venv on PATH);
+    the bare name where this environment has none."""
+    tool = Path(sys.executable).parent / name
+    return str(tool) if tool.is_file() else name
+
+
+def ui_command(study_path: str | Path) -> str:
+    """The command that serves a study's MLflow UI (``mann-search ui``), runnable as printed from a new shell."""
+    return shlex.join([venv_tool("mann-search"), "ui", str(Path(study_path).resolve())])
+
+
+def mlflow_ui_args(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
+    """The venv's `mlflow ui` for a local store (one worker); an embedded SQLite store's artifacts are the
+    ``mlartifacts`` folder beside it. Run it with MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false (no job runner)."""
+    args = [venv_tool("mlflow"), "ui", "--host", host, "--port", str(port), "--workers", "1",
+            "--backend-store-uri", tracking_uri]
+    if tracking_uri.startswith("sqlite:///"):
+        root = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+        args += ["--default-artifact-root", root, "--artifacts-destination", root]
+    return args
+
+
+def ui_link(tracking_uri: str, experiment_id: str | None, run_id: str | None = None,
+            study_path: str | Path | None = None) -> tuple[str, str | None]:
     """The MLflow UI address of an experiment's runs (or of one run) in the Model-training view, and the command
-    that serves the UI when the store is an embedded SQLite file (None for a tracking server)."""
+    that serves the UI when the store is local (None for a tracking server): ``mann-search ui STUDY_DIR`` given
+    the study's folder, else the venv's ``mlflow ui`` with MLflow 3's job runner off."""
     command = None
     base = redact("uri", tracking_uri).rstrip("/")
     if not tracking_uri.startswith(("http://", "https://")):
         base = "http://127.0.0.1:5000"
-        if tracking_uri.startswith("sqlite:///"):
-            root = Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts"
-            command = (f"mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri {tracking_uri} "
-                       f"--default-artifact-root {root.resolve().as_uri()}")
+        if study_path is not None:
+            command = ui_command(study_path)
         else:
-            command = f"mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri {redact('uri', tracking_uri)}"
+            command = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false " + shlex.join(
+                mlflow_ui_args(redact("uri", tracking_uri)))
     page = f"#/experiments/{experiment_id or '0'}" + (f"/runs/{run_id}" if run_id else "")
     return f"{base}/{page}?workflowType=machine_learning", command
 
@@ -135,11 +160,13 @@ class StudyTracker:
         experiment: MLflow experiment name.
         study: the study's unique key (tag ``mann.study`` on every run).
         staging: a local folder for artifacts waiting to be logged (under the study's results).
+        study_path: the study's folder, named by the `mann-search ui` command the parent run's note prints.
     """
 
     def __init__(self, tracking_uri: str, experiment: str, study: str, staging: Path,
-                 artifact_root: str | None = None):
+                 artifact_root: str | None = None, study_path: str | Path | None = None):
         self.tracking_uri = tracking_uri
+        self.study_path = study_path  # for the `mann-search ui` command in the parent run's note
         self.experiment_name = experiment
         self.study = study
         self.staging = Path(staging)
@@ -348,7 +375,7 @@ class StudyTracker:
         elif op.kind == "artifacts":
             self.client.log_artifacts(run, p["path"], p["artifact_path"])
         elif op.kind == "note":
-            link, command = ui_link(self.tracking_uri, self.experiment_id(), run)
+            link, command = ui_link(self.tracking_uri, self.experiment_id(), run, self.study_path)
             text = (f"mann-search study `{self.study}`: one nested run per trial; the charts of this run show "
                     f"the search's progress.\n\n[This run in the Model-training view]({link})")
             if command:
@@ -366,18 +393,14 @@ class StudyTracker:
 
     def _log_model(self, run: str, checkpoint: Path) -> None:
         import mlflow
-        import mlflow.pytorch
 
-        from mann.train import load_checkpoint, model_from_checkpoint
+        from .model_format import log_model
 
-        model, _ = model_from_checkpoint(load_checkpoint(checkpoint))
-        model.eval()
         mlflow.set_tracking_uri(self.tracking_uri)
         # log_model attaches to an active run; it leaves the run RUNNING until our own status op.
         with mlflow.start_run(run_id=run, nested=True, log_system_metrics=False):
-            # "pickle": the default "pt2" would torch.export the model, which its Python time loop does not suit.
-            info = mlflow.pytorch.log_model(model, name="model", pip_requirements=PIP_REQUIREMENTS,
-                                            serialization_format="pickle")
+            # a pyfunc whose loader is search.model_format: loading reads tensors only, never unpickles
+            info = log_model(checkpoint)
         self.client.set_tag(run, "mann.model_uri", info.model_uri)
         self.client.update_run(run, status="RUNNING")
 

@@ -6,7 +6,9 @@ from its last checkpoint) and ``tune.report`` at every evaluation.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -40,6 +42,9 @@ def run_trial(config: dict[str, Any], search: LoadedSearch, threads: int) -> Non
     """Tune entry point. ``config`` holds the sampled dotted settings; ``search`` is the study's snapshot."""
     from ray import tune
 
+    if not os.environ.get("MANN_SEARCH_VERBOSE"):
+        # Ray Train logs every persisted checkpoint at INFO, one line per evaluation on the driver's console
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = search.trial_config(sampled_point(config), threads)
     work = Path(tempfile.mkdtemp(prefix="mann-trial-"))
     try:

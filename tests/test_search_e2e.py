@@ -134,15 +134,15 @@ def test_smoke_search_lineage_selection_and_champion(tmp_path, mlflow_server, om
         if full:
             assert t.value == pytest.approx(child.data.metrics["val/acc_2plus"])
 
-    # the champion loads and predicts on a real episode
-    import mlflow.pytorch
+    # the champion loads (weights only: tests/test_model_format.py) and predicts on a real episode
+    import mlflow.pyfunc
 
     from mann.config import DataConfig, TaskConfig
     from mann.episodes import EpisodeSampler
     from mann.omniglot import load_omniglot, make_splits
 
     mlflow.set_tracking_uri(mlflow_server.uri)
-    model = mlflow.pytorch.load_model(f"models:/{model_name}@champion")
+    model = mlflow.pyfunc.load_model(f"models:/{model_name}@champion").get_raw_model()
     data = DataConfig(image_size=12, rotations=False, max_shift=0)
     task = TaskConfig(classes=3, instances=4)
     episode = EpisodeSampler(make_splits(load_omniglot(data), data).test, task).sample(

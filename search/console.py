@@ -1,0 +1,170 @@
+"""What a search prints while it runs: one line as each trial starts and one as it ends (its readable name, how
+it ended, the objective, the best so far, the episodes spent, an estimate of the time left).
+
+A Tune callback, so it sees the same trial events as the MLflow lineage; Ray's own reporter is off unless
+``--verbose`` (``quiet_libraries`` below turns the libraries' informational chatter down at the same time).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from typing import IO, Any
+
+from mann import metrics
+
+from .protocol import BudgetWatch, TrialReport, decide, trial_name
+from .study import Study
+from .tracking import ui_link
+
+
+def print_start(study: Study, fresh: bool, out: IO[str] | None = None) -> None:
+    """The first lines of a run: the study, its budget, where its results go, how to watch it in MLflow."""
+    budget = study.search.config.budget
+    at_once = f", {budget.max_concurrent} at a time" if budget.max_concurrent else ""
+    print(f"{'study' if fresh else 'resuming study'} {study.key}: {budget.num_samples} trials{at_once}; "
+          f"results in {study.path}", file=out or sys.stdout)
+    _, command = ui_link(study.tracking_uri, None, study_path=study.local_dir)
+    where = f"serve the UI with {command}" if command else f"{study.tracking_uri}, experiment '{study.experiment}'"
+    print(f"  MLflow: {where}", file=out or sys.stdout, flush=True)
+
+
+def trial_lines(study: Study, out: IO[str] | None = None):
+    """The Tune callback printing a study's trial lines (to ``out``, default stdout)."""
+    from ray import tune
+
+    class TrialLines(tune.Callback):
+        def __init__(self):
+            self.started = time.monotonic()
+            self.progress = _Progress(study)
+            self.out = out
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._print(f"{_name(trial)}  started")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.progress.watch.observe(trial.trial_id, TrialReport.from_result(result))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._ended(trials, trial, error=False)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._ended(trials, trial, error=True)
+
+        def on_experiment_end(self, trials, **info):
+            for t in trials:  # ended by the study (cap, time budget) without a complete event
+                if t.trial_id not in self.progress.finished and TrialReport.from_result(t.last_result):
+                    self._ended(trials, t, error=False, study_ended=True)
+
+        def _ended(self, trials, trial, error: bool, study_ended: bool = False) -> None:
+            name = _name(trial).split(" ", 1)[0]
+            line = self.progress.ended(trials, trial, name, error, time.monotonic() - self.started, study_ended)
+            self._print(f"{name}  {line}")
+
+        def _print(self, text: str) -> None:
+            elapsed = int(time.monotonic() - self.started)
+            print(f"[{elapsed // 60:3d}:{elapsed % 60:02d}] {text}", file=self.out or sys.stdout, flush=True)
+
+        def __reduce__(self):  # Tune pickles callbacks into its state; a resumed study gets a fresh one
+            return (_no_callback, ())
+
+    return TrialLines()
+
+
+def _no_callback():
+    from ray import tune
+
+    return tune.Callback()
+
+
+def _name(trial) -> str:
+    """The trial's one name (MLflow run, Optuna attribute, Ray folder): its Optuna number and sampled values."""
+    return trial_name(trial.config, str(trial))
+
+
+class _Progress:
+    """Best objective, episodes spent and a time-left estimate from the trials Tune holds."""
+
+    def __init__(self, study: Study):
+        self.study = study
+        self.finished: set[str] = set()
+        self.best: tuple[float, str] | None = None
+        self.watch = BudgetWatch.of(study.search)
+
+    def ended(self, trials, trial, name: str, error: bool, elapsed_s: float, study_ended: bool = False) -> str:
+        primary, cfg = self.study.primary, self.study.search.config
+        last = trial.last_result or {}
+        report = TrialReport.from_result(last)
+        outcome = decide(report, self.watch.facts(study_ended), "the trial raised" if error else None)
+        episodes = outcome.episodes
+        self.finished.add(trial.trial_id)
+        value = report.value(primary.metric) if report else None
+        parts = [f"{outcome.ending.value} at {episodes} episodes"]
+        if value is not None and outcome.selectable:
+            value = float(value)
+            better = self.best is None or (value > self.best[0] if primary.mode == "max" else value < self.best[0])
+            if better:
+                self.best = (value, name)
+            parts.append(f"{primary.metric} {value:.4f}")
+        if self.best:
+            parts.append(f"best {self.best[0]:.4f} ({self.best[1]})")
+        spent = sum(int((t.last_result or {}).get(metrics.EPISODES, 0)) for t in trials)
+        parts.append(f"{len(self.finished)}/{cfg.budget.num_samples} trials, {spent} episodes")
+        left = self.time_left(spent, elapsed_s)
+        if left is not None:
+            parts.append(f"~{_duration(left)} left")
+        return "  ".join(parts)
+
+    def time_left(self, spent: int, elapsed_s: float) -> float | None:
+        """Seconds left at the pace so far: trials finished per second (early stops included), capped by the
+        episode and time budgets."""
+        budget, done = self.study.search.config.budget, len(self.finished)
+        if done == 0 or done >= budget.num_samples or elapsed_s <= 0:
+            return None
+        estimates = [(budget.num_samples - done) * elapsed_s / done]
+        if budget.max_episodes and spent:
+            estimates.append(max(0, budget.max_episodes - spent) * elapsed_s / spent)
+        if budget.time_budget_s:
+            estimates.append(max(0.0, budget.time_budget_s - elapsed_s))
+        return max(0.0, min(estimates))
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{math.ceil(seconds)} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Turn the libraries' informational output down for a driver that prints its own trial lines; warnings
+    and errors still show. Call before Ray starts (the variables reach its processes)."""
+    # Ray Tune adds a TensorBoard logger by default, writing event files nobody reads here and printing
+    # "To visualize your results with TensorBoard"; the CSV and JSON loggers are passed by the runner instead.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # Tune forces an experiment-state snapshot whenever a trial has written CheckpointConfig.num_to_keep
+    # checkpoints since the last one: that snapshot is what keeps a resumed study consistent with the pruned
+    # checkpoints, it takes ~10-20 ms on local storage, and with an evaluation every few seconds it fires often,
+    # each time with a 3-line "may become a bottleneck" warning. A slow snapshot (over 30 s) still warns.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if verbose:
+        return
+    # Tune's reporter at verbose=0 still prints its configuration table and results folder (the new output
+    # engine's experiment_started ignores the verbosity); the legacy engine at verbose=0 prints nothing.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # tqdm bars of artifact downloads (selection reads checkpoints back from MLflow)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow sets its loggers' level when first imported ("Creating initial MLflow database tables...")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    for name in ("mlflow", "optuna", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in RDB ..."
+    except ImportError:
+        pass
