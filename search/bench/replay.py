@@ -202,7 +202,10 @@ class Run:
     results: list[tuple[str, float, float, int, int]] = field(default_factory=list)  # trial, episodes, value, cfg, curve
     ended: dict[str, TrialOutcome] = field(default_factory=dict)  # trial -> how it ended (search.decide)
     started: list[str] = field(default_factory=list)  # trial ids in the order the searcher created them
+    paused: list[str] = field(default_factory=list)  # paused and never resumed (the simulated engine)
+    resumed: dict[str, int] = field(default_factory=dict)  # trial -> times resumed after a pause (sim)
     wall_s: float = 0.0
+    sim_s: float = 0.0  # simulated seconds of the study (the simulated engine)
 
 
 def _recorder(run: Run, table: Table, search: LoadedSearch, salt: int):
@@ -252,25 +255,44 @@ def scheduler_overrides(table: Table, kind: str, shipped: SearchConfig | None) -
     return {}
 
 
+def method_study(table: Table, method: str, repeat: int, num_samples: int, cap: int | None,
+                 shipped: SearchConfig | None, optuna_storage: str, path: str) -> tuple[LoadedSearch, Study, str]:
+    """A method's study on the table: the table's recorded search with the method's overrides, seed ``repeat``,
+    ``num_samples`` trials and the episode cap; (search, study, searcher flavour). Both engines build it."""
+    from .sim import SIM_ONLY
+
+    overrides, flavour = SIM_ONLY[method][0] if method in SIM_ONLY else METHODS[method][0], \
+        "study" if method in SIM_ONLY else METHODS[method][1]
+    search = search_from_header(table.header, {
+        **overrides, **scheduler_overrides(table, overrides["scheduler.kind"], shipped), "sampler.seed": repeat,
+        "budget.num_samples": num_samples, "budget.max_episodes": cap,
+        "budget.time_budget_s": None, "budget.max_failures": 0, "resources.cpus_per_trial": 1,
+        "resources.gpus_per_trial": 0, "storage": str(Path(path).parent), "optuna.storage": optuna_storage})
+    return search, Study.create(search, path=path), flavour
+
+
+def method_searcher(search: LoadedSearch, study: Study, flavour: str):
+    """The method's searcher: Ray's plain OptunaSearch ("ray", the baseline) or the study's StudySearch."""
+    if flavour == "ray":
+        from ray.tune.search.optuna import OptunaSearch
+
+        primary = search.config.primary
+        return OptunaSearch(space=DefineByRun(search), metric=primary.metric, mode=primary.mode,
+                            sampler=make_sampler(search))
+    return make_searcher(study)
+
+
 def run_study(table: Table, method: str, repeat: int, workdir: Path, compress: float,
               num_samples: int, cap: int | None, every: int = 1, shipped: SearchConfig | None = None) -> Run:
+    """One study of ``method`` through a real Tuner (the ``tune`` engine)."""
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
-    overrides, flavour = METHODS[method]
-    search = search_from_header(table.header, {
-        **overrides, **scheduler_overrides(table, overrides["scheduler.kind"], shipped), "sampler.seed": repeat, "budget.num_samples": num_samples, "budget.max_episodes": cap,
-        "budget.time_budget_s": None, "budget.max_failures": 0, "resources.cpus_per_trial": 1,
-        "resources.gpus_per_trial": 0, "storage": str(workdir / "tune"),
-        "optuna.storage": f"sqlite:///{workdir / f'optuna-{abs(hash((method, repeat)))}.db'}"})
-    study = Study.create(search, path=str(workdir / "tune" / f"{method.replace(' ', '_')}-{repeat}"))
+    search, study, flavour = method_study(
+        table, method, repeat, num_samples, cap, shipped,
+        optuna_storage=f"sqlite:///{workdir / f'optuna-{abs(hash((method, repeat)))}.db'}",
+        path=str(workdir / "tune" / f"{method.replace(' ', '_')}-{repeat}"))
     run = Run()
-    primary = search.config.primary
-    if flavour == "ray":
-        searcher = OptunaSearch(space=DefineByRun(search), metric=primary.metric, mode=primary.mode,
-                                sampler=make_sampler(search))
-    else:
-        searcher = make_searcher(study)
+    searcher = method_searcher(search, study, flavour)
     trainable = tune.with_resources(
         tune.with_parameters(replay_trial, table=table, compress=compress, salt=repeat, every=every),
         {"cpu": 1})
