@@ -10,7 +10,6 @@ small n; the unit test's hand-computed case).
 
 from __future__ import annotations
 
-import itertools
 import math
 import numpy as np
 
@@ -20,7 +19,7 @@ LEVEL = 0.95
 def resample_index(n: int, n_boot: int, rng: np.random.Generator, exact: bool = False) -> np.ndarray:
     """``[n_boot, n]`` indices of bootstrap resamples (``exact``: all ``n**n`` ordered resamples)."""
     if exact:
-        return np.array(list(itertools.product(range(n), repeat=n)), dtype=np.int64).reshape(-1, n)
+        return np.arange(n**n, dtype=np.int64)[:, None] // n ** np.arange(n, dtype=np.int64) % n  # base-n digits
     return rng.integers(0, n, size=(n_boot, n))
 
 
