@@ -155,12 +155,12 @@ def cmd_benchmark(args) -> int:
 
     from mann.config import ConfigError
 
-    from .bench.replay import METHODS, benchmark, load_table
+    from .bench.replay import benchmark_tables, load_table
     from .config import load_search_config
 
-    tab = load_table(args.curves)
+    tab = load_table(args.curves[0])
     shipped = args.config
-    if shipped is None:  # the shipped search config of the table's name, if there is one
+    if shipped is None:  # the shipped search config of the (first) table's name, if there is one
         guess = Path(__file__).resolve().parents[1] / "configs" / "search" / f"{tab.header.get('name')}.yaml"
         shipped = str(guess) if guess.is_file() else None
     if args.set and not shipped:
@@ -171,25 +171,31 @@ def cmd_benchmark(args) -> int:
     if every is None:  # report as often as a study of the shipped config evaluates
         recorded = max(1, int(tab.header.get("eval_every") or 1))
         every = max(1, round(loaded.base.train.eval_every / recorded)) if loaded else 1
+    repeats = args.repeats or (100 if args.engine == "sim" else 20)
     log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
-    out = benchmark(args.curves, repeats=args.repeats, methods=args.methods or list(METHODS),
-                    compress=args.compress, plot=args.plot, shipped=loaded.config if loaded else None, every=every,
-                    parallel=args.parallel, progress=log)
+    out = benchmark_tables(args.curves, repeats=repeats, methods=args.methods, compress=args.compress,
+                           plot=args.plot, shipped=loaded.config if loaded else None, every=every,
+                           parallel=args.parallel, progress=log, engine=args.engine, n_boot=args.n_boot)
     out["command"] = " ".join(["mann-search", "benchmark", *sys.argv[2:]])
     if args.json:
         print(json.dumps(out))
         return 0
-    print(f"{out['curves']} curves of {out['configs']} configurations, {out['repeats']} repeats, "
-          f"{out['wall_s']:.0f} s; budgets as fractions of {out['full_study_episodes']:.0f} episodes "
-          f"(the baseline's full study); default: {out['default']}")
-    head = ["method", "regret@0.25", "@0.5", "@1.0", "episodes to 1 pt", "kill before click", "trials/study"]
-    rows = [[m, *(f"{v['regret_at'][f]:.2f}" for f in ("0.25", "0.5", "1.0")),
-             "-" if v["episodes_to_1pt"] is None else f"{v['episodes_to_1pt']:.0f}",
-             f"{v['kill_before_click'] * 100:.1f} %", f"{v['trials_per_study']:.1f}"]
-            for m, v in out["methods"].items()]
-    for line in table(head, rows, right=set(range(1, 7))):
-        print(line)
-    print(f"plot: {out['plot']}")
+    for name, t in out["tables"].items():
+        print(f"{name}: {t['curves']} curves of {t['configs']} configurations, {t['repeats']} repeats, {t['engine']} "
+              f"engine, {t['wall_s']:.0f} s; budgets as fractions of {t['full_study_episodes']:.0f} episodes (the "
+              f"baseline's full study); target: {t['target_regret']:.2f} points; default: {t['default']}")
+        head = ["method", "regret@0.25", "@0.5", "@1.0", "speed-up [95 %]", "reached", "killed", "paused"]
+        ci = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        rows = [[m, *(f"{v['regret_at'][f]['median']:.2f}" for f in ("0.25", "0.5", "1.0")),
+                 f"{ci(v['speedup']['median'])} [{ci(v['speedup']['ci95'][0])}, {ci(v['speedup']['ci95'][1])}]",
+                 f"{v['reached'] * 100:.0f} %", f"{v['kill_before_click']['stopped'] * 100:.1f} %",
+                 f"{v['kill_before_click']['paused_never_resumed'] * 100:.1f} %"]
+                for m, v in t["methods"].items()]
+        for line in table(head, rows, right=set(range(1, 8))):
+            print(line)
+        print(f"plot: {t['plot']}")
+    for m, g in out["across_tables"].items():
+        print(f"across tables, {m}: speed-up geometric mean {g['speedup_geomean']} {g['ci95']}")
     return 0
 
 
@@ -235,8 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--limit-s", type=float, default=None, help="start no training after this many seconds")
     rec.set_defaults(fn=cmd_curves_record)
     be = sub.add_parser("benchmark", help="compare search methods on a table of recorded curves (no training)")
-    be.add_argument("--curves", required=True, help="a table written by `mann-search curves record`")
-    be.add_argument("--repeats", type=positive_int, default=20, help="studies per method (seeds 0..N-1)")
+    be.add_argument("--curves", required=True, action="append",
+                    help="a table written by `mann-search curves record` (repeat for several tables)")
+    be.add_argument("--engine", choices=("sim", "tune"), default="sim",
+                    help="sim: the study's searcher and scheduler on simulated time (default); tune: real Tuners")
+    be.add_argument("--repeats", type=positive_int, default=None,
+                    help="studies per method (seeds 0..N-1; default 100 for sim, 20 for tune)")
+    be.add_argument("--n-boot", type=positive_int, default=2000, help="bootstrap resamples of each interval")
     be.add_argument("--json", action="store_true", help="print one JSON object")
     be.add_argument("--methods", nargs="+", default=None, help="a subset of the methods (the baseline always runs)")
     be.add_argument("--config", help="the shipped search config (default: configs/search/<table name>.yaml)")

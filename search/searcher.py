@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import weakref
 from typing import Any
 
 import optuna
@@ -42,7 +43,19 @@ def storage_url(study: Study) -> str:
     return configured or f"sqlite:///{(study.local_dir / 'optuna.db').resolve()}"
 
 
+MEMORY_SCHEME = "memory://"  # ``optuna.storage: memory://NAME``: in this process only (the benchmark's studies)
+_memory_storages: "weakref.WeakValueDictionary[str, optuna.storages.BaseStorage]" = weakref.WeakValueDictionary()
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """The storage of an SQLAlchemy URL, or for ``memory://NAME`` the process's in-memory storage of that name
+    (the same object while anything holds it, so a scheduler's :class:`StudyEvidence` reads what the searcher
+    wrote; gone with its last holder)."""
+    if url.startswith(MEMORY_SCHEME):
+        storage = _memory_storages.get(url)
+        if storage is None:
+            storage = _memory_storages[url] = optuna.storages.InMemoryStorage()
+        return storage
     return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
 
 

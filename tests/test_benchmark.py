@@ -72,16 +72,20 @@ def test_benchmark_command_json(tmp_path, capsys):
     from search.cli import main
 
     plot = tmp_path / "regret.png"
-    assert main(["benchmark", "--curves", str(TINY), "--repeats", "1", "--methods", "random", "tpe+plateau",
-                 "--json", "--plot", str(plot), "--compress", "0.0005", "--parallel", "2"]) == 0
+    assert main(["benchmark", "--engine", "tune", "--curves", str(TINY), "--repeats", "1", "--methods", "random",
+                 "tpe+plateau", "--json", "--plot", str(plot), "--compress", "0.0005", "--parallel", "2"]) == 0
     assert not ray.is_initialized()  # the command shut down the Ray it started
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    top = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert top["engine"] == "tune" and top["repeats"] == 1 and set(top["tables"]) == {"tiny"}
+    out = top["tables"]["tiny"]
     assert out["curves"] == 12 and out["configs"] == 6 and out["repeats"] == 1 and out["baseline"] == BASELINE
     assert set(out["methods"]) == {BASELINE, "random", "tpe+plateau"}
     for m in out["methods"].values():
-        assert set(m["regret_at"]) == {"0.25", "0.5", "1.0"} and all(r >= 0 for r in m["regret_at"].values())
-        assert 0 <= m["kill_before_click"] <= 1
-    assert out["methods"]["random"]["kill_before_click"] == 0 and out["methods"]["random"]["stopped_trials"] == 0
+        assert set(m["regret_at"]) == {"0.25", "0.5", "1.0"}
+        assert all(r["median"] >= 0 for r in m["regret_at"].values())
+        assert 0 <= m["kill_before_click"]["stopped"] <= 1 and m["kill_before_click"]["paused_trials"] == 0
+    assert out["methods"]["random"]["kill_before_click"] == {"stopped": 0.0, "paused_never_resumed": 0.0,
+                                                             "stopped_trials": 0, "paused_trials": 0}
     assert plot.stat().st_size > 1000
 
 

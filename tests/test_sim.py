@@ -1,0 +1,230 @@
+"""The benchmark's simulated engine (search/bench/sim.py) on the tiny recorded table, with the real searcher and
+scheduler objects: results follow the recorded curves, concurrency and the episode cap hold, PAUSE and resume,
+the i-epoch baseline; and the statistics (search/bench/stats.py) against hand-computed cases."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import search  # noqa: F401  (before Ray: token auth)
+from search import Ending
+from search.bench import stats
+from search.bench.replay import BASELINE, load_table, trajectory
+from search.bench.sim import run_study_sim
+
+TINY = Path(__file__).parent / "data" / "curves-tiny.jsonl"  # 6 recorded quickstart configs x 2 seeds
+
+
+def _by_trial(run):
+    out: dict[str, list] = {}
+    for trial, e, v, cfg, c in run.results:
+        out.setdefault(trial, []).append((e, v, cfg, c))
+    return out
+
+
+def _follows_recorded_curves(table, run):
+    for rows in _by_trial(run).values():
+        cfg, c = rows[0][2], rows[0][3]
+        curve = table.curves[cfg][c]
+        recorded = dict(zip(curve["episodes"], curve["objective"]))
+        episodes = [e for e, *_ in rows]
+        assert episodes == sorted(set(episodes))  # each evaluation once, in order (a resumed trial goes on)
+        assert all(recorded[int(e)] == pytest.approx(v) for e, v, *_ in rows)
+
+
+def test_sim_engine_replays_the_table_through_the_real_searcher_and_scheduler():
+    table = load_table(TINY)
+    run = run_study_sim(table, BASELINE, 0, num_samples=6, cap=None)
+    assert len(run.started) == 6 and set(run.ended) == set(run.started) and not run.paused
+    _follows_recorded_curves(table, run)
+    endings = {o.ending for o in run.ended.values()}
+    assert endings == {Ending.COMPLETED, Ending.EARLY_STOPPED}  # ASHA (grace 12k of 30k) stopped some
+    for trial, o in run.ended.items():
+        last = _by_trial(run)[trial][-1][0]
+        assert (o.ending == Ending.COMPLETED) == (last >= table.search.max_episodes)
+        if o.ending == Ending.EARLY_STOPPED:
+            assert last >= 12000  # not before ASHA's grace period
+    # same seed, same study (trial ids aside)
+    again = run_study_sim(table, BASELINE, 0, num_samples=6, cap=None)
+    assert [r[1:] for r in again.results] == [r[1:] for r in run.results]
+    other = run_study_sim(table, BASELINE, 1, num_samples=6, cap=None)
+    assert [r[1:] for r in other.results] != [r[1:] for r in run.results]
+
+
+def test_sim_engine_keeps_concurrency_and_the_episode_cap():
+    table = load_table(TINY)
+    cap = 100_000
+    run = run_study_sim(table, "tpe", 0, num_samples=24, cap=cap)
+    latest: dict[str, float] = {}
+    spent = []
+    for trial, e, *_ in run.results:
+        latest[trial] = e
+        spent.append(sum(latest.values()))
+    assert spent[-1] >= cap and spent[-2] < cap  # stopped at the result that spent the cap
+    assert any(o.ending == Ending.EPISODE_CAP for o in run.ended.values())
+    # at most budget.max_concurrent (2) trials between their first and last result at any time
+    first = {t: run.results.index(next(r for r in run.results if r[0] == t)) for t in latest}
+    last = {t: max(i for i, r in enumerate(run.results) if r[0] == t) for t in latest}
+    for i in range(len(run.results)):
+        assert sum(first[t] <= i <= last[t] for t in latest) <= 2
+
+
+class PauseOnce:
+    """A scheduler factory: FIFO, but every trial is paused once at its first result past ``at`` episodes, and
+    trials in ``hold`` are never resumed."""
+
+    def __init__(self, at: float, hold: int | None = None):
+        self.at, self.hold = at, hold
+
+    def __call__(self, study):
+        from ray.tune.experiment import Trial
+        from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+        at, hold_first = self.at, self.hold
+
+        class Pausing(FIFOScheduler):
+            def __init__(self):
+                super().__init__()
+                self.paused, self.held = set(), set()
+
+            def on_trial_result(self, tune_controller, trial, result):
+                if result["episodes"] < at or trial.trial_id in self.paused or result.get("done"):
+                    return TrialScheduler.CONTINUE
+                self.paused.add(trial.trial_id)
+                if hold_first is not None and len(self.held) < hold_first:
+                    self.held.add(trial.trial_id)
+                return TrialScheduler.PAUSE
+
+            def choose_trial_to_run(self, tune_controller):
+                trials = tune_controller.get_trials()
+                for t in trials:
+                    if t.status == Trial.PENDING:
+                        return t
+                for t in trials:
+                    if t.status == Trial.PAUSED and t.trial_id not in self.held:
+                        return t
+                return None
+
+        return Pausing()
+
+
+def test_sim_engine_pauses_and_resumes_where_the_trial_left_off():
+    table = load_table(TINY)
+    run = run_study_sim(table, "tpe", 0, num_samples=4, cap=None, scheduler=PauseOnce(9000))
+    assert len(run.started) == 4 and not run.paused
+    assert run.resumed == {t: 1 for t in run.started}  # each paused once, each resumed
+    _follows_recorded_curves(table, run)
+    for rows in _by_trial(run).values():  # resumed at its next evaluation, run to its end
+        assert rows[-1][0] >= table.search.max_episodes and len(rows) == len(table.curves[rows[0][2]][rows[0][3]]
+                                                                             ["episodes"])
+    assert all(o.ending == Ending.COMPLETED for o in run.ended.values())
+
+
+def test_sim_engine_reports_trials_paused_and_never_resumed():
+    table = load_table(TINY)
+    run = run_study_sim(table, "tpe", 0, num_samples=4, cap=None, scheduler=PauseOnce(9000, hold=1))
+    assert len(run.paused) == 1
+    held = run.paused[0]
+    assert held not in run.resumed and _by_trial(run)[held][-1][0] < 12000
+    assert run.ended[held].ending == Ending.STUDY_ENDED  # what Tune's callbacks see at the end
+    # the held trial keeps its limiter slot (budget.max_concurrent 2): the rest ran one at a time after it
+    assert len(run.started) == 4 and sum(o.ending == Ending.COMPLETED for o in run.ended.values()) == 3
+
+
+def test_i_epoch_probes_every_trial_then_continues_the_best():
+    table = load_table(TINY)
+    run = run_study_sim(table, "i-epoch", 0, num_samples=8, cap=120_000)
+    rows = _by_trial(run)
+    rung = 0.1 * table.search.max_episodes
+    probes = {t: next(v for e, v, *_ in r if e >= rung) for t, r in rows.items()}
+    assert len(probes) == 8  # every configuration got its short budget first
+    first_resumed = min(run.resumed, key=lambda t: next(i for i, r in enumerate(run.results)
+                                                         if r[0] == t and r[1] > rung))
+    assert probes[first_resumed] == max(probes.values())
+    assert set(run.paused) == set(rows) - set(run.resumed)
+
+
+def test_sim_benchmark_json_schema_over_two_tables(tmp_path, capsys):
+    from search.cli import main
+
+    other = tmp_path / "tiny2.jsonl"
+    lines = TINY.read_text().splitlines()
+    head = json.loads(lines[0])
+    head["name"] = "tiny2"
+    other.write_text("\n".join([json.dumps(head), *lines[1:]]) + "\n")
+    assert main(["benchmark", "--curves", str(TINY), "--curves", str(other), "--repeats", "4", "--json",
+                 "--plot", str(tmp_path / "p.png"), "--n-boot", "200", "--methods", "tpe+asha", "i-epoch"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["engine"] == "sim" and out["repeats"] == 4 and out["wall_s"] > 0
+    assert set(out["tables"]) == {"tiny", "tiny2"}
+    for t in out["tables"].values():
+        assert t["curves"] == 12 and t["configs"] == 6 and t["baseline"] == BASELINE and t["default"] == "tpe+asha"
+        assert set(t["methods"]) == {BASELINE, "tpe+asha", "i-epoch"}
+        for m in t["methods"].values():
+            for f in ("0.25", "0.5", "1.0"):
+                r = m["regret_at"][f]
+                assert r["ci95"][0] <= r["median"] <= r["ci95"][1]
+            s = m["speedup"]
+            assert s["median"] is None or s["median"] >= 0
+            assert 0 <= m["reached"] <= 1
+            assert 0 <= m["kill_before_click"]["stopped"] <= 1
+            assert 0 <= m["kill_before_click"]["paused_never_resumed"] <= 1
+        assert t["methods"][BASELINE]["speedup"]["median"] == 1.0  # the baseline against itself
+        assert t["methods"]["i-epoch"]["kill_before_click"]["paused_trials"] > 0
+    assert set(out["across_tables"]) == set(out["tables"]["tiny"]["methods"])
+    g = out["across_tables"][BASELINE]
+    assert g["speedup_geomean"] == 1.0 and g["ci95"][0] <= 1.0 <= g["ci95"][1]
+
+
+# --- statistics ----------------------------------------------------------------------------------------------
+
+
+def test_bootstrap_interval_of_the_median_hand_computed():
+    # x = 1..7: a resample's median is <= 1 when at least 4 of its 7 draws are 1 (p = 1/7):
+    #   (35*6^3 + 21*6^2 + 7*6 + 1) / 7^7 = 8359 / 823543 = 1.0 % < 2.5 %,
+    # and <= 2 when at least 4 draws are 1 or 2 (p = 2/7):
+    #   (35*2^4*5^3 + 21*2^5*5^2 + 7*2^6*5 + 2^7) / 7^7 = 89168 / 823543 = 10.8 % >= 2.5 %;
+    # by symmetry the 97.5 % point is 6: the 95 % interval is [2, 6].
+    x = np.arange(1, 8)
+    med, lo, hi = stats.median_ci(x, exact=True)
+    assert (med, lo, hi) == (4.0, 2.0, 6.0)
+    reps = np.median(x[stats.resample_index(7, 0, None, exact=True)], axis=1)
+    assert np.mean(reps <= 1) == pytest.approx(8359 / 823543) and np.mean(reps <= 2) == pytest.approx(89168 / 823543)
+    assert stats.median_ci(x, n_boot=20000, seed=3)[1:] == (2.0, 6.0)  # Monte Carlo agrees
+    # a wider sample gives a wider interval
+    assert stats.median_ci(np.arange(1, 8) * 2.0, exact=True)[1:] == (4.0, 12.0)
+
+
+def test_speedup_to_target_and_geometric_mean():
+    base = np.array([10.0, 20.0, 30.0])
+    assert stats.speedup(base, [5.0, 10.0, math.inf]) == 2.0  # 20 / 10
+    assert stats.speedup(base, [math.inf, math.inf, 5.0]) == 0.0  # the median never reaches it
+    s, lo, hi = stats.speedup_ci(base, base, n_boot=500)
+    assert s == 1.0 and lo < 1.0 < hi
+    assert stats.geomean([2.0, 8.0]) == pytest.approx(4.0) and stats.geomean([2.0, 0.0]) == 0.0
+    g, lo, hi = stats.geomean_ci([(base, base / 2), (base, base / 8)], n_boot=500)
+    assert g == pytest.approx(4.0) and lo <= 4.0 <= hi
+    xs, ys = np.array([100.0, 200.0, 300.0]), np.array([5.0, 2.0, 0.5])
+    assert stats.first_reach(xs, ys, 2.0) == 200.0 and stats.first_reach(xs, ys, 0.1) == math.inf
+    assert list(stats.value_at(xs, ys, np.array([50.0, 100.0, 250.0, 1e6]), 9.0)) == [9.0, 5.0, 2.0, 0.5]
+
+
+def test_mean_band_contains_the_mean_and_narrows_with_more_repetitions():
+    rng = np.random.default_rng(0)
+    few, many = rng.normal(size=(10, 3)), rng.normal(size=(400, 3))
+    m, lo, hi = stats.mean_band(few, 1000)
+    assert np.all(lo <= m) and np.all(m <= hi)
+    m2, lo2, hi2 = stats.mean_band(many, 1000)
+    assert np.all(hi2 - lo2 < hi - lo)
+    assert np.allclose(hi2 - lo2, 2 * 1.96 / math.sqrt(400), rtol=0.25)  # the normal theory's width
+
+
+def test_trajectory_of_a_sim_run_is_monotone_in_budget():
+    table = load_table(TINY)
+    xs, ys = trajectory(table, run_study_sim(table, "tpe+plateau", 0, num_samples=6, cap=None))
+    assert np.all(np.diff(xs) >= 0) and np.all(ys >= 0)
