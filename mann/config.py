@@ -20,7 +20,22 @@ from pydantic_core import PydanticCustomError
 
 
 class ConfigError(ValueError):
-    """A configuration value is wrong; the message starts with the dotted path of the culprit."""
+    """A configuration value is wrong; the message starts with the dotted path of the culprit, which ``path``
+    holds (None where no single setting is to blame), so callers never match on the message's text.
+    ``detail`` is the message without the path."""
+
+    def __init__(self, message: str, path: str | None = None, detail: str | None = None):
+        super().__init__(message)
+        self.path = path
+        self.detail = detail if detail is not None else message
+
+
+class RuleError(ValueError):
+    """A cross-field rule of a section broken (see :func:`require`): ``field`` names the setting."""
+
+    def __init__(self, field: str, detail: str):
+        super().__init__(f"{field}: {detail}")
+        self.field, self.detail = field, detail
 
 
 def _yaml_float(value: Any) -> Any:
@@ -50,9 +65,10 @@ class Section(BaseModel):
 
 
 def require(cond: bool, msg: str) -> None:
-    """A cross-field rule of a section; ``msg`` starts with the field it is about."""
+    """A cross-field rule of a section; ``msg`` is ``"<field>: <what is wrong>"``."""
     if not cond:
-        raise ValueError(msg)
+        field, _, detail = msg.partition(": ")
+        raise RuleError(field, detail)
 
 
 class MemoryConfig(Section):
@@ -305,34 +321,37 @@ _TYPE_WORDS = {
 _BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
 
 
-def _message(cls: type, err: dict[str, Any]) -> str:
+def _message(cls: type, err: dict[str, Any]) -> tuple[str, str]:
+    """The culprit's dotted path (within ``cls``) and what is wrong with it, from pydantic's ``loc`` and type."""
     loc, kind, value, ctx = tuple(err["loc"]), err["type"], err.get("input"), err.get("ctx") or {}
     path = _dotted(loc)
     if kind == "extra_forbidden":
         node, _ = _walk(cls, loc[:-1])
         known = ", ".join(sorted(_fields(node) or {}))
-        return f"{path}: unknown config key (known under {_dotted(loc[:-1]) or 'config'}: {known})"
+        return path, f"unknown config key (known under {_dotted(loc[:-1]) or 'config'}: {known})"
     if kind in ("value_error", "assertion_error"):
-        msg = str(ctx.get("error", err["msg"]))
-        return f"{path}.{msg}" if path else msg
+        error = ctx.get("error")
+        if isinstance(error, RuleError):
+            return f"{path}.{error.field}" if path else error.field, error.detail
+        return path, str(error or err["msg"])
     if kind in _TYPE_WORDS:
-        return f"{path}: {_TYPE_WORDS[kind]}, got {value!r}"
+        return path, f"{_TYPE_WORDS[kind]}, got {value!r}"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
-        return f"{path or 'config'}: expected a mapping, got {type(value).__name__} {value!r}"
+        return path or "config", f"expected a mapping, got {type(value).__name__} {value!r}"
     if kind == "literal_error":
         allowed = ", ".join(str(ctx.get("expected", "")).replace(" or ", ", ").split(", "))
-        return f"{path}: must be one of {allowed}, got {value!r}"
+        return path, f"must be one of {allowed}, got {value!r}"
     if kind in _BOUNDS:
         span = _range(_walk(cls, loc)[1])
         if span:
-            return f"{path}: must be in {span}, got {value!r}"
+            return path, f"must be in {span}, got {value!r}"
         bound = next(iter(ctx.values()), "?")
-        return f"{path}: must be {_BOUNDS[kind]} {_num(bound)}, got {value!r}"
+        return path, f"must be {_BOUNDS[kind]} {_num(bound)}, got {value!r}"
     if kind == "string_pattern_mismatch":
-        return f"{path}: must match {ctx.get('pattern')}, got {value!r}"
+        return path, f"must match {ctx.get('pattern')}, got {value!r}"
     if kind == "missing":
-        return f"{path}: required"
-    return f"{path}: {err['msg']}, got {value!r}"
+        return path, "required"
+    return path, f"{err['msg']}, got {value!r}"
 
 
 def from_dict(cls: type, data: Any, path: str = "") -> Any:
@@ -340,12 +359,14 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__} {data!r}",
+                          path or None, f"expected a mapping, got {type(data).__name__} {data!r}")
     try:
         return cls.model_validate(dict(data))
     except ValidationError as exc:
-        msg = _message(cls, exc.errors(include_url=False)[0])
-        raise ConfigError(f"{path}.{msg}" if path else msg) from None
+        where, detail = _message(cls, exc.errors(include_url=False)[0])
+        full = ".".join(p for p in (path, where) if p)
+        raise ConfigError(f"{full}: {detail}" if full else detail, full or None, detail) from None
 
 
 def replace(obj: Section, **changes: Any) -> Any:

@@ -398,7 +398,6 @@ def _validate_space(loaded: LoadedSearch) -> None:
             try:
                 loaded.trial_config({p: int(v) if spec.type == "int" else v})
             except ConfigError as exc:
-                msg = str(exc)
                 # Only errors about this very setting; combinations are the constraints' business.
-                if msg.startswith(f"{p}:"):
-                    raise ConfigError(f"space.{p}.{name}: {msg[len(p) + 2:]}") from None
+                if exc.path == p:
+                    raise ConfigError(f"space.{p}.{name}: {exc.detail}", f"space.{p}.{name}", exc.detail) from None
