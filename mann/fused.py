@@ -260,7 +260,8 @@ def sequence_forward_step(x_t, w_rec_t, w_head_t, b_head, h, c, memory, usage, w
     out = torch.addmm(b_head, h, w_head_t)
     heads = mem.split_heads(out, R, W, reading.add, reading.strength)
     slope = torch.sigmoid(out[:, -R:]) if reading.strength else None
-    state, tape = lrua_forward(memory, usage, wr, heads, *reading[:3])
+    state, tape = lrua_forward(memory, usage, wr, heads, reading.gamma, reading.zero_least_used,
+                               reading.read_after_write)
     return (h, c, *state), (z, sg, g, c_prev, tc, tape, slope)
 
 
@@ -316,7 +317,8 @@ class MANNSequence(torch.autograd.Function):
         ext = extension() if x_proj.device.type == "cpu" else None
         ctx.ext = ext
         if ext is not None:  # the same steps with the time loop in C++
-            key = (tuple(x_proj.shape), tuple(memory.shape), tuple(wr.shape), x_proj.dtype, reading[1:])
+            key = (tuple(x_proj.shape), tuple(memory.shape), tuple(wr.shape), x_proj.dtype,
+                   (reading.zero_least_used, reading.read_after_write, reading.add, reading.strength))
             pool = _WORKSPACES.setdefault(key, [])
             hs, rs, *saved = ext.sequence_forward(x_proj, w_rec_t, w_head_t, b_head, *state, *reading,
                                                   pool.pop() if pool else [])

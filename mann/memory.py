@@ -194,23 +194,44 @@ def split_heads(out: Tensor, heads: int, width: int, add: bool, strength: bool) 
     return Heads(keys, out[:, RW : RW + R], content, beta)
 
 
-def lrua_step(memory: Tensor, usage: Tensor, read_weights: Tensor, heads: Heads, gamma: float,
-              zero_least_used: bool = True, read_after_write: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One LRUA step (Eq. 2-8), DNC's ``MemoryAccess._build``: the previous state and the heads in, the new state
-    and the reads out. Every reading is an argument: what is written (``heads.content``), zeroing the least-used
-    row first or not, the read weights from M_t (after the write, paper) or from M_{t-1} (the read vector is taken
-from M_t either way, as this project has always done), a key strength or none (``heads.strength``).
+class LRUAState(NamedTuple):
+    """The memory's recurrent state between steps (DNC's ``AccessState``)."""
+
+    memory: Tensor  # (B, N, W) M_t
+    usage: Tensor  # (B, N) w_u_t
+    read_weights: Tensor  # (B, R, N) w_r_t
+
+
+def lrua_step(state, heads, reading, *positional):
+    """One LRUA step (Eq. 2-8), DNC's ``MemoryAccess._build``: ``lrua_step(state, heads, reading) -> (reads,
+    next_state)``. Every reading of the paper is a field of ``reading`` (:class:`Reading`): what is written
+    (``heads.content``), zeroing the least-used row first or not, the read weights from M_t (after the write,
+    paper) or from M_{t-1} (the read vector is taken from M_t either way, as this project has always done), a key
+    strength or none (``heads.strength``).
 
     Args:
-        memory: ``[B, N, W]`` M_{t-1}.
-        usage: ``[B, N]`` w_u_{t-1}.
-        read_weights: ``[B, R, N]`` w_r_{t-1}.
+        state: :class:`LRUAState` at step t-1: memory ``[B, N, W]``, usage ``[B, N]``, read weights ``[B, R, N]``.
         heads: this step's :class:`Heads`.
-        gamma: usage decay (Eq. 5).
+        reading: the :class:`Reading` (``gamma``: usage decay, Eq. 5).
 
     Returns:
-        ``(memory [B, N, W], usage [B, N], read_weights [B, R, N], reads [B, R, W])`` at step t.
+        ``(reads [B, R, W], LRUAState)`` at step t.
+
+    The positional form of earlier versions, ``lrua_step(memory, usage, read_weights, heads, gamma,
+    zero_least_used=True, read_after_write=True) -> (memory, usage, read_weights, reads)``, is still accepted.
     """
+    if isinstance(state, LRUAState):
+        reads, nxt = _lrua_step(state.memory, state.usage, state.read_weights, heads, reading.gamma,
+                                reading.zero_least_used, reading.read_after_write)
+        return reads, nxt
+    memory, usage, read_weights = state, heads, reading
+    heads, gamma, *flags = positional
+    reads, nxt = _lrua_step(memory, usage, read_weights, heads, gamma, *flags)
+    return (*nxt, reads)
+
+
+def _lrua_step(memory: Tensor, usage: Tensor, read_weights: Tensor, heads: Heads, gamma: float,
+               zero_least_used: bool = True, read_after_write: bool = True) -> tuple[Tensor, LRUAState]:
     lu, slot = least_used(usage, heads.keys.shape[1])  # Eq. 6 on w_u_{t-1}
     ww = write_weights(heads.alpha, read_weights, lu)  # Eq. 7
     if not read_after_write:
@@ -220,4 +241,4 @@ from M_t either way, as this project has always done), a key strength or none (`
     if read_after_write:
         wr = content_read_weights(heads.keys, written, heads.strength)  # Eq. 3 on M_t (paper)
     reads = read(written, wr)  # Eq. 4, from M_t in both readings
-    return written, update_usage(usage, wr, ww, gamma), wr, reads  # Eq. 5
+    return reads, LRUAState(written, update_usage(usage, wr, ww, gamma), wr)  # Eq. 5

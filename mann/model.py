@@ -119,11 +119,11 @@ class MANN(nn.Module):
         r = self.reading
         heads = mem.split_heads(self.head(h), self.heads, self.width, r.add, r.strength)
         if self.fused:
-            new = LRUAStep.apply(state.memory, state.usage, state.read_weights, *heads, *r[:3])
-        else:
-            new = mem.lrua_step(state.memory, state.usage, state.read_weights, heads, r.gamma, r.zero_least_used,
-                                r.read_after_write)
-        return MANNState(h, c, *new)
+            new = LRUAStep.apply(state.memory, state.usage, state.read_weights, *heads, r.gamma, r.zero_least_used,
+                                 r.read_after_write)
+            return MANNState(h, c, *new)
+        reads, access = mem.lrua_step(mem.LRUAState(state.memory, state.usage, state.read_weights), heads, r)
+        return MANNState(h, c, *access, reads)
 
     def forward(self, inputs: Tensor, state: MANNState | None = None, per_step: bool = False) -> Tensor:
         """Run whole episodes.

@@ -62,8 +62,7 @@ def oracle(model: MANN, x, state: MANNState):
         else:
             h = torch.tanh(F.linear(z, w_in, p["input_proj.bias"]))
         heads = mem.split_heads(F.linear(h, p["head.weight"], p["head.bias"]), R, W, rd.add, rd.strength)
-        memory, usage, wr, reads = mem.lrua_step(memory, usage, wr, heads, rd.gamma, rd.zero_least_used,
-                                                 rd.read_after_write)
+        reads, (memory, usage, wr) = mem.lrua_step(mem.LRUAState(memory, usage, wr), heads, rd)
         ys.append(F.linear(torch.cat([h, reads.flatten(1)], 1), p["output.weight"], p["output.bias"]))
     return torch.stack(ys, 1)
 

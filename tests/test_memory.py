@@ -166,7 +166,11 @@ def test_lrua_steps_match_numpy_reference(zero, read_after_write, add, strength)
         beta = 1 + rng.uniform(size=(B, R)) * 3 if strength else None
         heads = mem.Heads(torch.tensor(keys), torch.tensor(alpha), torch.tensor(content),
                           None if beta is None else torch.tensor(beta))
-        M_new, u_new, wr_t, reads_t = mem.lrua_step(Mt, ut, wrt, heads, gamma, zero, read_after_write)
+        reading = mem.Reading(gamma, zero, read_after_write, add, strength)
+        reads_t, (M_new, u_new, wr_t) = mem.lrua_step(mem.LRUAState(Mt, ut, wrt), heads, reading)
+        old = mem.lrua_step(Mt, ut, wrt, heads, gamma, zero, read_after_write)  # the earlier positional form
+        for a, b in zip(old, (M_new, u_new, wr_t, reads_t)):
+            assert torch.equal(a, b)
         for b in range(B):
             M[b], u[b], wr[b], _, reads = np_lrua_step(M[b], u[b], wr[b], keys[b], alpha[b], gamma, zero,
                                                        read_after_write, content[b],

@@ -53,6 +53,6 @@ class PlainMANN(nn.Module):
         for t in range(T):
             h, c = self.cell(torch.cat([inputs[:, t], r.reshape(B, -1)], -1), (h, c))
             heads = mem.split_heads(self.head(h), R, W, rd.add, rd.strength)
-            M, usage, wr, r = mem.lrua_step(M, usage, wr, heads, rd.gamma, rd.zero_least_used, rd.read_after_write)
+            r, (M, usage, wr) = mem.lrua_step(mem.LRUAState(M, usage, wr), heads, rd)
             outs.append(self.output(torch.cat([h, r.reshape(B, -1)], -1)))
         return torch.stack(outs, 1)
