@@ -20,6 +20,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from mann import metrics
 
+from .storage import open_storage
 from .study import Study
 from .tracking import redact
 
@@ -53,7 +54,7 @@ class StudySearch(OptunaSearch):
         self.max_episodes = study.search.max_episodes
         self.storage_display = redact("uri", url)
         self.reported: dict[str, set[int]] = {}  # trial id -> episode counts told as intermediate values
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+        storage = open_storage(url)  # Optuna's RDB storage, retried through database outages
         super().__init__(space=space, metric=metric, mode=mode, sampler=sampler, study_name=study.key,
                          storage=storage)
 
@@ -111,8 +112,3 @@ class StudySearch(OptunaSearch):
         for number, state in stored.items():
             if state == optuna.trial.TrialState.RUNNING and number not in owned:
                 self._ot_study.tell(number, state=optuna.trial.TrialState.FAIL)
-
-
-def _engine_kwargs(url: str) -> dict[str, Any]:
-    # SQLite beside the study: wait for the lock instead of failing while optuna-dashboard reads it
-    return {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {"pool_pre_ping": True}
