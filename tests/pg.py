@@ -52,7 +52,7 @@ def postgres_bin_dir() -> Path:
         try:
             import psycopg2  # noqa: F401
         except ImportError:
-            problem = "psycopg2 missing: pip install -e '.[dev]' (it pulls mann-search[postgres])"
+            problem = "psycopg2 missing: pip install -e '.[postgres]' (the dev extra includes it)"
     if problem:
         if os.environ.get("CI") == "true":
             pytest.fail(problem)
@@ -171,3 +171,24 @@ def postgres():
         yield server
     finally:
         server.destroy()
+
+
+@pytest.fixture(scope="module")
+def pg_env(postgres):
+    """PGUSER/PGPASSWORD in this process's environment (so in the MLflow server's and the drivers', which
+    inherit it), as the k8s manifests pass them; the URLs never hold the password."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in postgres.env.items():
+            mp.setenv(key, value)
+        yield postgres
+
+
+@pytest.fixture(scope="module")
+def pg_mlflow(pg_env, tmp_path_factory):
+    """`mlflow server --backend-store-uri postgresql+psycopg2://127.0.0.1:PORT/mlflow` (it runs MLflow's own
+    migrations on the empty database), artifacts on local disk."""
+    from .conftest import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-pg"), backend=pg_env.url("mlflow")).start()
+    yield server
+    server.stop()
