@@ -136,7 +136,8 @@ class ResilientStorage(BaseStorage):
                 except Exception as exc:
                     if failed and again is not None and not transient(exc):
                         return again(exc)
-                    if not transient(exc) or time.monotonic() - start + wait > self.retry_s:
+                    remaining = self.retry_s - (time.monotonic() - start)
+                    if not transient(exc) or remaining <= 0:
                         if transient(exc):
                             log.error("optuna storage %s: still unreachable after %.0f s (%s); giving up on %s",
                                       redact("uri", self.url), time.monotonic() - start, _first_line(exc), what)
@@ -145,7 +146,7 @@ class ResilientStorage(BaseStorage):
                     self._outage(exc)
                     if self._rdb is not None:
                         self._rdb.remove_session()
-                    time.sleep(wait * random.uniform(0.8, 1.2))
+                    time.sleep(min(wait * random.uniform(0.8, 1.2), remaining))
                     wait = min(wait * 2, 10.0)
                     continue
                 self._recovered()

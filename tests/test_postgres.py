@@ -112,6 +112,51 @@ def assert_no_password(pg, mlflow, tmp_path, experiments: list[str]) -> None:
     assert not leaked, leaked
 
 
+def test_storage_waits_out_a_stop_gives_up_after_its_budget_and_refuses_bad_credentials(pg_env, caplog,
+                                                                                        monkeypatch):
+    """search.storage on its own against the real server (no Ray, seconds): a tell made while PostgreSQL is stopped
+    waits for it and lands once (one warning for the outage, one for the recovery); with a short budget a call
+    gives up with Optuna's own error; wrong credentials fail at once instead of being retried."""
+    import threading
+
+    import optuna
+
+    from search.storage import RETRY_ENV, open_storage
+
+    pg = pg_env
+    storage = open_storage(pg.url("optuna"))
+    study = optuna.create_study(storage=storage, study_name="storage-direct", direction="maximize")
+    trial = study.ask()
+    trial.report(0.25, 160)
+    caplog.set_level("WARNING", logger="mann_search.storage")
+    pg.stop()
+    threading.Timer(6, pg.start).start()
+    t0 = time.monotonic()
+    study.tell(trial, 0.5)  # waits for the server
+    assert time.monotonic() - t0 >= 5
+    stored = optuna.load_study(study_name="storage-direct", storage=pg.url("optuna")).trials
+    assert [(t.state.name, t.value, t.intermediate_values) for t in stored] == [("COMPLETE", 0.5, {160: 0.25})]
+    lines = [r.getMessage() for r in caplog.records if r.name == "mann_search.storage"]
+    assert len(lines) == 2 and "unreachable" in lines[0] and "reachable again" in lines[1], lines
+    assert pg.password not in " ".join(lines)
+
+    monkeypatch.setenv(RETRY_ENV, "3")
+    short = open_storage(pg.url("optuna"))
+    pg.stop()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(optuna.exceptions.StorageInternalError):
+            short.get_all_studies()
+        assert 3 <= time.monotonic() - t0 < 15
+    finally:
+        pg.start()
+    monkeypatch.setenv("PGPASSWORD", "wrong")
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match="password authentication failed"):
+        open_storage(pg.url("optuna"))
+    assert time.monotonic() - t0 < 5
+
+
 def test_end_to_end_on_postgres_driver_killed_db_restarted_then_resume(tmp_path, pg_mlflow, pg_env, omniglot_dir):
     """The cluster's configuration on one machine; the driver SIGKILLed mid-study and PostgreSQL restarted while
     it is down (a rescheduled pod), then `mann-search resume`."""
