@@ -181,7 +181,7 @@ def test_end_to_end_on_postgres_driver_killed_db_restarted_then_resume(tmp_path,
                                   stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
                                   env={**os.environ, "PYTHONFAULTHANDLER": "1"})
         try:
-            out, _ = resume.communicate(timeout=480)
+            out, _ = resume.communicate(timeout=600)
         except subprocess.TimeoutExpired:
             os.kill(resume.pid, signal.SIGABRT)  # faulthandler prints where it hangs
             time.sleep(3)
