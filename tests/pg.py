@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -148,18 +149,29 @@ class Postgres:
         for db in DATABASES:
             self.sql(f"CREATE DATABASE {db} OWNER {self.role}")
 
-    def role_connections(self) -> list[tuple[int, str]]:
-        """(pid, database) of every server process connected as the role."""
-        return self.sql("SELECT pid, datname FROM pg_stat_activity WHERE usename = %s", (self.role,))
+    def role_connections(self) -> list[tuple[int, str, int]]:
+        """(server pid, database, client's TCP port) of every connection of the role."""
+        return self.sql("SELECT pid, datname, client_port FROM pg_stat_activity WHERE usename = %s", (self.role,))
 
-    def terminate_role_connections(self) -> list[tuple[int, str]]:
+    def terminate_role_connections(self) -> list[tuple[int, str, int]]:
         """``pg_terminate_backend`` on every connection of the role (what a failover or an admin does); returns
-        the (pid, database) of those it cut."""
+        those it cut, as :meth:`role_connections` lists them."""
         # listed first, then cut one by one: a filter holding pg_terminate_backend may run on any row first
         cut = self.role_connections()
-        for pid, _ in cut:
+        for pid, _, _ in cut:
             self.sql("SELECT pg_terminate_backend(%s)", (pid,))
         return cut
+
+
+def port_owners() -> dict[int, int]:
+    """Local TCP port -> pid of the process that owns the socket (``ss``), for telling whose connection is whose."""
+    out = subprocess.run(["ss", "-Htnp"], capture_output=True, text=True, check=True).stdout
+    owners = {}
+    for line in out.splitlines():
+        fields, pid = line.split(), re.search(r"pid=(\d+)", line)
+        if pid and len(fields) >= 4:
+            owners[int(fields[3].rsplit(":", 1)[1])] = int(pid.group(1))
+    return owners
 
 
 @pytest.fixture(scope="session")
