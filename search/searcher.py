@@ -27,6 +27,7 @@ from ray.tune.search import Searcher
 
 from .protocol import TRIAL_NUMBER_KEY, BudgetWatch, Ending, TrialOutcome, TrialReport, decide, trial_name
 from .space import suggest
+from .storage import open_storage as open_rdb_storage
 from .study import Study
 from .tracking import redact
 
@@ -56,7 +57,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         if storage is None:
             storage = _memory_storages[url] = optuna.storages.InMemoryStorage()
         return storage
-    return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+    return open_rdb_storage(url)  # retried through database outages (search/storage.py)
 
 
 def open_study(study: Study, sampler: optuna.samplers.BaseSampler | None = None,
@@ -244,8 +245,3 @@ def trial_outcomes(study: Study) -> dict[str, str]:
         out[name] = "running" if t.state == optuna.trial.TrialState.RUNNING else \
             t.user_attrs.get("outcome", t.state.name.lower())
     return out
-
-
-def _engine_kwargs(url: str) -> dict[str, Any]:
-    # SQLite beside the study: wait for the lock instead of failing while optuna-dashboard reads it
-    return {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {"pool_pre_ping": True}

@@ -121,18 +121,19 @@ def wait_port(port: int, timeout: float = 60.0) -> None:
 
 
 class MlflowServer:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, backend: str | None = None):
         self.root = root
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.db = root / "mlflow.db"
+        self.backend = backend or f"sqlite:///{self.db}"  # or a PostgreSQL URL (tests/pg.py)
 
     def start(self) -> "MlflowServer":
         self.root.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.db}", "--artifacts-destination", str(self.root / "artifacts"),
+             "--backend-store-uri", self.backend, "--artifacts-destination", str(self.root / "artifacts"),
              "--serve-artifacts", "--workers", "1"],
             # MLflow 3's job runner (GenAI jobs; six huey consumers polling) is not used by mann-search
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
