@@ -107,7 +107,7 @@ def geomean_ci(pairs: list[tuple[np.ndarray, np.ndarray]], n_boot: int = 2000,
             logs.append(np.log(s))
     with np.errstate(invalid="ignore"):
         g = np.exp(np.mean(logs, axis=0))
-    g = np.nan_to_num(g, nan=0.0)  # inf + -inf: a table the method never reaches
+    g = np.nan_to_num(g, nan=0.0, posinf=np.inf)  # nan (inf + -inf): a table the method never reaches
     lo, hi = interval(g)
     return geomean([speedup(tb, tm) for tb, tm in pairs]), float(lo), float(hi)
 
