@@ -166,7 +166,9 @@ def finish_trial(tracker: StudyTracker, study: Study, trial, outcome: TrialOutco
 
 def finish_study(tracker: StudyTracker, study: Study, trials, outcomes: dict[str, TrialOutcome]) -> None:
     primary = study.primary
-    done = [t for t in trials if t.last_result and primary.metric in t.last_result]
+    order = {trial_id: i for i, trial_id in enumerate(outcomes)}  # completion order (dicts keep insertion order)
+    done = sorted((t for t in trials if t.last_result and primary.metric in t.last_result),
+                  key=lambda t: order.get(t.trial_id, len(order)))
     values = [float(t.last_result[primary.metric]) for t in done]
     points = [sampled_point(t.config) for t in done]
     figures = {}

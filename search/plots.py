@@ -50,7 +50,8 @@ def accuracy_by_instance(rows: dict[str, list[float]], path: Path, title: str = 
 
 
 def search_history(values: list[float], mode: str, path: Path, metric: str) -> None:
-    """Objective of each trial in completion order, with the best so far."""
+    """Objective of each trial (its last evaluation: an early-ended trial's value where it ended) in the order
+    the trials ended, with the best so far."""
     fig, ax = plt.subplots(figsize=(6, 4))
     best, cur = [], None
     for v in values:
@@ -58,8 +59,8 @@ def search_history(values: list[float], mode: str, path: Path, metric: str) -> N
         best.append(cur)
     ax.scatter(range(1, len(values) + 1), values, s=14, label="trial")
     ax.plot(range(1, len(values) + 1), best, color="C1", label="best so far")
-    ax.set_xlabel("trial (completion order)")
-    ax.set_ylabel(metric)
+    ax.set_xlabel("trials in the order they ended")
+    ax.set_ylabel(f"{metric} (last evaluation)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
