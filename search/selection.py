@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import time
 import tempfile
@@ -68,9 +70,12 @@ def select(study: Study, tracker: StudyTracker) -> dict[str, Any]:
         current = {"version": champ.version, "score": float(champ.tags.get(SCORE_TAG, "nan"))}
     except MlflowException:
         pass  # no registered model or no champion yet
-    version = mlflow.register_model(best["model_uri"], name, tags={
-        SCORE_TAG: str(best["test_acc_2plus"]), "mann.study": study.key, "mann.run_id": best["run_id"],
-        "mann.test_episodes": str(sel.test_episodes), "mann.test_seed": str(sel.seed)})
+    # register_model prints "Successfully registered model" / "Created version" to stderr; the study's summary
+    # says the same in one line (errors are exceptions, not prints, so nothing is hidden)
+    with contextlib.redirect_stderr(io.StringIO()):
+        version = mlflow.register_model(best["model_uri"], name, tags={
+            SCORE_TAG: str(best["test_acc_2plus"]), "mann.study": study.key, "mann.run_id": best["run_id"],
+            "mann.test_episodes": str(sel.test_episodes), "mann.test_seed": str(sel.seed)})
     promoted = current is None or not (current["score"] >= best["test_acc_2plus"])
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version.version)
