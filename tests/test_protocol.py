@@ -95,55 +95,58 @@ def _results(n: int = 12, steps: int = 20, seed: int = 2) -> tuple[list[str], li
     return [f"trial_{i}" for i in range(n)], [(k, t, v) for _, k, t, v in sorted(arrivals)]
 
 
+def _drive(scheduler, results, stopped: set[str], searcher=None) -> list[tuple[str, int, str]]:
+    """Hand each result to the scheduler, then (unless stopped) to the searcher, as Tune does; the decisions."""
+    from ray.tune.experiment import Trial
+
+    decisions = []
+    for k, t, v in results:
+        if k in stopped:
+            continue
+        result = TrialReport(t, {M: v}).to_result()
+        d = scheduler.on_trial_result(None, Trial("fn", config={}, trial_id=k, stub=True), result)
+        decisions.append((k, t, d))
+        if d == "STOP":
+            stopped.add(k)
+        if searcher is not None:
+            searcher.on_trial_result(k, result)
+            if d == "STOP":
+                searcher.on_trial_complete(k, result)
+    return decisions
+
+
+def _numbered_searcher(study, names):
+    from search.runner import make_searcher
+
+    searcher = make_searcher(study)
+    for k in names:  # the Optuna trials of these Tune trials, as suggest makes them
+        searcher.numbers[k] = searcher.optuna.study.ask().number
+        searcher.optuna.trial(searcher.numbers[k]).set_user_attr("tune_trial_id", k)
+    return searcher
+
+
 def test_a_resumed_plateau_scheduler_decides_as_an_uninterrupted_one(tmp_path):
     """The driver dies halfway through the study's results: the scheduler Tune restores (as pickled when the
     study started) rebuilds its evidence from the Optuna storage and decides every later result as the
     scheduler of an uninterrupted study does."""
-    from ray.tune.experiment import Trial
+    from search.runner import make_scheduler
 
-    from search.runner import make_scheduler, make_searcher
-
-    study = _plateau_study(tmp_path)
+    study, other = _plateau_study(tmp_path), _plateau_study(tmp_path / "other")
     curves, order = _results()
-    trials = {k: Trial("fn", config={}, trial_id=k, stub=True) for k in curves}
-
-    def drive(scheduler, searcher, results):
-        decisions = []
-        for k, t, v in results:
-            if k in stopped:
-                continue
-            result = TrialReport(t, {M: v}).to_result()
-            d = scheduler.on_trial_result(None, trials[k], result)
-            searcher.on_trial_result(k, result)
-            decisions.append((k, t, d))
-            if d == "STOP":
-                stopped.add(k)
-                searcher.on_trial_complete(k, result)
-        return decisions
-
     # the uninterrupted study (its own storage)
-    stopped: set[str] = set()
-    other = _plateau_study(tmp_path / "other")
-    searcher = make_searcher(other)
-    for k in curves:
-        searcher.numbers[k] = searcher.optuna.study.ask().number
-        searcher.optuna.trial(searcher.numbers[k]).set_user_attr("tune_trial_id", k)
-    whole = drive(make_scheduler(other), searcher, order)
+    whole = _drive(make_scheduler(other), order, set(), _numbered_searcher(other, curves))
     assert any(d == "STOP" for _, _, d in whole), "the rule must stop something for this test to mean anything"
 
     # the interrupted one: its scheduler pickled at the start, as Tune does, and the driver killed midway
-    stopped = set()
+    stopped: set[str] = set()
     scheduler = make_scheduler(study)
     at_start = pickle.dumps(scheduler)
-    searcher = make_searcher(study)
-    for k in curves:
-        searcher.numbers[k] = searcher.optuna.study.ask().number
-        searcher.optuna.trial(searcher.numbers[k]).set_user_attr("tune_trial_id", k)
+    searcher = _numbered_searcher(study, curves)
     half = len(order) // 2
-    first = drive(scheduler, searcher, order[:half])
+    first = _drive(scheduler, order[:half], stopped, searcher)
     restored = pickle.loads(at_start)
     assert restored.rule.history == {}  # what Tune hands a resumed study
-    second = drive(restored, pickle.loads(pickle.dumps(searcher)), order[half:])
+    second = _drive(restored, order[half:], stopped, pickle.loads(pickle.dumps(searcher)))
     assert any(d == "STOP" for _, _, d in second)  # decisions after the kill that need the evidence before it
     assert first + second == whole
     assert len(restored.rule.history) == len(curves)
@@ -151,26 +154,13 @@ def test_a_resumed_plateau_scheduler_decides_as_an_uninterrupted_one(tmp_path):
 
 def test_a_scheduler_without_storage_evidence_would_decide_otherwise(tmp_path):
     """The check above can fail: without the storage, a restored scheduler decides differently."""
-    from ray.tune.experiment import Trial
-
     from search.runner import make_scheduler
 
     study = _plateau_study(tmp_path)
-    curves, order = _results()
-    trials = {k: Trial("fn", config={}, trial_id=k, stub=True) for k in curves}
-
-    def drive(scheduler, results, stopped):
-        out = []
-        for k, t, v in results:
-            if k not in stopped:
-                d = scheduler.on_trial_result(None, trials[k], TrialReport(t, {M: v}).to_result())
-                stopped.update([k] if d == "STOP" else [])
-                out.append((k, t, d))
-        return out
-
-    whole = drive(make_scheduler(study), order, set())
+    _, order = _results()
+    whole = _drive(make_scheduler(study), order, set())
     blind = make_scheduler(study)
     blind.evidence = None
     stopped: set[str] = set()
-    first = drive(make_scheduler(study), order[: len(order) // 2], stopped)
-    assert first + drive(blind, order[len(order) // 2:], stopped) != whole
+    first = _drive(make_scheduler(study), order[: len(order) // 2], stopped)
+    assert first + _drive(blind, order[len(order) // 2:], stopped) != whole
