@@ -32,6 +32,7 @@ from .tracking import redact
 log = logging.getLogger("mann_search")
 
 STORAGE_ENV = "MANN_OPTUNA_STORAGE"
+PAUSED_ATTR = "mann.paused_at"  # set by the freeze_thaw scheduler while it has a trial paused (search/schedulers.py)
 TUNE_TRIAL_ATTR = "tune_trial_id"
 NAME_ATTR = "name"
 
@@ -208,20 +209,25 @@ def close_open_trials(study: Study, ended: list[tuple[dict[str, Any], dict[str, 
             watch.observe(str(number), report)
             rows.append((number, report, error))
     running, told = ot.running(), 0
+    paused = {t.number for t in ot.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+              if t.user_attrs.get(PAUSED_ATTR) not in (None, "")}  # the freeze_thaw scheduler's mark
     for number, report, error in rows:
         if number in running:
-            ot.tell(number, report, decide(report, watch.facts(study_ended=True), error))
+            ot.tell(number, report, decide(report, watch.facts(study_ended=True), error, paused=number in paused))
             told += 1
     return told
 
 
 def trial_outcomes(study: Study) -> dict[str, str]:
-    """``{trial name: outcome}`` from the study's Optuna storage (``running`` while a trial runs or waits)."""
+    """``{trial name: outcome}`` from the study's Optuna storage (``running`` while a trial runs or waits,
+    ``paused`` while the freeze_thaw scheduler has it paused)."""
     out = {}
     for t in OptunaStudy(study).study.get_trials(deepcopy=False):
         name = t.user_attrs.get(NAME_ATTR, f"t{t.number:02d}")
-        out[name] = "running" if t.state == optuna.trial.TrialState.RUNNING else \
-            t.user_attrs.get("outcome", t.state.name.lower())
+        if t.state == optuna.trial.TrialState.RUNNING:
+            out[name] = "paused" if t.user_attrs.get(PAUSED_ATTR) not in (None, "") else "running"
+            continue
+        out[name] = t.user_attrs.get("outcome", t.state.name.lower())
     return out
 
 

@@ -59,6 +59,7 @@ METHODS: dict[str, tuple[dict[str, Any], str]] = {
     "tpe+asha": ({"sampler.kind": "tpe", "scheduler.kind": "asha"}, "study"),
     "tpe+median": ({"sampler.kind": "tpe", "scheduler.kind": "median"}, "study"),
     "tpe+plateau": ({"sampler.kind": "tpe", "scheduler.kind": "plateau"}, "study"),
+    "tpe+freeze_thaw": ({"sampler.kind": "tpe", "scheduler.kind": "freeze_thaw"}, "study"),
 }
 FRACTIONS = (0.25, 0.5, 1.0)
 
@@ -170,18 +171,25 @@ def pick_seed(n: int, point: dict[str, Any], salt: int) -> int:
     return int.from_bytes(h[:4], "little") % n
 
 
-def replay_trial(config: dict[str, Any], table: Table, compress: float, salt: int, every: int = 1) -> None:
+def replay_trial(config: dict[str, Any], table: Table, compress: float, salt: int, every: int = 1,
+                 checkpoints: bool = False) -> None:
     """Tune entry point: serve the recorded curve of the configuration nearest to ``config`` (every ``every``-th
-    evaluation, and the last)."""
+    evaluation, and the last). With ``checkpoints`` every report carries a checkpoint (the evaluation's index),
+    and a trial resumed from one (paused, then resumed) goes on after it."""
     from ray import tune
 
     metric = table.search.config.primary.metric
     idx, c = table.curve_of(config, salt)
     curve = table.curves[idx][c]
-    prev = 0.0
+    prev, start = 0.0, 0
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            start = json.loads((Path(d) / "replay.json").read_text())["next"]
+        prev = float(curve["train_s"][start - 1]) if start else 0.0
     n = len(curve["episodes"])
     for i, (episodes, value, train_s) in enumerate(zip(curve["episodes"], curve["objective"], curve["train_s"])):
-        if (i + 1) % every and i + 1 < n and _finite(value):
+        if i < start or ((i + 1) % every and i + 1 < n and _finite(value)):
             continue
         time.sleep(max(0.0, (float(train_s) - prev) * compress))
         prev = float(train_s)
@@ -189,7 +197,13 @@ def replay_trial(config: dict[str, Any], table: Table, compress: float, salt: in
             tune.report(TrialReport(int(episodes), {metric: 0.0 if table.sign > 0 else 1e9}, diverged=True,
                                     failure="the recorded curve diverged").to_result())
             return
-        tune.report(TrialReport(int(episodes), {metric: float(value)}).to_result())
+        result = TrialReport(int(episodes), {metric: float(value)}).to_result()
+        if not checkpoints:
+            tune.report(result)
+            continue
+        with tempfile.TemporaryDirectory(prefix="replay-ckpt-") as d:
+            (Path(d) / "replay.json").write_text(json.dumps({"next": i + 1}))
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
 
 
 # --- one study -----------------------------------------------------------------------------------------------
@@ -202,6 +216,8 @@ class Run:
     results: list[tuple[str, float, float, int, int]] = field(default_factory=list)  # trial, episodes, value, cfg, curve
     ended: dict[str, TrialOutcome] = field(default_factory=dict)  # trial -> how it ended (search.decide)
     started: list[str] = field(default_factory=list)  # trial ids in the order the searcher created them
+    paused: dict[str, int] = field(default_factory=dict)  # trial -> times the scheduler paused it
+    resumed: dict[str, int] = field(default_factory=dict)  # trial -> times it was resumed
     wall_s: float = 0.0
 
 
@@ -213,10 +229,26 @@ def _recorder(run: Run, table: Table, search: LoadedSearch, salt: int):
     class Recorder(Callback):
         def __init__(self):
             self.watch = BudgetWatch.of(search)
+            self.paused_now: set[str] = set()
 
         def on_trial_start(self, iteration, trials, trial, **info):
             if trial.trial_id not in run.started:
                 run.started.append(trial.trial_id)
+
+        def on_step_begin(self, iteration, trials, **info):
+            self._pauses(trials)
+
+        def on_step_end(self, iteration, trials, **info):
+            self._pauses(trials)
+
+        def _pauses(self, trials) -> None:
+            for t in trials:
+                if t.status == "PAUSED" and t.trial_id not in self.paused_now:
+                    self.paused_now.add(t.trial_id)
+                    run.paused[t.trial_id] = run.paused.get(t.trial_id, 0) + 1
+                elif t.status in ("PENDING", "RUNNING") and t.trial_id in self.paused_now:
+                    self.paused_now.discard(t.trial_id)
+                    run.resumed[t.trial_id] = run.resumed.get(t.trial_id, 0) + 1
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             report = TrialReport.from_result(result)
@@ -236,7 +268,8 @@ def _recorder(run: Run, table: Table, search: LoadedSearch, salt: int):
             for t in trials:
                 if t.trial_id not in run.ended and t.last_result:
                     run.ended[t.trial_id] = decide(TrialReport.from_result(t.last_result),
-                                                   self.watch.facts(study_ended=True))
+                                                   self.watch.facts(study_ended=True),
+                                                   paused=t.trial_id in self.paused_now)
 
     return Recorder()
 
@@ -247,7 +280,7 @@ def scheduler_overrides(table: Table, kind: str, shipped: SearchConfig | None) -
     for cfg in (shipped, table.search.config):
         if cfg is not None and cfg.scheduler.kind == kind:
             return {"scheduler": cfg.scheduler.to_dict()}
-    if kind == "plateau":
+    if kind in ("plateau", "freeze_thaw"):
         return {"scheduler.grace_episodes": max(1, round(0.15 * table.search.max_episodes))}
     return {}
 
@@ -272,7 +305,8 @@ def run_study(table: Table, method: str, repeat: int, workdir: Path, compress: f
     else:
         searcher = make_searcher(study)
     trainable = tune.with_resources(
-        tune.with_parameters(replay_trial, table=table, compress=compress, salt=repeat, every=every),
+        tune.with_parameters(replay_trial, table=table, compress=compress, salt=repeat, every=every,
+                             checkpoints=overrides["scheduler.kind"] == "freeze_thaw"),
         {"cpu": 1})
     t0 = time.perf_counter()
     build_tuner(study, _recorder(run, table, search, repeat), trainable=trainable, search_alg=searcher,
@@ -323,6 +357,18 @@ def kills(table: Table, run: Run) -> tuple[int, int]:
         stopped += 1
         top += table.sign * _last(table.curves[cfg][c]) >= table.top_quartile
     return stopped, top
+
+
+def pauses(table: Table, run: Run) -> tuple[int, int, int, int]:
+    """(pauses, resumes, trials paused and never resumed, of which the curve ends in the top quartile)."""
+    curve_of = {t: (cfg, c) for t, _, _, cfg, c in run.results}
+    never = top = 0
+    for trial, outcome in run.ended.items():
+        if outcome.ending == Ending.PAUSED_AT_END and trial in curve_of:
+            cfg, c = curve_of[trial]
+            never += 1
+            top += table.sign * _last(table.curves[cfg][c]) >= table.top_quartile
+    return sum(run.paused.values()), sum(run.resumed.values()), never, top
 
 
 def benchmark(curves: str | Path, repeats: int = 20, methods: list[str] | None = None, compress: float = 0.005,
@@ -406,6 +452,7 @@ def benchmark(curves: str | Path, repeats: int = 20, methods: list[str] | None =
             "reached_1pt": round(float(np.mean([not math.isinf(x) for x in to1])), 3),
             "kill_before_click": round(float(k[:, 1].sum() / k[:, 0].sum()), 4) if k[:, 0].sum() else 0.0,
             "stopped_trials": int(k[:, 0].sum()),
+            **_pause_figures(table, runs[m]),
             "trials_per_study": round(float(np.mean([len(x.ended) for x in runs[m]])), 1),
             "wall_s": round(sum(x.wall_s for x in runs[m]), 1)}
     out["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -413,6 +460,14 @@ def benchmark(curves: str | Path, repeats: int = 20, methods: list[str] | None =
     _plot(bands, grid / full, plot, table, repeats)
     out["plot"] = str(plot)
     return out
+
+
+def _pause_figures(table: Table, runs: list[Run]) -> dict[str, Any]:
+    p = np.array([pauses(table, x) for x in runs])
+    if not p[:, 0].sum():
+        return {}
+    return {"pauses": int(p[:, 0].sum()), "resumes": int(p[:, 1].sum()), "paused_never_resumed": int(p[:, 2].sum()),
+            "paused_never_resumed_top_quartile": int(p[:, 3].sum())}
 
 
 @contextmanager
