@@ -267,7 +267,8 @@ class FreezeThawRule:
     * **time to click, censored**: a Kaplan-Meier survival S(t) of the episodes to click pooled over the study's
       trials (a trial not clicked yet is censored at its episodes); past the last observed time S decays at the
       study's mean click hazard (clicks / episodes at risk). An unclicked trial at t clicks before the budget
-      with q = 1 - S(max_t) / S(t); a fresh one with q0 = 1 - S(max_t).
+      with q = 1 - S(max_t) / S(t); a fresh one with q0 = 1 - S(max_t); both floored at 0.5 / (n + 1) x the
+      share of the budget left (n: trials seen), so a late click the study has not seen yet is not ruled out.
     * **value after a click**: pi = the share of clicked trials whose best value reached the bar (the incumbent
       minus the gap: ``margin`` or ``noise_factor`` x the study's evaluation noise), smoothed (k + 0.5) / (n + 1).
     * **index**: unclicked trial: q pi / (max_t - t); fresh trial: q0 pi / max_t; clicked trial: the share of
@@ -367,9 +368,7 @@ class FreezeThawRule:
         bar = self.bar()
         if not math.isfinite(clicks.get(key, math.inf)):
             S = S or self.survival(clicks)
-            st = S(t)
-            q = 1.0 - S(self.max_t) / st if st > 0 else 0.0
-            return max(q, 0.0) * self._success_after_click(clicks, bar) / left
+            return self._click_chance(S, t, len(clicks)) * self._success_after_click(clicks, bar) / left
         level = float(np.mean([v for _, v in h[-2:]]))
         rises = []
         for k, c in clicks.items():
@@ -384,10 +383,18 @@ class FreezeThawRule:
             return 1.0 / left
         return (sum(level + r >= bar for r in rises) + 0.5) / (len(rises) + 1) / left
 
+    def _click_chance(self, S, t: float, n: int) -> float:
+        """P(click before max_t | no click by t) from S, plus a floor that shrinks with the trials seen and the
+        episodes left (0.5 / (n + 1) x share of the budget left): a study that saw no late click yet has not
+        ruled one out."""
+        st = S(t)
+        q = max(0.0, 1.0 - S(self.max_t) / st) if st > 0 else 0.0
+        return q + (1.0 - q) * 0.5 / (n + 1) * max(0.0, self.max_t - t) / self.max_t
+
     def fresh_index(self, clicks: dict[Any, float] | None = None, S=None) -> float:
         clicks = self.clicks() if clicks is None else clicks
         S = S or self.survival(clicks)
-        return (1.0 - S(self.max_t)) * self._success_after_click(clicks, self.bar()) / self.max_t
+        return self._click_chance(S, 0.0, len(clicks)) * self._success_after_click(clicks, self.bar()) / self.max_t
 
     def best_alternative(self, exclude: Any, can_start_new: bool) -> tuple[Any, float]:
         """(the paused trial to resume, or None for a fresh one; its index); (None, -1) when there is none."""
@@ -488,9 +495,9 @@ class FreezeThaw(FIFOScheduler):
                 n += 1
         for key, (paused_at, resumed_at) in self.evidence.pauses().items():
             if paused_at is not None:
-                self.rule.paused.setdefault(key, paused_at)
-            elif resumed_at is not None:
-                self.rule.started.setdefault(key, resumed_at)
+                self.rule.paused[key] = paused_at
+            if resumed_at is not None:
+                self.rule.started[key] = resumed_at
         return n
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
@@ -514,8 +521,12 @@ class FreezeThaw(FIFOScheduler):
     # --- Tune's scheduler interface ------------------------------------------------------------------------
 
     def on_trial_add(self, tune_controller, trial) -> None:
-        self.live.add(trial.trial_id)
+        if not self.synced:
+            self.sync()
         self.added.add(trial.trial_id)
+        if trial.status in (Trial.TERMINATED, Trial.ERROR):  # a finished trial of a restored study
+            return
+        self.live.add(trial.trial_id)
         number = trial.config.get(TRIAL_NUMBER_KEY)
         if isinstance(number, int):
             self.numbers[trial.trial_id] = number
