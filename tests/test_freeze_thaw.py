@@ -218,3 +218,96 @@ def test_a_resumed_freeze_thaw_scheduler_decides_as_an_uninterrupted_one(tmp_pat
     paused_now = {k for k, (p, _) in stored.items() if p is not None}
     assert paused_now == set(restored.rule.paused)
     assert sum(o == "paused" for o in trial_outcomes(study).values()) == len(paused_now)
+
+
+# --- a real trial paused and resumed through Tune ------------------------------------------------------------
+
+
+def test_a_real_trial_is_paused_its_slot_runs_another_and_it_resumes_exactly(tmp_path, omniglot_dir, monkeypatch):
+    """One CPU, one slot, two real trials of the smoke search. The rule is told to pause the first trial at its
+    first evaluation; the second trial then trains in the freed slot; with no samples left the first resumes
+    from its checkpoint and reports, at every evaluation, what the same config trained uninterrupted reports."""
+    import ray
+    from ray import tune
+
+    from mann.train import Callback, train
+    from search.ray_cluster import connect_ray
+    from search.runner import build_tuner
+    from search.schedulers import FreezeThawRule, StudyEvidence
+    from search.searcher import TUNE_TRIAL_ATTR, OptunaStudy
+
+    real_observe = FreezeThawRule.observe
+
+    def observe(self, key, t, value, can_start_new):  # pause the study's first trial once, at its first evaluation
+        decision = real_observe(self, key, t, value, can_start_new)
+        if not self.pauses and t == 160:
+            self.pause(key, t)
+            return PAUSE
+        return decision
+
+    monkeypatch.setattr(FreezeThawRule, "observe", observe)
+    monkeypatch.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    search = load_search_config(search_yaml(tmp_path), [
+        "scheduler.kind=freeze_thaw", "scheduler.grace_episodes=160", "budget.num_samples=2",
+        "budget.max_concurrent=1", "budget.max_failures=0", "selection.enabled=false"])
+    study = Study.create(search, [], None, path=str(tmp_path / "tune" / "ft"))
+    study.local_dir.mkdir(parents=True, exist_ok=True)
+
+    events: list[tuple] = []
+    in_optuna: list[tuple] = []
+
+    class Watch(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            events.append(("result", trial.config[TRIAL_NUMBER_KEY], int(result["episodes"]),
+                           {k: result[k] for k in result if k.startswith("val/")}))
+
+        def on_step_end(self, iteration, trials, **info):
+            status = {t.config[TRIAL_NUMBER_KEY]: t.status for t in trials}
+            if events and events[-1][0] == "status" and events[-1][1] == status:
+                return
+            events.append(("status", status))
+            if "PAUSED" in status.values():  # what Optuna holds while a trial is paused
+                ot = OptunaStudy(study).study
+                in_optuna.append({t.number: (t.state.name, t.user_attrs.get("mann.paused_at"),
+                                             sorted(t.intermediate_values)) for t in ot.get_trials()})
+
+    started = connect_ray(num_cpus=1) == "local"
+    try:
+        grid = build_tuner(study, Watch(), verbose=0).fit()
+    finally:
+        if started:
+            ray.shutdown()
+    assert not any(r.error for r in grid)
+    results = [e for e in events if e[0] == "result"]
+    first = [(e[2], e[3]) for e in results if e[1] == 0]
+    second = [e[2] for e in results if e[1] == 1]
+    assert [e for e, _ in first] == [160, 320, 480] and second == [160, 320, 480]
+    order = [e[1] for e in results]
+    assert order == [0, 1, 1, 1, 0, 0], order  # paused after 160; the other trial ran in its slot; resumed
+    statuses = [e[1] for e in events if e[0] == "status"]
+    assert any(s.get(0) == "PAUSED" and s.get(1) == "RUNNING" for s in statuses)
+    assert not any(list(s.values()).count("RUNNING") > 1 for s in statuses)  # one slot
+    # while paused, Optuna has the trial RUNNING with its intermediate value and the pause mark
+    assert in_optuna and in_optuna[0][0] == ("RUNNING", 160.0, [160])
+    assert StudyEvidence(study).pauses() == {}  # both finished: none RUNNING (and paused) any more
+    # the resumed trial reports what the same config reports trained without a pause (same seed)
+    point = {k: v for k, v in grid[0].config.items() if k != TRIAL_NUMBER_KEY} \
+        if grid[0].config[TRIAL_NUMBER_KEY] == 0 else \
+        {k: v for k, v in grid[1].config.items() if k != TRIAL_NUMBER_KEY}
+    cfg = search.trial_config(point, threads=1)
+
+    class Collect(Callback):
+        def __init__(self):
+            self.rows = []
+
+        def on_eval(self, report):
+            self.rows.append((report.episodes, {k: v for k, v in report.metrics().items() if k.startswith("val/")}))
+
+    collect = Collect()
+    train(cfg, callbacks=[collect], out_dir=tmp_path / "plain")
+    assert [e for e, _ in collect.rows] == [160, 320, 480]
+    for (e1, m1), (e2, m2) in zip(first, collect.rows):
+        assert e1 == e2 and m1.keys() == m2.keys()
+        for k in m1:
+            assert m1[k] == pytest.approx(m2[k], abs=1e-6), (e1, k)
+    assert TUNE_TRIAL_ATTR  # the Optuna trials carry their Tune ids (used by the evidence above)
