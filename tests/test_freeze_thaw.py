@@ -227,6 +227,8 @@ def test_a_real_trial_is_paused_its_slot_runs_another_and_it_resumes_exactly(tmp
     """One CPU, one slot, two real trials of the smoke search. The rule is told to pause the first trial at its
     first evaluation; the second trial then trains in the freed slot; with no samples left the first resumes
     from its checkpoint and reports, at every evaluation, what the same config trained uninterrupted reports."""
+    import time
+
     import ray
     from ray import tune
 
@@ -234,7 +236,7 @@ def test_a_real_trial_is_paused_its_slot_runs_another_and_it_resumes_exactly(tmp
     from search.ray_cluster import connect_ray
     from search.runner import build_tuner
     from search.schedulers import FreezeThawRule, StudyEvidence
-    from search.searcher import TUNE_TRIAL_ATTR, OptunaStudy
+    from search.searcher import OptunaStudy
 
     real_observe = FreezeThawRule.observe
 
@@ -249,7 +251,8 @@ def test_a_real_trial_is_paused_its_slot_runs_another_and_it_resumes_exactly(tmp
     monkeypatch.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     search = load_search_config(search_yaml(tmp_path), [
         "scheduler.kind=freeze_thaw", "scheduler.grace_episodes=160", "budget.num_samples=2",
-        "budget.max_concurrent=1", "budget.max_failures=0", "selection.enabled=false"])
+        "budget.max_concurrent=1", "budget.max_failures=0", "selection.enabled=false",
+        "overrides.train.episodes=320", "overrides.train.eval_episodes=16"])
     study = Study.create(search, [], None, path=str(tmp_path / "tune" / "ft"))
     study.local_dir.mkdir(parents=True, exist_ok=True)
 
@@ -271,19 +274,23 @@ def test_a_real_trial_is_paused_its_slot_runs_another_and_it_resumes_exactly(tmp
                 in_optuna.append({t.number: (t.state.name, t.user_attrs.get("mann.paused_at"),
                                              sorted(t.intermediate_values)) for t in ot.get_trials()})
 
+    t0 = time.perf_counter()
     started = connect_ray(num_cpus=1) == "local"
     try:
+        t1 = time.perf_counter()
         grid = build_tuner(study, Watch(), verbose=0).fit()
+        t2 = time.perf_counter()
     finally:
         if started:
             ray.shutdown()
+    print(f"ray start {t1 - t0:.0f} s, study {t2 - t1:.0f} s")
     assert not any(r.error for r in grid)
     results = [e for e in events if e[0] == "result"]
     first = [(e[2], e[3]) for e in results if e[1] == 0]
     second = [e[2] for e in results if e[1] == 1]
-    assert [e for e, _ in first] == [160, 320, 480] and second == [160, 320, 480]
+    assert [e for e, _ in first] == [160, 320] and second == [160, 320]
     order = [e[1] for e in results]
-    assert order == [0, 1, 1, 1, 0, 0], order  # paused after 160; the other trial ran in its slot; resumed
+    assert order == [0, 1, 1, 0], order  # paused after 160; the other trial ran in its slot; resumed
     statuses = [e[1] for e in events if e[0] == "status"]
     assert any(s.get(0) == "PAUSED" and s.get(1) == "RUNNING" for s in statuses)
     assert not any(list(s.values()).count("RUNNING") > 1 for s in statuses)  # one slot
@@ -305,9 +312,8 @@ def test_a_real_trial_is_paused_its_slot_runs_another_and_it_resumes_exactly(tmp
 
     collect = Collect()
     train(cfg, callbacks=[collect], out_dir=tmp_path / "plain")
-    assert [e for e, _ in collect.rows] == [160, 320, 480]
+    assert [e for e, _ in collect.rows] == [160, 320]
     for (e1, m1), (e2, m2) in zip(first, collect.rows):
         assert e1 == e2 and m1.keys() == m2.keys()
         for k in m1:
             assert m1[k] == pytest.approx(m2[k], abs=1e-6), (e1, k)
-    assert TUNE_TRIAL_ATTR  # the Optuna trials carry their Tune ids (used by the evidence above)
