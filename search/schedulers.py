@@ -571,8 +571,8 @@ class FreezeThaw(FIFOScheduler):
             self.rule.paused.setdefault(key, float((paused[key].last_result or {}).get(self._time_attr, 0)))
         if not paused or self.active() >= self.max_concurrent:
             return None
-        if self.can_start_new() and self.rule.wants_fresh():
-            return None  # the searcher fills the slot with a fresh trial
+        if self.can_start_new() and self.rule.wants_fresh() and any(t.status == Trial.RUNNING for t in trials):
+            return None  # the searcher fills the slot with a fresh trial (unless it has nothing: then resume)
         key = self.rule.next_paused(among=set(paused))
         if key is None:
             return None
