@@ -33,6 +33,7 @@ _LAZY = {
     "trial_outcomes": "searcher",
     "suggest": "space", "make_sampler": "space", "DefineByRun": "space",
     "PlateauRule": "schedulers", "PlateauStopping": "schedulers", "StudyEvidence": "schedulers",
+    "FreezeThawRule": "schedulers", "FreezeThaw": "schedulers", "SlotLimiter": "schedulers",
     "CONTINUE": "schedulers", "STOP": "schedulers",
     "connect_ray": "ray_cluster",
     "load_model": "model_format",

@@ -114,6 +114,8 @@ def cmd_status(args) -> int:
     print(f"study {info['study']} at {info['path']}")
     print(f"trials {info['trials']} of {info['num_samples']}; by outcome: "
           + _counts(info["trial_outcomes"].values()))
+    if info.get("paused"):
+        print(f"paused (checkpoint kept, resumed when their turn comes): {', '.join(info['paused'])}")
     if info["best"]:
         print(f"best {info['metric']} {info['best']['value']:.4f} ({info['best']['trial']}): {info['best']['config']}")
     print(f"MLflow {info['tracking_uri']} experiment '{info['experiment']}'")

@@ -105,14 +105,35 @@ class PlateauConfig(Section):
     min_refs: int = Field(2, ge=1)
 
 
+class FreezeThawConfig(Section):
+    """Settings of ``scheduler.kind: freeze_thaw`` (search/schedulers.py: FreezeThawRule): pause and resume,
+    never stop. Values in the objective's units."""
+
+    # A running trial is paused when its index (chance of ending near the top per episode it still needs) is
+    # below this share of the best alternative's (a paused trial, or a fresh one while samples are left).
+    pause_ratio: float = Field(0.5, gt=0, le=1)
+    # Near the top: within margin, or noise_factor x the study's evaluation noise, of the best value seen.
+    margin: float = Field(0.02, ge=0)
+    noise_factor: float = Field(3.0, ge=0)
+    # Clicked: this share of the way from the study's plateau to the best value seen.
+    click_fraction: float = Field(0.25, gt=0, lt=1)
+    # Nothing is paused before this many trials clicked (until then every trial runs, first come first served).
+    min_clicked: int = Field(2, ge=1)
+    # A clicked trial's chance needs this many trials clicked by its episodes (else it keeps running).
+    min_refs: int = Field(2, ge=1)
+    # Episodes a trial trains after it started or resumed before it may be paused again (None: grace_episodes).
+    min_run_episodes: int | None = Field(None, ge=1)
+
+
 class SchedulerConfig(Section):
     """Early stopping on the primary objective; budgets in training episodes."""
 
-    kind: Literal["asha", "median", "plateau", "none"] = "asha"
+    kind: Literal["asha", "median", "plateau", "freeze_thaw", "none"] = "asha"
     # No trial is stopped before this many episodes (MANN sits at chance for a while before it clicks).
     grace_episodes: int = Field(4000, ge=1)
     reduction_factor: int = Field(2, ge=2)
     plateau: PlateauConfig = Field(default_factory=PlateauConfig)
+    freeze_thaw: FreezeThawConfig = Field(default_factory=FreezeThawConfig)
 
 
 class BudgetConfig(Section):

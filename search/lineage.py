@@ -33,6 +33,7 @@ def make_callback(tracker: StudyTracker, study: Study, fresh: bool):
         def __init__(self):
             self.watch = BudgetWatch.of(study.search)
             self.outcomes: dict[str, TrialOutcome] = {}  # trials this driver finished
+            self.paused: dict[str, int] = {}  # trials the scheduler has paused now -> episodes when paused
             self.best: float | None = None
 
         def setup(self, **info):
@@ -52,6 +53,29 @@ def make_callback(tracker: StudyTracker, study: Study, fresh: bool):
                 tracker.trial_result(trial.trial_id, found, step=int(found[metrics.EPISODES]))
             tracker.flush()
 
+        def on_step_begin(self, iteration, trials, **info):
+            self._watch_pauses(trials)
+
+        def on_step_end(self, iteration, trials, **info):
+            self._watch_pauses(trials)
+
+        def _watch_pauses(self, trials) -> None:
+            """Tag a trial's run ``mann.paused`` while the scheduler has it PAUSED (its checkpoint kept)."""
+            changed = False
+            for t in trials:
+                if t.status == "PAUSED" and t.trial_id not in self.paused and t.trial_id in tracker.trials:
+                    self.paused[t.trial_id] = int((t.last_result or {}).get(metrics.EPISODES, 0))
+                    tracker.trial_tags(t.trial_id, {"mann.paused": "true",
+                                                    "mann.paused_at": str(self.paused[t.trial_id])})
+                    changed = True
+                elif t.status in ("PENDING", "RUNNING") and t.trial_id in self.paused:
+                    del self.paused[t.trial_id]
+                    tracker.trial_tags(t.trial_id, {"mann.paused": "false"})
+                    changed = True
+            if changed:
+                self._progress(trials)
+                tracker.flush()
+
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._finish(trials, trial, None)
 
@@ -64,7 +88,10 @@ def make_callback(tracker: StudyTracker, study: Study, fresh: bool):
 
         def _finish(self, trials, trial, error: str | None, traceback: str = "", study_ended: bool = False) -> None:
             report = TrialReport.from_result(trial.last_result)
-            outcome = decide(report, self.watch.facts(study_ended), error)
+            paused = self.paused.pop(trial.trial_id, None) is not None
+            outcome = decide(report, self.watch.facts(study_ended), error, paused=paused)
+            if paused:
+                tracker.trial_tags(trial.trial_id, {"mann.paused": "false"})
             self.outcomes[trial.trial_id] = outcome
             finish_trial(tracker, study, trial, outcome, traceback)
             self._progress(trials)
@@ -84,9 +111,11 @@ def make_callback(tracker: StudyTracker, study: Study, fresh: bool):
                     self.best = value
             best = {} if self.best is None else {"search/best_objective": self.best}
             by_trial = {f"search/trials_{k}": v for k, v in counts.items()}
+            by_trial["search/trials_paused_by_trial"] = len(self.paused)
             by_trial.update({f"{k}_by_trial": v for k, v in best.items()})
             by_episodes = {f"{k}_by_episodes": v for k, v in best.items()}
             by_episodes["search/episodes_spent"] = self.watch.episodes
+            by_episodes["search/trials_paused_by_episodes"] = len(self.paused)
             tracker.study_progress(by_trial, finished, by_episodes, self.watch.episodes)
 
         def on_experiment_end(self, trials, **info):

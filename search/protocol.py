@@ -12,6 +12,7 @@ early_stopped  PRUNED    the study's scheduler or stopping rule (``by`` names it
 episode_cap    PRUNED    the study's episode cap (``budget.max_episodes``) was spent
 time_budget    PRUNED    the study's time budget (``budget.time_budget_s``) ran out
 study_ended    PRUNED    the study ended while it ran or waited (its driver stopped, or no event came)
+paused_at_end  PRUNED    the study ended (cap, time, driver) while the freeze_thaw scheduler had it paused
 diverged       FAIL      training diverged (a NaN or infinite loss); retrying would diverge again
 failed         FAIL      the trial raised (its error is the reason)
 ============== ========= =============================================================================
@@ -69,6 +70,7 @@ class Ending(str, Enum):
     EPISODE_CAP = "episode_cap"
     TIME_BUDGET = "time_budget"
     STUDY_ENDED = "study_ended"
+    PAUSED_AT_END = "paused_at_end"
     DIVERGED = "diverged"
     FAILED = "failed"
 
@@ -193,8 +195,11 @@ class TrialOutcome:
         return {"outcome": self.ending.value, "state": self.state.name, "reason": self.reason}
 
 
-def decide(report: TrialReport | None, facts: StudyFacts, error: str | None = None) -> TrialOutcome:
-    """How a finished trial ended, from its last report, the study's facts and the trial's error (if it raised).
+def decide(report: TrialReport | None, facts: StudyFacts, error: str | None = None,
+           paused: bool = False) -> TrialOutcome:
+    """How a finished trial ended, from its last report, the study's facts, the trial's error (if it raised) and
+    whether the scheduler had it paused (a paused trial below its budget ends paused_at_end, whichever study
+    limit ended it: the reason names the limit).
 
     The order matters: an error or a divergence is the trial's own end whatever else happened; a trial at its
     full budget completed; below it, the study's own limits (cap, time) come before the scheduler, because when
@@ -208,12 +213,17 @@ def decide(report: TrialReport | None, facts: StudyFacts, error: str | None = No
         return TrialOutcome(Ending.FAILED, "the trial ended without reporting an evaluation", 0)
     if report is not None and episodes >= facts.max_episodes:
         return TrialOutcome(Ending.COMPLETED, f"trained its full budget of {facts.max_episodes} episodes", episodes)
+    if paused:
+        why = ("the study's episode cap was spent" if facts.cap_spent else "the study's time budget ran out"
+               if facts.time_up else "the study ended")
+        return TrialOutcome(Ending.PAUSED_AT_END, f"paused at {episodes} episodes (checkpoint kept) when {why}",
+                            episodes)
     if facts.cap_spent:
         return TrialOutcome(Ending.EPISODE_CAP, f"the study's episode cap was spent at {episodes} episodes",
                             episodes)
     if facts.time_up:
         return TrialOutcome(Ending.TIME_BUDGET, f"the study's time budget ran out at {episodes} episodes", episodes)
-    if facts.study_ended or facts.scheduler == "none":
+    if facts.study_ended or facts.scheduler in ("none", "freeze_thaw"):  # freeze_thaw pauses, never stops
         return TrialOutcome(Ending.STUDY_ENDED, f"the study ended at {episodes} episodes", episodes)
     return TrialOutcome(Ending.EARLY_STOPPED, f"stopped by the {facts.scheduler} scheduler at {episodes} episodes",
                         episodes)

@@ -69,7 +69,26 @@ def make_scheduler(study: Study):
         return PlateauStopping(time_attr=metrics.EPISODES, metric=primary.metric, mode=primary.mode, max_t=max_t,
                                grace=min(s.grace_episodes, max_t), evidence=StudyEvidence(study),
                                **s.plateau.to_dict())
+    if s.kind == "freeze_thaw":
+        from .schedulers import FreezeThaw
+
+        ft = s.freeze_thaw.to_dict()
+        run = ft.pop("min_run_episodes")
+        grace = min(s.grace_episodes, max_t)
+        return FreezeThaw(time_attr=metrics.EPISODES, metric=primary.metric, mode=primary.mode, max_t=max_t,
+                          max_concurrent=_slots(search), num_samples=search.config.budget.num_samples,
+                          evidence=StudyEvidence(study), grace=grace, min_run=grace if run is None else run, **ft)
     return None
+
+
+def _slots(search: LoadedSearch) -> int:
+    """Trials at once: ``budget.max_concurrent``, else as many as the Ray cluster's CPUs hold."""
+    if search.config.budget.max_concurrent:
+        return search.config.budget.max_concurrent
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1) if ray.is_initialized() else os.cpu_count() or 1
+    return max(1, int(cpus // search.config.resources.cpus_per_trial))
 
 
 def make_searcher(study: Study) -> StudySearch:
@@ -137,15 +156,22 @@ def build_tuner(study: Study, callback, trainable=None, search_alg=None, verbose
     compares searchers through the very same Tuner)."""
     from ray import tune
 
+    from .schedulers import FreezeThaw, SlotLimiter
+
     search = study.search
     budget = search.config.budget
+    scheduler = make_scheduler(study)
+    search_alg = search_alg if search_alg is not None else make_searcher(study)
+    concurrent = budget.max_concurrent
+    if isinstance(scheduler, FreezeThaw):  # a paused trial frees its slot: the scheduler counts the slots
+        search_alg, concurrent = SlotLimiter(search_alg, scheduler), None
     return tune.Tuner(
         trainable if trainable is not None else _trainable(search),
         tune_config=tune.TuneConfig(
-            search_alg=search_alg if search_alg is not None else make_searcher(study),
-            scheduler=make_scheduler(study), trial_name_creator=_ray_trial_name,
+            search_alg=search_alg,
+            scheduler=scheduler, trial_name_creator=_ray_trial_name,
             trial_dirname_creator=_ray_trial_dirname,
-            num_samples=budget.num_samples, max_concurrent_trials=budget.max_concurrent,
+            num_samples=budget.num_samples, max_concurrent_trials=concurrent,
             time_budget_s=budget.time_budget_s, reuse_actors=reuse_actors,
         ),
         run_config=_run_config(study, callback, verbose),
@@ -338,6 +364,7 @@ def status(path: str) -> dict[str, Any]:
     link, command = mlflow_link(study)
     return {"study": study.key, "path": study.path, "num_samples": study.search.config.budget.num_samples,
             "trials": len(ea.trials), "states": states, "outcomes": outcomes, "trial_outcomes": by_trial,
+            "paused": sorted(n for n, o in by_trial.items() if o == "paused"),
             "metric": primary.metric,
             "best": {"value": best[0], "trial": best[2], "config": best[1]} if best else None,
             "tracking_uri": redact("uri", study.tracking_uri), "experiment": study.experiment,

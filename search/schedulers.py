@@ -41,9 +41,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler
+from ray.tune.search import Searcher
 
-from .protocol import DIVERGED_KEY
+from .protocol import DIVERGED_KEY, TRIAL_NUMBER_KEY
 
 CONTINUE, STOP = "CONTINUE", "STOP"
 
@@ -171,6 +173,38 @@ class StudyEvidence:
         return {t.user_attrs[TUNE_TRIAL_ATTR]: sorted((float(k), float(v)) for k, v in t.intermediate_values.items())
                 for t in ot.get_trials(deepcopy=False) if TUNE_TRIAL_ATTR in t.user_attrs}
 
+    def pauses(self) -> dict[str, tuple[float | None, float | None]]:
+        """``{tune trial id: (paused at, last resumed at)}`` (None: not paused / never resumed) of the trials
+        the storage has RUNNING, from the attributes :meth:`mark` writes."""
+        import optuna
+
+        from .searcher import TUNE_TRIAL_ATTR, open_storage, storage_url
+
+        try:
+            ot = optuna.load_study(study_name=self.study.key, storage=open_storage(storage_url(self.study)))
+        except KeyError:
+            return {}
+
+        def num(x):
+            return float(x) if x not in (None, "") else None
+
+        return {t.user_attrs[TUNE_TRIAL_ATTR]: (num(t.user_attrs.get(PAUSED_ATTR)), num(t.user_attrs.get(RESUMED_ATTR)))
+                for t in ot.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+                if TUNE_TRIAL_ATTR in t.user_attrs}
+
+    def mark(self, number: int, paused_at: float | None = None, resumed_at: float | None = None) -> None:
+        """Write a pause (``paused_at``) or a resume (``resumed_at``; clears the pause) on Optuna trial
+        ``number``: the pause state survives a driver restart and shows in optuna-dashboard."""
+        from .searcher import open_storage, storage_url
+
+        storage = open_storage(storage_url(self.study))
+        tid = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(self.study.key), number)
+        if resumed_at is not None:
+            storage.set_trial_user_attr(tid, RESUMED_ATTR, float(resumed_at))
+            storage.set_trial_user_attr(tid, PAUSED_ATTR, "")
+        else:
+            storage.set_trial_user_attr(tid, PAUSED_ATTR, float(paused_at))
+
 
 class PlateauStopping(FIFOScheduler):
     """Tune scheduler around :class:`PlateauRule` (see the module doc)."""
@@ -211,3 +245,383 @@ class PlateauStopping(FIFOScheduler):
 
     def debug_string(self) -> str:
         return f"PlateauStopping: {len(self.rule.stopped)} stopped of {len(self.rule.history)} trials"
+
+
+# --- pause and resume: freeze-thaw on time to click (scheduler.kind: freeze_thaw) ---------------------------
+
+PAUSE = "PAUSE"
+from .searcher import PAUSED_ATTR  # noqa: E402  Optuna user attribute: episodes when paused ("": running)
+RESUMED_ATTR = "mann.resumed_at"  # ... episodes at which it was last resumed
+
+
+@dataclass
+class FreezeThawRule:
+    """Pause-and-resume bookkeeping on plain numbers (``scheduler.kind: freeze_thaw``; tested without Ray).
+
+    A trial is never stopped: it is paused (its checkpoint kept) when the study's own curves say the next episodes
+    buy more elsewhere, and resumed when they say it is its turn again. Each trial, and a fresh one, gets an
+    index, the *chance of ending near the top per episode it still needs*:
+
+    * **click** (as :class:`PlateauRule`): plateau = median of the trials' first three evaluations' median; a
+      trial has clicked once it reached ``click_fraction`` of the way from the plateau to the incumbent.
+    * **time to click, censored**: a Kaplan-Meier survival S(t) of the episodes to click pooled over the study's
+      trials (a trial not clicked yet is censored at its episodes); past the last observed time S decays at the
+      study's mean click hazard (clicks / episodes at risk). An unclicked trial at t clicks before the budget
+      with q = 1 - S(max_t) / S(t); a fresh one with q0 = 1 - S(max_t); both floored at 0.5 / (n + 1) x the
+      share of the budget left (n: trials seen), so a late click the study has not seen yet is not ruled out.
+    * **value after a click**: pi = the share of clicked trials whose best value reached the bar (the incumbent
+      minus the gap: ``margin`` or ``noise_factor`` x the study's evaluation noise), smoothed (k + 0.5) / (n + 1).
+    * **index**: unclicked trial: q pi / (max_t - t); fresh trial: q0 pi / max_t; clicked trial: the share of
+      trials clicked by t whose rise from t on would carry this trial's level (mean of its last two values) over
+      the bar, smoothed, per episode left (1 per episode left when fewer than ``min_refs`` such trials).
+
+    A running trial is paused when its index is below ``pause_ratio`` x the best alternative's (a paused trial,
+    or a fresh one while the searcher has samples left), no earlier than ``grace`` episodes and ``min_run``
+    episodes after it (re)started, and only once ``min_clicked`` trials clicked (before that nothing is known:
+    every trial runs, as FIFO). A free slot goes to the best of the paused trials and a fresh one; once the
+    searcher has no samples left, the paused trials resume best first. Larger values are better."""
+
+    max_t: float
+    grace: float = 0.0
+    min_run: float = 0.0
+    pause_ratio: float = 0.5
+    margin: float = 0.02
+    noise_factor: float = 3.0
+    click_fraction: float = 0.25
+    min_clicked: int = 2
+    min_refs: int = 2
+    history: dict[Any, list[tuple[float, float]]] = field(default_factory=dict)
+    paused: dict[Any, float] = field(default_factory=dict)  # trial -> episodes when paused
+    started: dict[Any, float] = field(default_factory=dict)  # trial -> episodes when it last (re)started
+    pauses: int = 0
+    resumes: int = 0
+
+    # --- evidence --------------------------------------------------------------------------------------------
+
+    def record(self, key: Any, t: float, value: float) -> None:
+        h = [(x, v) for x, v in self.history.get(key, []) if x != float(t)]
+        h.append((float(t), float(value)))
+        self.history[key] = sorted(h)
+
+    def _stats(self) -> PlateauRule:
+        return PlateauRule(max_t=self.max_t, margin=self.margin, noise_factor=self.noise_factor,
+                           click_fraction=self.click_fraction, history=self.history)
+
+    def bar(self) -> float:
+        return self._stats().incumbent() - self._stats().gap()
+
+    def clicks(self) -> dict[Any, float]:
+        """Episodes to click by trial (inf: not clicked yet)."""
+        s = self._stats()
+        if not self.history:
+            return {}
+        level = s.click_level()
+        if s.incumbent() - s.plateau() <= s.gap():  # nothing rose above the noise yet: no click seen
+            return {k: math.inf for k in self.history}
+        return {k: s.click_time(k, level) for k in self.history}
+
+    def survival(self, clicks: dict[Any, float] | None = None):
+        """S(t) = P(episodes to click > t): Kaplan-Meier over the trials, exponential tail past the last time."""
+        clicks = self.clicks() if clicks is None else clicks
+        obs = sorted((c if math.isfinite(c) else self.history[k][-1][0], math.isfinite(c)) for k, c in clicks.items())
+        events = sum(e for _, e in obs)
+        exposure = sum(t for t, _ in obs)
+        hazard = events / exposure if exposure > 0 else 0.0
+        steps: list[tuple[float, float]] = []
+        s, at_risk, i = 1.0, len(obs), 0
+        while i < len(obs):
+            t, d, n = obs[i][0], 0, 0
+            while i < len(obs) and obs[i][0] == t:
+                d += obs[i][1]
+                n += 1
+                i += 1
+            if d:
+                s *= 1.0 - d / at_risk
+                steps.append((t, s))
+            at_risk -= n
+        last = obs[-1][0] if obs else 0.0
+
+        def S(t: float) -> float:
+            v = 1.0
+            for x, sv in steps:
+                if x <= t:
+                    v = sv
+            return v * math.exp(-hazard * max(0.0, t - last))
+
+        return S
+
+    def ready(self, clicks: dict[Any, float] | None = None) -> bool:
+        clicks = self.clicks() if clicks is None else clicks
+        return sum(math.isfinite(c) for c in clicks.values()) >= self.min_clicked
+
+    # --- indices: chance of ending near the top, per episode still needed ------------------------------------
+
+    def _success_after_click(self, clicks: dict[Any, float], bar: float) -> float:
+        reached = [max(v for _, v in self.history[k]) >= bar for k, c in clicks.items() if math.isfinite(c)]
+        return (sum(reached) + 0.5) / (len(reached) + 1)
+
+    def index(self, key: Any, clicks: dict[Any, float] | None = None, S=None) -> float:
+        clicks = self.clicks() if clicks is None else clicks
+        h = self.history[key]
+        t = h[-1][0]
+        left = max(self.max_t - t, 1.0)
+        bar = self.bar()
+        if not math.isfinite(clicks.get(key, math.inf)):
+            S = S or self.survival(clicks)
+            return self._click_chance(S, t, len(clicks)) * self._success_after_click(clicks, bar) / left
+        level = float(np.mean([v for _, v in h[-2:]]))
+        rises = []
+        for k, c in clicks.items():
+            if k == key or not c <= t:
+                continue
+            other = self.history[k]
+            now = [v for x, v in other if x <= t]
+            later = [v for x, v in other if x > t]
+            if now and later:
+                rises.append(max(later) - now[-1])
+        if len(rises) < self.min_refs:
+            return 1.0 / left
+        return (sum(level + r >= bar for r in rises) + 0.5) / (len(rises) + 1) / left
+
+    def _click_chance(self, S, t: float, n: int) -> float:
+        """P(click before max_t | no click by t) from S, plus a floor that shrinks with the trials seen and the
+        episodes left (0.5 / (n + 1) x share of the budget left): a study that saw no late click yet has not
+        ruled one out."""
+        st = S(t)
+        q = max(0.0, 1.0 - S(self.max_t) / st) if st > 0 else 0.0
+        return q + (1.0 - q) * 0.5 / (n + 1) * max(0.0, self.max_t - t) / self.max_t
+
+    def fresh_index(self, clicks: dict[Any, float] | None = None, S=None) -> float:
+        clicks = self.clicks() if clicks is None else clicks
+        S = S or self.survival(clicks)
+        return self._click_chance(S, 0.0, len(clicks)) * self._success_after_click(clicks, self.bar()) / self.max_t
+
+    def best_alternative(self, exclude: Any, can_start_new: bool) -> tuple[Any, float]:
+        """(the paused trial to resume, or None for a fresh one; its index); (None, -1) when there is none."""
+        clicks = self.clicks()
+        S = self.survival(clicks)
+        best: tuple[Any, float] = (None, self.fresh_index(clicks, S) if can_start_new else -1.0)
+        for k in sorted(self.paused, key=str):
+            if k != exclude and k in self.history:
+                i = self.index(k, clicks, S)
+                if i > best[1]:
+                    best = (k, i)
+        return best
+
+    # --- decisions -------------------------------------------------------------------------------------------
+
+    def observe(self, key: Any, t: float, value: float, can_start_new: bool) -> str:
+        """Record one evaluation of a running trial; CONTINUE or PAUSE (larger values are better)."""
+        self.record(key, t, value)
+        self.started.setdefault(key, 0.0)
+        if key in self.paused or t >= self.max_t or t < self.grace or t - self.started[key] < self.min_run:
+            return CONTINUE
+        clicks = self.clicks()
+        if not self.ready(clicks):
+            return CONTINUE
+        S = self.survival(clicks)
+        alt, alt_index = self.best_alternative(key, can_start_new)
+        if alt_index <= 0 or self.index(key, clicks, S) >= self.pause_ratio * alt_index:
+            return CONTINUE
+        self.pause(key, t)
+        return PAUSE
+
+    def pause(self, key: Any, t: float) -> None:
+        self.paused[key] = float(t)
+        self.pauses += 1
+
+    def resume(self, key: Any) -> None:
+        t = self.paused.pop(key, None)
+        if t is not None:
+            self.started[key] = t
+            self.resumes += 1
+
+    def wants_fresh(self) -> bool:
+        """Whether a free slot should go to a fresh trial rather than a paused one."""
+        if not self.paused:
+            return True
+        if not self.ready():
+            return True
+        return self.best_alternative(None, True)[0] is None
+
+    def next_paused(self, among: set | None = None) -> Any:
+        """The paused trial (of ``among``, if given) to resume first: the best index; before any click is seen,
+        the earliest paused."""
+        keys = sorted((k for k in self.paused if among is None or k in among), key=str)
+        if not keys:
+            return None
+        if not self.ready():
+            return min(keys, key=lambda k: self.paused[k])
+        clicks = self.clicks()
+        S = self.survival(clicks)
+        return max(keys, key=lambda k: self.index(k, clicks, S) if k in self.history else 0.0)
+
+
+class FreezeThaw(FIFOScheduler):
+    """Tune scheduler around :class:`FreezeThawRule`: returns PAUSE from ``on_trial_result`` (Tune saves the
+    trial's checkpoint and frees its slot) and picks the paused trial to resume in ``choose_trial_to_run``.
+
+    It needs its searcher wrapped in :class:`SlotLimiter` (``search.runner.build_tuner`` does it): Ray's
+    ConcurrencyLimiter counts a paused trial as running, so no fresh trial would ever take a paused trial's slot.
+
+    **Resume**: like :class:`PlateauStopping`, the evidence (curves, and which trials are paused since when) is
+    read from the study's Optuna storage before the first decision of a driver; pauses and resumes are written
+    there as trial attributes (``mann.paused_at``, ``mann.resumed_at``)."""
+
+    def __init__(self, time_attr: str, metric: str, mode: str, max_t: float, max_concurrent: int, num_samples: int,
+                 evidence: StudyEvidence | None = None, **rule: Any):
+        super().__init__()
+        self._time_attr, self._metric, self._mode = time_attr, metric, mode
+        self.max_concurrent, self.num_samples = max_concurrent, num_samples
+        self.rule = FreezeThawRule(max_t=max_t, **rule)
+        self.evidence = evidence
+        self.synced = False
+        self.live: set[str] = set()  # trials added and not finished (running, pending or paused)
+        self.added: set[str] = set()
+        self.numbers: dict[str, int] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "synced": False}
+
+    def sync(self) -> int:
+        """Merge the study's stored evaluations and pauses into the rule (once per driver); how many points."""
+        self.synced = True
+        if self.evidence is None:
+            return 0
+        n = 0
+        for key, points in self.evidence.history().items():
+            for t, v in points:
+                self.rule.record(key, t, v if self._mode == "max" else -v)
+                n += 1
+        for key, (paused_at, resumed_at) in self.evidence.pauses().items():
+            if paused_at is not None:
+                self.rule.paused[key] = paused_at
+            if resumed_at is not None:
+                self.rule.started[key] = resumed_at
+        return n
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        return True
+
+    # --- slots ---------------------------------------------------------------------------------------------
+
+    def active(self) -> int:
+        """Trials that hold or wait for a slot: live and not paused."""
+        return len(self.live - set(self.rule.paused))
+
+    def can_start_new(self) -> bool:
+        return len(self.added) < self.num_samples
+
+    def admits_new(self) -> bool:
+        """Whether the searcher may start a fresh trial now (asked by :class:`SlotLimiter`)."""
+        if not self.synced:
+            self.sync()
+        return self.active() < self.max_concurrent and self.rule.wants_fresh()
+
+    # --- Tune's scheduler interface ------------------------------------------------------------------------
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        if not self.synced:
+            self.sync()
+        self.added.add(trial.trial_id)
+        if trial.status in (Trial.TERMINATED, Trial.ERROR):  # a finished trial of a restored study
+            return
+        self.live.add(trial.trial_id)
+        number = trial.config.get(TRIAL_NUMBER_KEY)
+        if isinstance(number, int):
+            self.numbers[trial.trial_id] = number
+        if trial.status == Trial.PAUSED:  # restored paused
+            self.rule.paused.setdefault(trial.trial_id, float((trial.last_result or {}).get(self._time_attr, 0)))
+
+    def _gone(self, trial) -> None:
+        self.live.discard(trial.trial_id)
+        self.rule.paused.pop(trial.trial_id, None)
+
+    def on_trial_complete(self, tune_controller, trial, result) -> None:
+        self._gone(trial)
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        self._gone(trial)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self._gone(trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        t, v = result.get(self._time_attr), result.get(self._metric)
+        if not self.synced:
+            self.sync()
+        if t is None or v is None or result.get(DIVERGED_KEY) or not np.isfinite(v):
+            return CONTINUE
+        decision = self.rule.observe(trial.trial_id, float(t), float(v) if self._mode == "max" else -float(v),
+                                     self.can_start_new())
+        if decision == PAUSE:
+            self._mark(trial.trial_id, paused_at=float(t))
+            return FIFOScheduler.PAUSE
+        return CONTINUE
+
+    def choose_trial_to_run(self, tune_controller) -> Trial | None:
+        if not self.synced:
+            self.sync()
+        trials = tune_controller.get_trials()
+        for trial in trials:
+            if trial.status == Trial.PENDING:
+                return trial
+        paused = {t.trial_id: t for t in trials if t.status == Trial.PAUSED}
+        for key in paused:
+            self.rule.paused.setdefault(key, float((paused[key].last_result or {}).get(self._time_attr, 0)))
+        if not paused or self.active() >= self.max_concurrent:
+            return None
+        if self.can_start_new() and self.rule.wants_fresh() and any(t.status == Trial.RUNNING for t in trials):
+            return None  # the searcher fills the slot with a fresh trial (unless it has nothing: then resume)
+        key = self.rule.next_paused(among=set(paused))
+        if key is None:
+            return None
+        self.rule.resume(key)
+        self._mark(key, resumed_at=self.rule.started.get(key, 0.0))
+        return paused[key]
+
+    def _mark(self, key: str, **kw) -> None:
+        if self.evidence is not None and key in self.numbers:
+            try:
+                self.evidence.mark(self.numbers[key], **kw)
+            except Exception:  # the storage down: the pause still happens; a resumed driver sees it from Tune
+                pass
+
+    def debug_string(self) -> str:
+        r = self.rule
+        return f"FreezeThaw: {len(r.paused)} paused now, {r.pauses} pauses, {r.resumes} resumes"
+
+
+class SlotLimiter(Searcher):
+    """At most the scheduler's ``max_concurrent`` trials hold a slot, a paused one not counted; a fresh trial
+    only when :meth:`FreezeThaw.admits_new` says the slot should not go to a paused one. Wraps the searcher."""
+
+    def __init__(self, searcher: Searcher, scheduler: FreezeThaw):
+        super().__init__(metric=searcher.metric, mode=searcher.mode)
+        self.searcher, self.scheduler = searcher, scheduler
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return self.searcher.set_search_properties(metric, mode, config, **spec)
+
+    def suggest(self, trial_id: str):
+        if not self.scheduler.admits_new():
+            return None
+        return self.searcher.suggest(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self.searcher.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.searcher.on_trial_complete(trial_id, result=result, error=error)
+
+    def get_state(self) -> dict:
+        return {}  # no state of its own: the slots are the scheduler's, the samples the searcher's
+
+    def set_state(self, state: dict) -> None:
+        pass
+
+    def save(self, checkpoint_path: str) -> None:
+        self.searcher.save(checkpoint_path)
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.searcher.restore(checkpoint_path)

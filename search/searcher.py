@@ -34,6 +34,7 @@ from .tracking import redact
 log = logging.getLogger("mann_search")
 
 STORAGE_ENV = "MANN_OPTUNA_STORAGE"
+PAUSED_ATTR = "mann.paused_at"  # set by the freeze_thaw scheduler while it has a trial paused (search/schedulers.py)
 TUNE_TRIAL_ATTR = "tune_trial_id"
 NAME_ATTR = "name"
 
@@ -225,8 +226,11 @@ def close_open_trials(study: Study, started: float, last_results: list[dict[str,
     for number, report in reports.items():
         watch.observe(str(number), report)
     running = [t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    paused = {t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING
+              and t.user_attrs.get(PAUSED_ATTR) not in (None, "")}  # the freeze_thaw scheduler's mark
     for number in running:
-        ot.tell(number, reports.get(number), decide(reports.get(number), watch.facts(study_ended=True)))
+        ot.tell(number, reports.get(number), decide(reports.get(number), watch.facts(study_ended=True),
+                                                    paused=number in paused))
     return len(running)
 
 
@@ -238,10 +242,13 @@ def _last_report(trial: optuna.trial.FrozenTrial, metric: str) -> TrialReport | 
 
 
 def trial_outcomes(study: Study) -> dict[str, str]:
-    """``{trial name: outcome}`` from the study's Optuna storage (``running`` while a trial runs or waits)."""
+    """``{trial name: outcome}`` from the study's Optuna storage (``running`` while a trial runs or waits,
+    ``paused`` while the freeze_thaw scheduler has it paused)."""
     out = {}
     for t in OptunaStudy(study).study.get_trials(deepcopy=False):
         name = t.user_attrs.get(NAME_ATTR, f"t{t.number:02d}")
-        out[name] = "running" if t.state == optuna.trial.TrialState.RUNNING else \
-            t.user_attrs.get("outcome", t.state.name.lower())
+        if t.state == optuna.trial.TrialState.RUNNING:
+            out[name] = "paused" if t.user_attrs.get(PAUSED_ATTR) not in (None, "") else "running"
+            continue
+        out[name] = t.user_attrs.get("outcome", t.state.name.lower())
     return out

@@ -280,6 +280,10 @@ class StudyTracker:
         rec.history.append({"step": step, **clean})
         self._queue(trial, "metrics", points=len(clean), metrics=clean, step=step, timestamp=int(time.time() * 1000))
 
+    def trial_tags(self, trial: str, tags: dict[str, str]) -> None:
+        """Tags on a trial's run while it lives (e.g. ``mann.paused``)."""
+        self._queue(trial, "tags", tags=dict(tags))
+
     def trial_finished(self, trial: str, outcome: str, reason: str | None, checkpoint: Path | None,
                        files: dict[str, str] | None = None, figures: dict[str, Callable[[Path], None]] | None = None,
                        status: str = "FINISHED") -> None:

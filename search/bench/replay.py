@@ -60,6 +60,7 @@ METHODS: dict[str, tuple[dict[str, Any], str]] = {
     "tpe+asha": ({"sampler.kind": "tpe", "scheduler.kind": "asha"}, "study"),
     "tpe+median": ({"sampler.kind": "tpe", "scheduler.kind": "median"}, "study"),
     "tpe+plateau": ({"sampler.kind": "tpe", "scheduler.kind": "plateau"}, "study"),
+    "tpe+freeze_thaw": ({"sampler.kind": "tpe", "scheduler.kind": "freeze_thaw"}, "study"),
 }
 FRACTIONS = (0.25, 0.5, 1.0)
 
@@ -171,18 +172,25 @@ def pick_seed(n: int, point: dict[str, Any], salt: int) -> int:
     return int.from_bytes(h[:4], "little") % n
 
 
-def replay_trial(config: dict[str, Any], table: Table, compress: float, salt: int, every: int = 1) -> None:
+def replay_trial(config: dict[str, Any], table: Table, compress: float, salt: int, every: int = 1,
+                 checkpoints: bool = False) -> None:
     """Tune entry point: serve the recorded curve of the configuration nearest to ``config`` (every ``every``-th
-    evaluation, and the last)."""
+    evaluation, and the last). With ``checkpoints`` every report carries a checkpoint (the evaluation's index),
+    and a trial resumed from one (paused, then resumed) goes on after it."""
     from ray import tune
 
     metric = table.search.config.primary.metric
     idx, c = table.curve_of(config, salt)
     curve = table.curves[idx][c]
-    prev = 0.0
+    prev, start = 0.0, 0
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            start = json.loads((Path(d) / "replay.json").read_text())["next"]
+        prev = float(curve["train_s"][start - 1]) if start else 0.0
     n = len(curve["episodes"])
     for i, (episodes, value, train_s) in enumerate(zip(curve["episodes"], curve["objective"], curve["train_s"])):
-        if (i + 1) % every and i + 1 < n and _finite(value):
+        if i < start or ((i + 1) % every and i + 1 < n and _finite(value)):
             continue
         time.sleep(max(0.0, (float(train_s) - prev) * compress))
         prev = float(train_s)
@@ -190,7 +198,13 @@ def replay_trial(config: dict[str, Any], table: Table, compress: float, salt: in
             tune.report(TrialReport(int(episodes), {metric: 0.0 if table.sign > 0 else 1e9}, diverged=True,
                                     failure="the recorded curve diverged").to_result())
             return
-        tune.report(TrialReport(int(episodes), {metric: float(value)}).to_result())
+        result = TrialReport(int(episodes), {metric: float(value)}).to_result()
+        if not checkpoints:
+            tune.report(result)
+            continue
+        with tempfile.TemporaryDirectory(prefix="replay-ckpt-") as d:
+            (Path(d) / "replay.json").write_text(json.dumps({"next": i + 1}))
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
 
 
 # --- one study -----------------------------------------------------------------------------------------------
@@ -217,10 +231,25 @@ def _recorder(run: Run, table: Table, search: LoadedSearch, salt: int):
     class Recorder(Callback):
         def __init__(self):
             self.watch = BudgetWatch.of(search)
+            self.paused_now: set[str] = set()
 
         def on_trial_start(self, iteration, trials, trial, **info):
             if trial.trial_id not in run.started:
                 run.started.append(trial.trial_id)
+
+        def on_step_begin(self, iteration, trials, **info):
+            self._pauses(trials)
+
+        def on_step_end(self, iteration, trials, **info):
+            self._pauses(trials)
+
+        def _pauses(self, trials) -> None:
+            for t in trials:
+                if t.status == "PAUSED" and t.trial_id not in self.paused_now:
+                    self.paused_now.add(t.trial_id)
+                elif t.status in ("PENDING", "RUNNING") and t.trial_id in self.paused_now:
+                    self.paused_now.discard(t.trial_id)
+                    run.resumed[t.trial_id] = run.resumed.get(t.trial_id, 0) + 1
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             report = TrialReport.from_result(result)
@@ -237,10 +266,12 @@ def _recorder(run: Run, table: Table, search: LoadedSearch, salt: int):
                                                "the replay raised")
 
         def on_experiment_end(self, trials, **info):
+            run.paused = sorted(self.paused_now)  # paused and never resumed
             for t in trials:
                 if t.trial_id not in run.ended and t.last_result:
                     run.ended[t.trial_id] = decide(TrialReport.from_result(t.last_result),
-                                                   self.watch.facts(study_ended=True))
+                                                   self.watch.facts(study_ended=True),
+                                                   paused=t.trial_id in self.paused_now)
 
     return Recorder()
 
@@ -251,7 +282,7 @@ def scheduler_overrides(table: Table, kind: str, shipped: SearchConfig | None) -
     for cfg in (shipped, table.search.config):
         if cfg is not None and cfg.scheduler.kind == kind:
             return {"scheduler": cfg.scheduler.to_dict()}
-    if kind == "plateau":
+    if kind in ("plateau", "freeze_thaw"):
         return {"scheduler.grace_episodes": max(1, round(0.15 * table.search.max_episodes))}
     return {}
 
@@ -295,7 +326,8 @@ def run_study(table: Table, method: str, repeat: int, workdir: Path, compress: f
     run = Run()
     searcher = method_searcher(search, study, flavour)
     trainable = tune.with_resources(
-        tune.with_parameters(replay_trial, table=table, compress=compress, salt=repeat, every=every),
+        tune.with_parameters(replay_trial, table=table, compress=compress, salt=repeat, every=every,
+                             checkpoints=search.config.scheduler.kind == "freeze_thaw"),
         {"cpu": 1})
     t0 = time.perf_counter()
     build_tuner(study, _recorder(run, table, search, repeat), trainable=trainable, search_alg=searcher,

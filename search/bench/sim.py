@@ -306,13 +306,15 @@ def run_study_sim(table: Table, method: str, repeat: int, num_samples: int, cap:
                   shipped=None, scheduler: Callable | None = None) -> Run:
     """One study of ``method`` (a ``replay.METHODS`` or :data:`SIM_ONLY` name) on simulated time.
     ``scheduler``: a factory ``study -> scheduler`` replacing the method's (tests; pause-capable schedulers)."""
-    from search import make_scheduler
+    from search import FreezeThaw, SlotLimiter, make_scheduler
 
     slots = table.search.config.budget.max_concurrent or 2
     search, study, flavour = method_study(table, method, repeat, num_samples, cap, shipped,
                                           optuna_storage=f"memory://{uuid.uuid4().hex}", path="/nonexistent/sim")
     searcher = method_searcher(search, study, flavour)
     factory = scheduler or (SIM_ONLY[method][1] if method in SIM_ONLY else make_scheduler)
-    sim = SimStudy(table, searcher, factory(study), search, repeat, slots, every,
-                   limit=search.config.budget.max_concurrent)
+    sched, limit = factory(study), search.config.budget.max_concurrent
+    if isinstance(sched, FreezeThaw):  # as build_tuner does: a paused trial frees its slot
+        searcher, limit = SlotLimiter(searcher, sched), None
+    sim = SimStudy(table, searcher, sched, search, repeat, slots, every, limit=limit)
     return sim.run()

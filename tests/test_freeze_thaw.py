@@ -1,0 +1,319 @@
+"""The pause-and-resume scheduler (``scheduler.kind: freeze_thaw``): the pure rule on hand-made curves, its
+evidence rebuilt from the Optuna storage after a driver restart, and a real trial paused and resumed exactly."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+
+import search  # noqa: F401  (before Ray: token auth)
+from mann.config import ConfigError
+from search.config import load_search_config
+from search.protocol import TRIAL_NUMBER_KEY, Ending, StudyFacts, TrialReport, decide
+from search.schedulers import CONTINUE, PAUSE, FreezeThawRule
+from search.study import Study
+
+from .test_study import search_yaml
+
+M = "val/acc_2plus"
+T = [1500 * i for i in range(1, 21)]  # 1.5k .. 30k
+
+
+def _curve(click: float | None, top: float, plateau: float = 0.45) -> list[float]:
+    if click is None:
+        return [plateau] * len(T)
+    return [plateau + (top - plateau) * min(1.0, max(0.0, (t - click) / 6000)) for t in T]
+
+
+def _rule(**kw) -> FreezeThawRule:
+    return FreezeThawRule(max_t=30000, grace=4500, min_run=4500, **{"noise_factor": 0.0, **kw})
+
+
+def _references(rule: FreezeThawRule, curves: list[list[float]]) -> None:
+    for k, c in enumerate(curves):
+        for t, v in zip(T, c):
+            rule.record(f"ref{k}", t, v)
+
+
+def test_nothing_is_paused_before_clicks_are_seen_nor_without_an_alternative():
+    rule = _rule()
+    for t, v in zip(T, _curve(None, 0)):  # alone, no click anywhere: runs like FIFO
+        assert rule.observe("a", t, v, can_start_new=True) == CONTINUE
+    rule = _rule()
+    _references(rule, [_curve(3000, 0.75), _curve(4500, 0.7), _curve(None, 0)])
+    for t, v in zip(T, _curve(None, 0)):  # a flat trial, but no fresh trial and nothing paused to run instead
+        assert rule.observe("b", t, v, can_start_new=False) == CONTINUE
+
+
+def test_a_flat_trial_is_paused_once_the_study_clicks_early_and_a_clicked_top_trial_runs_on():
+    rule = _rule()
+    _references(rule, [_curve(3000, 0.75), _curve(4500, 0.7), _curve(6000, 0.74), _curve(None, 0)])
+    paused_at = None
+    for t, v in zip(T, _curve(None, 0)):
+        if rule.observe("flat", t, v, can_start_new=True) == PAUSE:
+            paused_at = t
+            break
+    assert paused_at >= 4500 and rule.paused == {"flat": paused_at}
+    for t, v in zip(T, _curve(3000, 0.76)):
+        assert rule.observe("top", t, v, can_start_new=True) == CONTINUE
+    # a paused trial keeps a positive index (it may be resumed), below a fresh trial's here
+    S = rule.survival()
+    assert 0 < rule.index("flat") < rule.fresh_index() and 0 < S(30000) < 1
+    assert rule.wants_fresh() and rule.next_paused() == "flat"
+
+
+def test_late_clicks_in_the_study_make_an_unclicked_trial_worth_resuming():
+    early = _rule()
+    _references(early, [_curve(3000, 0.75), _curve(3000, 0.7), _curve(4500, 0.74), _curve(None, 0)])
+    late = _rule()
+    _references(late, [_curve(3000, 0.75), _curve(16500, 0.76), _curve(18000, 0.77), _curve(None, 0)])
+    for rule in (early, late):
+        for t, v in zip(T[:8], _curve(None, 0)):
+            rule.record("x", t, v)
+    # the chance of clicking before the budget, given no click by 12k, follows the study's click times
+    assert late.index("x") > 3 * early.index("x")
+
+
+def test_kaplan_meier_with_censoring_by_hand():
+    rule = _rule(click_fraction=0.5)
+    for k, (click, n) in enumerate([(3000, 20), (6000, 20), (None, 5), (None, 20)]):  # censored at 7.5k, 30k
+        for t, v in zip(T[:n], _curve(click, 0.85)):
+            rule.record(k, t, v)
+    clicks = rule.clicks()
+    assert clicks[0] == 6000 and clicks[1] == 9000 and math.isinf(clicks[2]) and math.isinf(clicks[3])
+    S = rule.survival(clicks)
+    # at 6k: 1 of 4 at risk clicks -> 3/4; at 9k: the one censored at 7.5k left, 1 of 2 -> 3/8
+    assert S(5999) == 1.0 and S(6000) == pytest.approx(0.75) and S(9000) == pytest.approx(0.375)
+    assert S(30000) == pytest.approx(0.375)  # the last time observed is 30k: no tail
+
+
+def test_the_rule_is_strict_in_yaml(tmp_path):
+    f = search_yaml(tmp_path, scheduler={"kind": "freeze_thaw", "grace_episodes": 160,
+                                         "freeze_thaw": {"pause_ratio": 0.3, "min_run_episodes": 320}})
+    cfg = load_search_config(f).config.scheduler
+    assert cfg.kind == "freeze_thaw" and cfg.freeze_thaw.pause_ratio == 0.3
+    with pytest.raises(ConfigError, match="freeze_thaw.pause_ratoi"):
+        load_search_config(f, ["scheduler.freeze_thaw.pause_ratoi=0.2"])
+    with pytest.raises(ConfigError, match="pause_ratio"):
+        load_search_config(f, ["scheduler.freeze_thaw.pause_ratio=2"])
+
+
+def test_paused_at_the_study_end_is_pruned_with_the_reason():
+    o = decide(TrialReport(160, {M: 0.4}), StudyFacts(480, "freeze_thaw", cap_spent=True), paused=True)
+    assert o.ending == Ending.PAUSED_AT_END and o.state.name == "PRUNED" and "episode cap" in o.reason
+    assert decide(TrialReport(480, {M: 0.4}), StudyFacts(480, "freeze_thaw"), paused=True).ending == Ending.COMPLETED
+    # freeze_thaw never stops: a trial it did not pause ended with the study
+    assert decide(TrialReport(160, {M: 0.4}), StudyFacts(480, "freeze_thaw")).ending == Ending.STUDY_ENDED
+
+
+# --- resume: the evidence (curves and pauses) rebuilt from the Optuna storage ---------------------------------
+
+
+def _study(tmp_path):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    f = search_yaml(tmp_path, scheduler={"kind": "freeze_thaw", "grace_episodes": 90},
+                    budget={"num_samples": 12, "max_concurrent": 3})
+    study = Study.create(load_search_config(f, ["overrides.train.episodes=600", "overrides.train.eval_every=30"]), [],
+                         f"sqlite:///{tmp_path / 'm.db'}")
+    study.local_dir.mkdir(parents=True, exist_ok=True)
+    return study
+
+
+def _results(n: int = 12, steps: int = 20, seed: int = 3):
+    rng = np.random.default_rng(seed)
+    arrivals = []
+    for i in range(n):
+        click, top = rng.integers(2, steps + 6), rng.uniform(0.36, 0.95)
+        for k in range(steps):
+            v = 0.33 + (top - 0.33) * (k >= click) + rng.normal(0, 0.01)
+            arrivals.append((3 * i + k, f"trial_{i}", (k + 1) * 30, float(v)))
+    return [f"trial_{i}" for i in range(n)], [(k, t, v) for _, k, t, v in sorted(arrivals)]
+
+
+class _Controller:
+    def __init__(self, trials):
+        self.trials = trials
+
+    def get_trials(self):
+        return list(self.trials.values())
+
+
+def _drive(scheduler, searcher, trials, results, seen):
+    """Feed results in arrival order (a paused trial's results wait until it is resumed); after each, ask the
+    scheduler which trial to run. Returns the decisions."""
+    from ray.tune.experiment import Trial
+
+    out = []
+    controller = _Controller({k: t for k, t in trials.items() if k in seen})
+    for k, t, v in results:
+        if k not in seen:
+            seen.add(k)
+            controller.trials[k] = trials[k]
+            trials[k].set_status(Trial.RUNNING)
+            scheduler.on_trial_add(controller, trials[k])
+        if trials[k].status != Trial.RUNNING:
+            continue
+        result = TrialReport(t, {M: v}).to_result()
+        d = scheduler.on_trial_result(controller, trials[k], result)
+        searcher.on_trial_result(k, result)
+        out.append((k, t, d))
+        if d == PAUSE:
+            trials[k].set_status(Trial.PAUSED)
+        elif t >= 600:  # its full budget
+            trials[k].set_status(Trial.TERMINATED)
+            scheduler.on_trial_complete(controller, trials[k], result)
+        chosen = scheduler.choose_trial_to_run(controller)
+        if chosen is not None:
+            chosen.set_status(Trial.RUNNING)
+            out.append((chosen.trial_id, "resumed"))
+    return out
+
+
+def _trials(searcher, curves):
+    from ray.tune.experiment import Trial
+
+    trials = {}
+    for k in curves:
+        number = searcher.optuna.study.ask().number
+        searcher.numbers[k] = number
+        searcher.optuna.trial(number).set_user_attr("tune_trial_id", k)
+        trials[k] = Trial("fn", config={TRIAL_NUMBER_KEY: number}, trial_id=k, stub=True)
+    return trials
+
+
+def test_a_resumed_freeze_thaw_scheduler_decides_as_an_uninterrupted_one(tmp_path):
+    from search.runner import make_scheduler, make_searcher
+
+    curves, order = _results()
+    other = _study(tmp_path / "other")
+    searcher = make_searcher(other)
+    whole = _drive(make_scheduler(other), searcher, _trials(searcher, curves), order, set())
+    pauses = [x for x in whole if x[-1] == PAUSE]
+    resumes = [x for x in whole if x[-1] == "resumed"]
+    assert pauses and resumes, "trials must be paused and resumed for this test to mean much"
+
+    study = _study(tmp_path / "study")
+    scheduler = make_scheduler(study)
+    at_start = pickle.dumps(scheduler)  # Tune restores a scheduler as pickled when the study started
+    searcher = make_searcher(study)
+    trials = _trials(searcher, curves)
+    half = len(order) // 2
+    seen: set[str] = set()
+    first = _drive(scheduler, searcher, trials, order[:half], seen)
+    restored = pickle.loads(at_start)
+    assert restored.rule.history == {} and restored.rule.paused == {}
+    for k in seen:  # Tune re-adds the restored trials (paused ones as PAUSED)
+        restored.on_trial_add(_Controller(trials), trials[k])
+    second = _drive(restored, pickle.loads(pickle.dumps(searcher)), trials, order[half:], seen)
+    assert first + second == whole
+    assert any(x[-1] == PAUSE for x in second) and any(x[-1] == "resumed" for x in second)
+    print(f"{len(pauses)} pauses, {len(resumes)} resumes, {len(second)} decisions after the restart")
+    # the pauses are in the storage: Optuna shows them, and status lists the paused trials
+    from search.searcher import trial_outcomes
+
+    stored = restored.evidence.pauses()
+    paused_now = {k for k, (p, _) in stored.items() if p is not None}
+    assert paused_now == set(restored.rule.paused)
+    assert sum(o == "paused" for o in trial_outcomes(study).values()) == len(paused_now)
+
+
+# --- a real trial paused and resumed through Tune ------------------------------------------------------------
+
+
+def test_a_real_trial_is_paused_its_slot_runs_another_and_it_resumes_exactly(tmp_path, omniglot_dir, monkeypatch):
+    """One CPU, one slot, two real trials of the smoke search. The rule is told to pause the first trial at its
+    first evaluation; the second trial then trains in the freed slot; with no samples left the first resumes
+    from its checkpoint and reports, at every evaluation, what the same config trained uninterrupted reports."""
+    import time
+
+    import ray
+    from ray import tune
+
+    from mann.train import Callback, train
+    from search.ray_cluster import connect_ray
+    from search.runner import build_tuner
+    from search.schedulers import FreezeThawRule, StudyEvidence
+    from search.searcher import OptunaStudy
+
+    real_observe = FreezeThawRule.observe
+
+    def observe(self, key, t, value, can_start_new):  # pause the study's first trial once, at its first evaluation
+        decision = real_observe(self, key, t, value, can_start_new)
+        if not self.pauses and t == 160:
+            self.pause(key, t)
+            return PAUSE
+        return decision
+
+    monkeypatch.setattr(FreezeThawRule, "observe", observe)
+    monkeypatch.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    search = load_search_config(search_yaml(tmp_path), [
+        "scheduler.kind=freeze_thaw", "scheduler.grace_episodes=160", "budget.num_samples=2",
+        "budget.max_concurrent=1", "budget.max_failures=0", "selection.enabled=false",
+        "overrides.train.episodes=320", "overrides.train.eval_episodes=16"])
+    study = Study.create(search, [], None, path=str(tmp_path / "tune" / "ft"))
+    study.local_dir.mkdir(parents=True, exist_ok=True)
+
+    events: list[tuple] = []
+    in_optuna: list[tuple] = []
+
+    class Watch(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            events.append(("result", trial.config[TRIAL_NUMBER_KEY], int(result["episodes"]),
+                           {k: result[k] for k in result if k.startswith("val/")}))
+
+        def on_step_end(self, iteration, trials, **info):
+            status = {t.config[TRIAL_NUMBER_KEY]: t.status for t in trials}
+            if events and events[-1][0] == "status" and events[-1][1] == status:
+                return
+            events.append(("status", status))
+            if "PAUSED" in status.values():  # what Optuna holds while a trial is paused
+                ot = OptunaStudy(study).study
+                in_optuna.append({t.number: (t.state.name, t.user_attrs.get("mann.paused_at"),
+                                             sorted(t.intermediate_values)) for t in ot.get_trials()})
+
+    t0 = time.perf_counter()
+    started = connect_ray(num_cpus=1) == "local"
+    try:
+        t1 = time.perf_counter()
+        grid = build_tuner(study, Watch(), verbose=0).fit()
+        t2 = time.perf_counter()
+    finally:
+        if started:
+            ray.shutdown()
+    print(f"ray start {t1 - t0:.0f} s, study {t2 - t1:.0f} s")
+    assert not any(r.error for r in grid)
+    results = [e for e in events if e[0] == "result"]
+    first = [(e[2], e[3]) for e in results if e[1] == 0]
+    second = [e[2] for e in results if e[1] == 1]
+    assert [e for e, _ in first] == [160, 320] and second == [160, 320]
+    order = [e[1] for e in results]
+    assert order == [0, 1, 1, 0], order  # paused after 160; the other trial ran in its slot; resumed
+    statuses = [e[1] for e in events if e[0] == "status"]
+    assert any(s.get(0) == "PAUSED" and s.get(1) == "RUNNING" for s in statuses)
+    assert not any(list(s.values()).count("RUNNING") > 1 for s in statuses)  # one slot
+    # while paused, Optuna has the trial RUNNING with its intermediate value and the pause mark
+    assert in_optuna and in_optuna[0][0] == ("RUNNING", 160.0, [160])
+    assert StudyEvidence(study).pauses() == {}  # both finished: none RUNNING (and paused) any more
+    # the resumed trial reports what the same config reports trained without a pause (same seed)
+    point = {k: v for k, v in grid[0].config.items() if k != TRIAL_NUMBER_KEY} \
+        if grid[0].config[TRIAL_NUMBER_KEY] == 0 else \
+        {k: v for k, v in grid[1].config.items() if k != TRIAL_NUMBER_KEY}
+    cfg = search.trial_config(point, threads=1)
+
+    class Collect(Callback):
+        def __init__(self):
+            self.rows = []
+
+        def on_eval(self, report):
+            self.rows.append((report.episodes, {k: v for k, v in report.metrics().items() if k.startswith("val/")}))
+
+    collect = Collect()
+    train(cfg, callbacks=[collect], out_dir=tmp_path / "plain")
+    assert [e for e, _ in collect.rows] == [160, 320]
+    for (e1, m1), (e2, m2) in zip(first, collect.rows):
+        assert e1 == e2 and m1.keys() == m2.keys()
+        for k in m1:
+            assert m1[k] == pytest.approx(m2[k], abs=1e-6), (e1, k)
