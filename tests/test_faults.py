@@ -50,7 +50,7 @@ def _trial_results(storage) -> dict:
     import json
 
     results = {}
-    for path in storage.glob("smoke-*/run_trial_*/result.json"):
+    for path in storage.glob("smoke-*/t[0-9]*/result.json"):  # trial folders are named after the trial
         lines = [line for line in path.read_text().splitlines() if line.strip()]
         try:
             parsed = [json.loads(line) for line in lines]
