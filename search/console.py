@@ -41,11 +41,14 @@ def trial_lines(study: Study, out: IO[str] | None = None):
             self.started = time.monotonic()
             self.progress = _Progress(study)
             self.out = out
+            self.seen: set[str] = set()  # trials this driver saw run (a resumed study's earlier ones ended before)
 
         def on_trial_start(self, iteration, trials, trial, **info):
+            self.seen.add(trial.trial_id)
             self._print(f"{_name(trial)}  started")
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.seen.add(trial.trial_id)
             self.progress.watch.observe(trial.trial_id, TrialReport.from_result(result))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
@@ -55,8 +58,8 @@ def trial_lines(study: Study, out: IO[str] | None = None):
             self._ended(trials, trial, error=True)
 
         def on_experiment_end(self, trials, **info):
-            for t in trials:  # ended by the study (cap, time budget) without a complete event
-                if t.trial_id not in self.progress.finished and TrialReport.from_result(t.last_result):
+            for t in trials:  # ended by the study (cap, time budget) without a complete event, in this driver
+                if t.trial_id in self.seen and t.trial_id not in self.progress.finished:
                     self._ended(trials, t, error=False, study_ended=True)
 
         def _ended(self, trials, trial, error: bool, study_ended: bool = False) -> None:
