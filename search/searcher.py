@@ -130,6 +130,18 @@ class StudySearch(Searcher):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._connect()
+        self._adopt()
+
+    def _adopt(self) -> None:
+        """Find the study's trials again by their ``tune_trial_id`` attribute: a searcher unpickled from an older
+        state (Tune restores the one pickled when the experiment started) still reports to and tells them."""
+        for t in self.optuna.study.get_trials(deepcopy=False):
+            tune_id = t.user_attrs.get(TUNE_TRIAL_ATTR)
+            if tune_id and tune_id not in self.numbers:
+                self.numbers[tune_id] = t.number
+                self.reported[tune_id] = {int(k) for k in t.intermediate_values}
+                if t.state.is_finished():
+                    self.finished.add(tune_id)
 
     def _trial(self, trial_id: str) -> optuna.Trial:
         """The live Optuna trial of a Tune trial (rebuilt from its number after a driver restart)."""
@@ -190,14 +202,16 @@ class StudySearch(Searcher):
             pickle.dump(self.__getstate__(), f)
 
     def restore(self, checkpoint_path: str) -> None:
-        """After a driver restart: trials the storage already has as finished (told after the searcher's last
-        checkpoint) are not reported to again, and trials the storage has as RUNNING that no Tune trial owns
-        (asked just before the driver died) are marked FAIL, so the Optuna study holds no phantom running
-        trial."""
+        """After a driver restart: trials asked after the searcher's last checkpoint are found again by their
+        ``tune_trial_id`` attribute, trials the storage already has as finished (told after that checkpoint) are
+        not reported to again, and trials the storage has as RUNNING that no Tune trial owns (asked just before
+        the driver died, before the attribute was set) are marked FAIL, so the Optuna study holds no phantom
+        running trial."""
         with open(checkpoint_path, "rb") as f:
             self.__setstate__(pickle.load(f))
+        trials = self.optuna.study.get_trials(deepcopy=False)
         running = self.optuna.running()
-        stored = {t.number for t in self.optuna.study.get_trials(deepcopy=False)}
+        stored = {t.number for t in trials}
         for trial_id, number in self.numbers.items():
             if number in stored and number not in running:
                 self.finished.add(trial_id)  # told after the searcher's last checkpoint
@@ -228,9 +242,15 @@ def close_open_trials(study: Study, started: float, last_results: list[dict[str,
     running = [t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING]
     paused = {t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING
               and t.user_attrs.get(PAUSED_ATTR) not in (None, "")}  # the freeze_thaw scheduler's mark
+    stored = {t.number: t for t in trials}
     for number in running:
-        ot.tell(number, reports.get(number), decide(reports.get(number), watch.facts(study_ended=True),
-                                                    paused=number in paused))
+        report = reports.get(number)
+        value = report.value(ot.metrics[0]) if report is not None and len(ot.metrics) == 1 else None
+        if value is not None and report.episodes not in stored[number].intermediate_values:
+            # Tune stopped the trial on this result (the searcher is not shown it) and the driver ended before
+            # the trial-complete event: Optuna gets the evaluation MLflow has
+            ot.trial(number).report(value, report.episodes)
+        ot.tell(number, report, decide(report, watch.facts(study_ended=True), paused=number in paused))
     return len(running)
 
 

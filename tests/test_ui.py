@@ -17,6 +17,13 @@ from .conftest import BIN, REPO, wait_http
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def _no_tracking_env(monkeypatch):
+    """The study's own SQLite store: an earlier test's mlflow.set_tracking_uri leaves MLFLOW_TRACKING_URI set in
+    this process (MLflow exports it), and resolve_tracking_uri would take the server it names."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 def _study_with_store(tmp_path):
     """A study snapshot and its embedded SQLite MLflow store holding the study's experiment."""
     from mlflow.tracking import MlflowClient
