@@ -206,16 +206,9 @@ class StudyEvidence:
             storage.set_trial_user_attr(tid, PAUSED_ATTR, float(paused_at))
 
 
-class PlateauStopping(FIFOScheduler):
-    """Tune scheduler around :class:`PlateauRule` (see the module doc)."""
-
-    def __init__(self, time_attr: str, metric: str, mode: str, max_t: float,
-                 evidence: StudyEvidence | None = None, **rule: Any):
-        super().__init__()
-        self._time_attr, self._metric, self._mode = time_attr, metric, mode
-        self.rule = PlateauRule(max_t=max_t, **rule)
-        self.evidence = evidence
-        self.synced = False
+class _StoredEvidence:
+    """What a scheduler of ours shares: its rule's evidence read from the study's Optuna storage (``evidence``: a
+    :class:`StudyEvidence`) once per driver, since Tune restores a scheduler as pickled at the study's start."""
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "synced": False}  # a restored scheduler reads the storage again
@@ -231,6 +224,19 @@ class PlateauStopping(FIFOScheduler):
                 self.rule.record(key, t, v if self._mode == "max" else -v)
                 n += 1
         return n
+
+
+class PlateauStopping(_StoredEvidence, FIFOScheduler):
+    """Tune scheduler around :class:`PlateauRule` (see the module doc)."""
+
+    def __init__(self, time_attr: str, metric: str, mode: str, max_t: float,
+                 evidence: StudyEvidence | None = None, **rule: Any):
+        super().__init__()
+        self._time_attr, self._metric, self._mode = time_attr, metric, mode
+        self.rule = PlateauRule(max_t=max_t, **rule)
+        self.evidence = evidence
+        self.synced = False
+
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
         return True  # metric and mode come from the search config
@@ -457,7 +463,7 @@ class FreezeThawRule:
         return max(keys, key=lambda k: self.index(k, clicks, S) if k in self.history else 0.0)
 
 
-class FreezeThaw(FIFOScheduler):
+class FreezeThaw(_StoredEvidence, FIFOScheduler):
     """Tune scheduler around :class:`FreezeThawRule`: returns PAUSE from ``on_trial_result`` (Tune saves the
     trial's checkpoint and frees its slot) and picks the paused trial to resume in ``choose_trial_to_run``.
 
@@ -480,19 +486,11 @@ class FreezeThaw(FIFOScheduler):
         self.added: set[str] = set()
         self.numbers: dict[str, int] = {}
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "synced": False}
-
     def sync(self) -> int:
         """Merge the study's stored evaluations and pauses into the rule (once per driver); how many points."""
-        self.synced = True
+        n = super().sync()
         if self.evidence is None:
-            return 0
-        n = 0
-        for key, points in self.evidence.history().items():
-            for t, v in points:
-                self.rule.record(key, t, v if self._mode == "max" else -v)
-                n += 1
+            return n
         for key, (paused_at, resumed_at) in self.evidence.pauses().items():
             if paused_at is not None:
                 self.rule.paused[key] = paused_at
