@@ -305,9 +305,7 @@ class FreezeThawRule:
     # --- evidence --------------------------------------------------------------------------------------------
 
     def record(self, key: Any, t: float, value: float) -> None:
-        h = [(x, v) for x, v in self.history.get(key, []) if x != float(t)]
-        h.append((float(t), float(value)))
-        self.history[key] = sorted(h)
+        self._stats().record(key, t, value)  # the plateau rule's bookkeeping, on this rule's history
 
     def _stats(self) -> PlateauRule:
         return PlateauRule(max_t=self.max_t, margin=self.margin, noise_factor=self.noise_factor,
