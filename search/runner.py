@@ -162,6 +162,8 @@ def build_tuner(study: Study, callback, trainable=None, search_alg=None, verbose
     budget = search.config.budget
     scheduler = make_scheduler(study)
     search_alg = search_alg if search_alg is not None else make_searcher(study)
+    if isinstance(search_alg, StudySearch):
+        search_alg.tell_on_save = True  # Tune saves it with its experiment state
     concurrent = budget.max_concurrent
     if isinstance(scheduler, FreezeThaw):  # a paused trial frees its slot: the scheduler counts the slots
         search_alg, concurrent = SlotLimiter(search_alg, scheduler), None

@@ -111,6 +111,11 @@ class StudySearch(Searcher):
         self.numbers: dict[str, int] = {}  # Tune trial id -> Optuna trial number
         self.reported: dict[str, set[int]] = {}  # Tune trial id -> episode counts told as intermediate values
         self.finished: set[str] = set()
+        # Tell Optuna how a trial ended only when Tune saves its experiment state (``save``), which by then
+        # records the trial as ended: a driver killed in between resumes with the trial RUNNING in both, so Tune
+        # runs it on and Optuna gets its real end (told at once, a trial Tune resumes would train on in MLflow
+        # while Optuna kept the end told before the kill). Set for the Tune path by ``build_tuner``.
+        self.tell_on_save = False
         self._connect()
 
     # --- the Optuna study (reopened after unpickling: Tune pickles the searcher) ----------------------------
@@ -120,15 +125,17 @@ class StudySearch(Searcher):
         self.storage_display = redact("uri", storage_url(self.study))
         self.watch.restart()
         self._live: dict[str, optuna.Trial] = {}
+        self._ends: list[tuple[str, TrialReport | None, TrialOutcome]] = []  # decided, not told yet
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for k in ("optuna", "_live"):
+        for k in ("optuna", "_live", "_ends"):
             state.pop(k, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("tell_on_save", False)  # pickled before it existed
         self._connect()
         self._adopt()
 
@@ -190,14 +197,23 @@ class StudySearch(Searcher):
         if result:
             self.on_trial_result(trial_id, result)  # Tune hands the last evaluation to on_trial_complete only
         report = TrialReport.from_result(result)
-        outcome = decide(report, self.watch.facts(), "the trial raised" if error else None)
-        try:
-            self.optuna.tell(self.numbers[trial_id], report, outcome)
-        except Exception as exc:  # e.g. already told before a driver restart
-            log.warning("optuna: trial %s not told %s: %s", trial_id, outcome.state.name, exc)
+        self._ends.append((trial_id, report, decide(report, self.watch.facts(), "the trial raised" if error else None)))
         self.finished.add(trial_id)
+        if not self.tell_on_save:
+            self.tell_ends()
+
+    def tell_ends(self) -> None:
+        """Tell Optuna the ends decided since the last call."""
+        while self._ends:
+            trial_id, report, outcome = self._ends.pop(0)
+            try:
+                self.optuna.tell(self.numbers[trial_id], report, outcome)
+            except Exception as exc:  # e.g. already told before a driver restart
+                log.warning("optuna: trial %s not told %s: %s", trial_id, outcome.state.name, exc)
 
     def save(self, checkpoint_path: str) -> None:
+        """Tune saves the searcher right after its experiment state (see ``tell_on_save``)."""
+        self.tell_ends()
         with open(checkpoint_path, "wb") as f:
             pickle.dump(self.__getstate__(), f)
 

@@ -166,3 +166,41 @@ def test_searcher_restored_from_an_older_checkpoint_leaves_trials_the_storage_fi
     assert a.state == optuna.trial.TrialState.COMPLETE and a.value == 0.6
     assert a.intermediate_values == {full // 3: 0.3, full: 0.6}
     assert b.state == optuna.trial.TrialState.COMPLETE and b.value == 0.7
+
+
+def test_searcher_on_tune_tells_an_end_when_tune_saves_the_state_that_records_it(tmp_path):
+    """On Tune (``tell_on_save``, set by build_tuner) a trial's end reaches Optuna when Tune saves the searcher,
+    right after the experiment state that records the end. A driver killed before that resumes the trial in Tune
+    (its state still says running), and Optuna gets the end the trial really had, not the one decided before."""
+    import optuna
+
+    from search.runner import build_tuner, make_searcher
+    from search.searcher import StudySearch, storage_url
+
+    f = search_yaml(tmp_path)
+    study = Study.create(load_search_config(f, []), [], f"sqlite:///{tmp_path / 'm.db'}")
+    study.local_dir.mkdir(parents=True, exist_ok=True)
+    metric = study.search.config.objectives[0].metric
+    full = study.search.max_episodes
+    tuner = build_tuner(study, [])
+    searcher = tuner._local_tuner._tune_config.search_alg
+    assert isinstance(searcher, StudySearch) and searcher.tell_on_save and not make_searcher(study).tell_on_save
+
+    def state():
+        t = optuna.load_study(study_name=study.key, storage=storage_url(study)).get_trials()[0]
+        return t.state, t.value, t.intermediate_values
+
+    searcher.suggest("a")
+    searcher.on_trial_result("a", {metric: 0.3, metrics.EPISODES: full // 3})
+    checkpoint = tmp_path / "searcher.pkl"
+    searcher.save(str(checkpoint))
+    searcher.on_trial_complete("a", {metric: 0.35, metrics.EPISODES: 2 * full // 3})  # stopped early...
+    assert state()[0] == optuna.trial.TrialState.RUNNING  # ...and the driver killed before Tune saved
+    restored = make_searcher(study)
+    restored.restore(str(checkpoint))
+    assert restored.tell_on_save
+    restored.on_trial_result("a", {metric: 0.35, metrics.EPISODES: 2 * full // 3})  # Tune resumes "a"
+    restored.on_trial_complete("a", {metric: 0.8, metrics.EPISODES: full})
+    assert state()[0] == optuna.trial.TrialState.RUNNING
+    restored.save(str(checkpoint))
+    assert state() == (optuna.trial.TrialState.COMPLETE, 0.8, {full // 3: 0.3, 2 * full // 3: 0.35, full: 0.8})
