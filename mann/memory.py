@@ -75,6 +75,22 @@ def read(memory: Tensor, read_weights: Tensor) -> Tensor:
     return torch.bmm(read_weights, memory)
 
 
+def read_entropy(read_weights: Tensor) -> Tensor:
+    """How spread a read is: the entropy of the read weights over the slots, divided by its maximum log N.
+
+    Args:
+        read_weights: ``[..., N]``, each row summing to 1.
+
+    Returns:
+        ``[...]`` in [0, 1]: 1 reads every slot alike, 0 reads one slot (0 where N = 1).
+    """
+    n = read_weights.shape[-1]
+    if n < 2:
+        return read_weights.new_zeros(read_weights.shape[:-1])
+    h = -(read_weights * read_weights.clamp_min(1e-12).log()).sum(-1)
+    return (h / torch.log(torch.tensor(float(n)))).clamp(0.0, 1.0)
+
+
 def update_usage(usage_prev: Tensor, read_weights: Tensor, write_weights: Tensor, gamma: float) -> Tensor:
     """Eq. 5: decayed usage plus this step's reads and writes, summed over heads.
 

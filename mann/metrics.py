@@ -2,8 +2,9 @@
 
 An evaluation on split ``S`` (``val`` during training, ``test`` in selection and reports) is logged as
 ``S/loss``, ``S/acc`` (mean over instances), ``S/acc_2plus`` (mean over the 2nd..K-th instances: the search's
-default objective) and ``S/acc_K`` for the K-th instance of a class in an episode (``S/ci95_K``: its 95 %
-half-width, where given). Training-side names: ``episodes``, ``train/*``, ``time/*_s``, ``model/*``.
+default objective), ``S/acc_K`` for the K-th instance of a class in an episode (``S/ci95_K``: its 95 %
+half-width, where given) and, for a model with memory, ``S/read_entropy`` (how spread its reads are, 0..1:
+``mann.memory.read_entropy``). Training-side names: ``episodes``, ``train/*``, ``time/*_s``, ``model/*``.
 """
 
 from __future__ import annotations

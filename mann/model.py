@@ -156,6 +156,27 @@ class MANN(nn.Module):
         return self.output(torch.stack(feats, dim=1))  # (B, T, out)
 
 
+    @torch.no_grad()
+    def read_weights_by_step(self, inputs: Tensor) -> Tensor:
+        """The read weights of whole episodes, step by step (an evaluation's memory signal; no gradient).
+
+        Args:
+            inputs: ``[B, T, D]`` as :meth:`forward`.
+
+        Returns:
+            ``[B, T, R, N]`` w_r_t; ``[B, T, 0, 0]`` for a model without memory.
+        """
+        B, T, _ = inputs.shape
+        if not self.use_memory:
+            return inputs.new_zeros(B, T, 0, 0)
+        state = self.initial_state(B, inputs.device, inputs.dtype)
+        out = []
+        for x_t in self.input_proj(inputs).unbind(1):
+            state = self.step(x_t, state)
+            out.append(state.read_weights)
+        return torch.stack(out, dim=1)
+
+
 def build_model(model: ModelConfig, task: TaskConfig, image_size: int) -> MANN:
     dim = label_dim(task)
     return MANN(model, input_size=image_size * image_size + dim, output_size=dim)

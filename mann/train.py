@@ -22,6 +22,7 @@ from . import metrics as names
 from .config import ConfigError, DataConfig, OptimConfig, TaskConfig, TrainConfig, replace, train_config_from_dict
 from .episodes import Episode, EpisodeSampler, accuracy_by_instance
 from .model import MANN, build_model, episode_loss, predict
+from .memory import read_entropy
 from .omniglot import Splits, load_omniglot, make_splits
 
 CHECKPOINT_FORMAT = 1
@@ -49,6 +50,9 @@ class EvalResult:
     loss: float
     accuracy_by_instance: list[float]  # index k-1: accuracy at the k-th instance
     ci95: list[float]
+    # A memory signal (mann.memory.read_entropy): how spread the reads are at steps that show a 2nd or later
+    # instance, mean over heads, steps and the first batch's episodes; None for a model without memory.
+    read_entropy: float | None = None
 
     @property
     def accuracy(self) -> float:
@@ -62,7 +66,10 @@ class EvalResult:
 
     def metrics(self) -> dict[str, float]:
         """Flat metrics named after the split evaluated (``val/acc_2``, ``test/ci95_2``...)."""
-        return names.evaluation(self.split, self.accuracy_by_instance, self.loss, self.ci95)
+        out = names.evaluation(self.split, self.accuracy_by_instance, self.loss, self.ci95)
+        if self.read_entropy is not None:
+            out[names.name(self.split, "read_entropy")] = self.read_entropy
+        return out
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -230,17 +237,28 @@ def evaluate(
     model.eval()
     g = torch.Generator().manual_seed(seed)
     per_episode, loss_sum = [], 0.0
-    done = 0
+    done, spread = 0, None
     while done < episodes:
         n = min(batch_size, episodes - done)
         ep = sampler.sample(n, g).to(device)
         logits = model(ep.inputs)
+        if done == 0 and model.use_memory:
+            spread = memory_spread(model.read_weights_by_step(ep.inputs), ep.instance)
         loss_sum += float(episode_loss(logits, ep.labels, task)) * n
         per_episode.append(accuracy_by_instance(predict(logits, task), ep.labels, ep.instance, task.instances))
         done += n
     model.train(was_training)
     mean, ci = mean_ci95(torch.cat(per_episode))
-    return EvalResult(split, episodes, loss_sum / episodes, mean.tolist(), ci.tolist())
+    return EvalResult(split, episodes, loss_sum / episodes, mean.tolist(), ci.tolist(), spread)
+
+
+def memory_spread(read_weights: torch.Tensor, instance: torch.Tensor) -> float | None:
+    """``[B, T, R, N]`` read weights and ``[B, T]`` instance numbers -> the mean read entropy (0..1) over heads
+    and the steps that show a 2nd or later instance (where a read can find the class in memory); None if none."""
+    later = instance >= 2
+    if not bool(later.any()) or read_weights.shape[-1] == 0:
+        return None
+    return float(read_entropy(read_weights).mean(-1)[later].mean())
 
 
 def mean_ci95(acc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

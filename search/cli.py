@@ -152,6 +152,29 @@ def cmd_curves_record(args) -> int:
     return 0
 
 
+def fraction(text: str) -> float:
+    """A budget fraction in (0, 1]."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction of the budget in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction of the budget in (0, 1], got {text!r}")
+    return value
+
+
+def cmd_curves_signals(args) -> int:
+    import json
+
+    from .bench.signals import format_report, table_signals
+
+    report = table_signals(args.tables, tuple(args.at or (0.1, 0.25)), args.boot)
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
+
+
 def cmd_benchmark(args) -> int:
     from pathlib import Path
 
@@ -242,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--draw-seed", type=int, default=0, help="seed of the random draw of configurations")
     rec.add_argument("--limit-s", type=float, default=None, help="start no training after this many seconds")
     rec.set_defaults(fn=cmd_curves_record)
+    sig = cus.add_parser("signals", help="how well each signal early in a curve predicts its end (rank "
+                                         "correlation, AUROC for a click)")
+    sig.add_argument("tables", nargs="+", help="tables written by `mann-search curves record`")
+    sig.add_argument("--at", type=fraction, action="append", default=None, metavar="F",
+                     help="budget fractions to read the signals at (repeat; default 0.1 and 0.25)")
+    sig.add_argument("--boot", type=positive_int, default=2000, help="bootstrap resamples of the intervals")
+    sig.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    sig.set_defaults(fn=cmd_curves_signals)
     be = sub.add_parser("benchmark", help="compare search methods on a table of recorded curves (no training)")
     be.add_argument("--curves", required=True, action="append",
                     help="a table written by `mann-search curves record` (repeat for several tables)")

@@ -28,6 +28,7 @@ def test_recorded_table_has_the_documented_format_and_goes_on_in_legs(tmp_path, 
         assert all(0 <= v <= 1 for v in c["objective"]) and c["train_s"][0] < c["train_s"][1]
         assert c["point"]["model.memory.read_heads"] <= c["point"]["model.memory.slots"]
         assert c["commit"] and c["machine"] and c["command"]
+        assert len(c["read_entropy"]) == 2 and all(0 <= v <= 1 for v in c["read_entropy"])  # the memory signal
     # a second leg with a second seed trains only what is missing
     assert record(SMOKE, TINY, out, configs=2, seeds=2, workers=2) == 2
     _, curves = read_table(out)
@@ -53,3 +54,46 @@ def test_bad_tables_are_named(tmp_path):
     bad.write_text(json.dumps({"format": FORMAT}) + "\n" + json.dumps({"seed": 0}) + "\n")
     with pytest.raises(ConfigError, match=r"t.jsonl:2: curve without config_id"):
         read_table(bad)
+
+
+def test_rank_correlation_and_auroc_hand_computed():
+    from search.bench.signals import auroc, ranks, spearman
+
+    assert ranks([3, 1, 2, 2]).tolist() == [4.0, 1.0, 2.5, 2.5]
+    assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)  # 1 - 6 * 2 / (4 * 15)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    # pairs (positive, negative): 0.35 > 0.1, 0.35 < 0.4, 0.8 > both; a tie counts half
+    assert auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert auroc([0.5, 0.5], [0, 1]) == pytest.approx(0.5)
+
+
+def test_signal_power_sees_an_early_signal_that_points_the_wrong_way():
+    """Five hand-made curves of 4 evaluations over 100 episodes: the ones that start higher end lower, and the
+    read entropy at 25 % orders them the right way."""
+    from search.bench.signals import signal_power
+
+    curves = []
+    for k in range(5):
+        start, end = 0.5 - 0.05 * k, 0.4 + 0.1 * k  # the later a curve starts low, the higher it ends
+        curves.append({"episodes": [25, 50, 75, 100], "objective": [start, start, start, end],
+                       "acc_by_instance": [[0.3, start]] * 4, "val_loss": [1.0] * 4, "train_loss": [1.0] * 4,
+                       "read_entropy": [0.9 - 0.1 * k] * 4})
+    out = signal_power(curves, 100, fractions=(0.25, 1.0), n_boot=200)
+    assert out["used"] == 5 and out["clicked"] == 4  # plateau 0.4, best end 0.8: click level 0.5
+    assert out["signals"]["objective"]["0.25"]["spearman"] == -1.0
+    assert out["signals"]["objective"]["0.25"]["auroc_click"] == 0.0
+    assert out["signals"]["objective"]["1"]["spearman"] == 1.0
+    assert out["signals"]["neg_read_entropy"]["0.25"]["spearman"] == 1.0
+    assert out["signals"]["acc_1"]["0.25"]["spearman"] is None  # constant: no rank correlation
+
+
+def test_signals_of_the_recorded_quickstart_table(capsys):
+    """The recorded quickstart table (real curves): its accuracy at 10 % of the budget is anti-correlated with
+    the final one, which is why ranking trials early misleads (README, "Search benchmark")."""
+    from search.cli import main
+
+    assert main(["curves", "signals", str(REPO / "results" / "curves" / "quickstart.jsonl"), "--boot", "200",
+                 "--json"]) == 0
+    t = json.loads(capsys.readouterr().out)["quickstart"]
+    early, later = t["signals"]["objective"]["0.1"], t["signals"]["objective"]["0.25"]
+    assert t["used"] == 200 and early["ci95"][1] < 0 < later["ci95"][0], t

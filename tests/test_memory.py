@@ -237,3 +237,9 @@ def test_baselines_have_no_memory(kind):
     assert not hasattr(model, "head")
     assert model.output.in_features == 8
     assert model(torch.randn(2, 5, 6)).shape == (2, 5, 3)
+
+
+def test_read_entropy_hand_computed():
+    w = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    assert torch.allclose(mem.read_entropy(w), torch.tensor([1.0, 0.0, 0.5]), atol=1e-6)
+    assert mem.read_entropy(torch.ones(3, 2, 1)).shape == (3, 2) and not mem.read_entropy(torch.ones(2, 1)).any()

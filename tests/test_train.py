@@ -184,6 +184,8 @@ def test_every_model_and_label_kind_trains(kind, labels, omniglot_dir):
         extra.append(f"model.controller.kind={kind}")
     result = train(tiny(*extra))
     assert math.isfinite(result.history[-1]["val/loss"])
+    spread = result.history[-1].get("val/read_entropy")  # the memory signal: only a model with memory has it
+    assert (spread is not None and 0.0 <= spread <= 1.0) if kind == "mann" else spread is None, spread
 
 
 @pytest.mark.slow

@@ -99,6 +99,7 @@ def train_curve(search: LoadedSearch, config_id: int, point: dict[str, Any], see
             "acc_by_instance": [metrics.by_instance(r, "val") for r in rows],
             "objective": [r.get(objective) for r in rows],
             "val_loss": [r.get("val/loss") for r in rows], "train_loss": [r.get("train/loss") for r in rows],
+            "read_entropy": [r.get("val/read_entropy") for r in rows],
             "train_s": [round(r.get("time/train_s", 0.0), 2) for r in rows],
             "wall_s": round(time.perf_counter() - t0, 1), "diverged": diverged, "command": command,
             "commit": git_commit(), "machine": machine(), "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -1,0 +1,161 @@
+"""How well a curve's early signals predict its end (``mann-search curves signals``): the measurement behind
+"ranking trials early by accuracy misleads" and behind any scheduler that would rank on something else.
+
+An instrument over a recorded curves table (real learning curves, ``mann-search curves record``), not a test
+double. For each curve and each budget fraction f (10 % and 25 % by default) it reads every signal at the last
+evaluation at or before f of the table's budget, and the objective at the curve's end. Per signal and fraction:
+
+* **rank correlation** (Spearman, ties ranked by their mean) of the signal with the final objective, with a 95 %
+  bootstrap interval over the curves;
+* **AUROC for "will click"**: the chance that a curve that clicks has a higher signal than one that does not
+  (ties count half). A curve *clicks* as in the plateau rule (``search.schedulers.PlateauRule``): its final value
+  reaches ``click_fraction`` (0.25) of the way from the plateau (the median over curves of their first three
+  evaluations' median) to the best final value of the table.
+
+Signals, each oriented so that higher should mean better: ``objective`` (the search's objective), ``acc_1`` (the
+accuracy at the 1st instance: what the controller learns without the memory), ``neg_val_loss``,
+``neg_train_loss`` and ``neg_read_entropy`` (the memory's reads sharpening; recorded since 2026-12-06, absent from
+older tables). A signal a table does not have is left out.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+from .stats import interval, resample_index
+
+FRACTIONS = (0.1, 0.25)
+CLICK_FRACTION = 0.25  # as search.config.PlateauConfig.click_fraction
+
+
+def _neg(x):
+    return None if x is None else -float(x)
+
+
+SIGNALS: dict[str, Callable[[dict[str, Any], int], float | None]] = {
+    "objective": lambda c, i: c["objective"][i],
+    "acc_1": lambda c, i: c["acc_by_instance"][i][0] if c.get("acc_by_instance") else None,
+    "neg_val_loss": lambda c, i: _neg(c["val_loss"][i]) if c.get("val_loss") else None,
+    "neg_train_loss": lambda c, i: _neg(c["train_loss"][i]) if c.get("train_loss") else None,
+    "neg_read_entropy": lambda c, i: _neg(c["read_entropy"][i]) if c.get("read_entropy") else None,
+}
+
+
+def ranks(x) -> np.ndarray:
+    """1-based ranks of a 1-D array, tied values given their mean rank."""
+    x = np.asarray(x, dtype=float)
+    r = np.empty(len(x))
+    r[np.argsort(x, kind="stable")] = np.arange(1, len(x) + 1)
+    _, inv = np.unique(x, return_inverse=True)
+    return (np.bincount(inv, r) / np.bincount(inv))[inv]
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation (NaN if either side is constant)."""
+    rx, ry = ranks(np.asarray(x, dtype=float)), ranks(np.asarray(y, dtype=float))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    den = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
+    return float((rx * ry).sum() / den) if den > 0 else math.nan
+
+
+def auroc(scores, positive) -> float:
+    """P(score of a positive > score of a negative), ties half (Mann-Whitney U / n_pos n_neg); NaN without both."""
+    s, p = np.asarray(scores, dtype=float), np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(p.sum()), int((~p).sum())
+    if not n_pos or not n_neg:
+        return math.nan
+    r = ranks(s)
+    return float((r[p].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _at(curve: dict[str, Any], budget: float) -> int | None:
+    """Index of the last evaluation at or before ``budget`` episodes (None: none yet)."""
+    eps = curve["episodes"]
+    idx = [i for i, e in enumerate(eps) if e <= budget + 1e-9]
+    return idx[-1] if idx else None
+
+
+def click_labels(finals: np.ndarray, firsts: np.ndarray, click_fraction: float = CLICK_FRACTION) -> tuple[np.ndarray, float]:
+    """(clicked per curve, the click level) from the final values and each curve's first-three median."""
+    plateau = float(np.median(firsts))
+    level = plateau + click_fraction * (float(np.max(finals)) - plateau)
+    return finals >= level, level
+
+
+def signal_power(curves: list[dict[str, Any]], budget: float, fractions=FRACTIONS, n_boot: int = 2000,
+                 seed: int = 0) -> dict[str, Any]:
+    """The report of the module doc for one table's curves (``budget``: the table's full episodes)."""
+    usable = [c for c in curves if not c.get("diverged") and c["objective"] and c["objective"][-1] is not None
+              and c["episodes"][-1] >= budget - 1e-9]
+    finals = np.array([float(c["objective"][-1]) for c in usable])
+    firsts = np.array([float(np.median([v for v in c["objective"][:3] if v is not None])) for c in usable])
+    clicked, level = click_labels(finals, firsts)
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {"curves": len(curves), "used": len(usable), "budget": budget,
+                           "click_level": round(level, 4), "clicked": int(clicked.sum()), "signals": {}}
+    for name, read in SIGNALS.items():
+        per: dict[str, Any] = {}
+        for f in fractions:
+            vals, keep = [], []
+            for k, c in enumerate(usable):
+                i = _at(c, f * budget)
+                v = read(c, i) if i is not None else None
+                if v is not None and math.isfinite(float(v)):
+                    vals.append(float(v))
+                    keep.append(k)
+            if len(keep) < 3:
+                continue
+            v, fin, clk = np.array(vals), finals[keep], clicked[keep]
+            idx = resample_index(len(v), n_boot, rng)
+            boots = np.array([spearman(v[j], fin[j]) for j in idx])
+            lo, hi = interval(boots[np.isfinite(boots)]) if np.isfinite(boots).any() else (math.nan, math.nan)
+            per[f"{f:g}"] = {"n": len(keep), "spearman": _r(spearman(v, fin)), "ci95": [_r(lo), _r(hi)],
+                             "auroc_click": _r(auroc(v, clk))}
+        if per:
+            out["signals"][name] = per
+    return out
+
+
+def _r(x: float):
+    return None if x is None or not math.isfinite(float(x)) else round(float(x), 3)
+
+
+def table_signals(paths: list[str], fractions=FRACTIONS, n_boot: int = 2000) -> dict[str, Any]:
+    """``{table name: signal_power(...)}`` for tables written by ``mann-search curves record``."""
+    from .curves import read_table
+
+    out = {}
+    for path in paths:
+        header, curves = read_table(path)
+        budget = max(max(c["episodes"]) for c in curves if c["episodes"])
+        out[header.get("name", str(path))] = signal_power(curves, budget, fractions, n_boot)
+    return out
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = []
+    for name, t in report.items():
+        lines.append(f"{name}: {t['used']} of {t['curves']} curves ran the full {t['budget']:g} episodes; "
+                     f"{t['clicked']} clicked (final >= {t['click_level']:.3f})")
+        fr = sorted({f for s in t["signals"].values() for f in s}, key=float)
+        lines.append(f"  {'signal':18s}" + "".join(f"  {'at ' + format(float(f), '.0%') + ': spearman':>16s} {'[95% CI]':14s}  auroc"
+                                                   for f in fr))
+        for sig, per in t["signals"].items():
+            row = f"  {sig:18s}"
+            for f in fr:
+                p = per.get(f)
+                if p is None:
+                    row += " " * 43
+                    continue
+                lo, hi = p["ci95"]
+                auc = "  n/a" if p["auroc_click"] is None else f"{p['auroc_click']:.2f}"
+                row += f"  {_fmt(p['spearman']):>16s} [{_fmt(lo)}, {_fmt(hi)}]  {auc:>5s}"
+            lines.append(row)
+    return "\n".join(lines)
+
+
+def _fmt(x) -> str:
+    return "  n/a" if x is None else f"{x:+.2f}"
