@@ -29,7 +29,7 @@ from .study import SearchError, Study, git_commit
 _LAZY = {
     "run": "runner", "resume": "runner", "status": "runner", "build_tuner": "runner", "restore_tuner": "runner",
     "make_searcher": "runner", "make_scheduler": "runner", "StudyOutcome": "runner", "EpisodeBudget": "runner",
-    "StudySearch": "searcher", "OptunaStudy": "searcher", "storage_url": "searcher", "open_study": "searcher",
+    "StudySearch": "searcher", "OptunaStudy": "searcher", "warm_start": "searcher", "storage_url": "searcher", "open_study": "searcher",
     "trial_outcomes": "searcher",
     "suggest": "space", "make_sampler": "space", "DefineByRun": "space",
     "PlateauRule": "schedulers", "PlateauStopping": "schedulers", "StudyEvidence": "schedulers",

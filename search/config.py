@@ -169,6 +169,9 @@ class OptunaConfig(Section):
     # The Optuna study's RDB storage (an SQLAlchemy URL). None: MANN_OPTUNA_STORAGE, else SQLite in the study's
     # folder (optuna.db). Read by `optuna.load_study` and optuna-dashboard.
     storage: str | None = None
+    # Studies whose finished trials seed this one's sampler (their folders, as `mann-search run` printed them):
+    # see search.searcher.warm_start. Copied once, when the study starts; never trained again.
+    warm_start: list[str] = Field(default_factory=list)
 
 
 class SelectionConfig(Section):

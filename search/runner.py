@@ -23,7 +23,7 @@ from .lineage import make_callback
 from .ray_cluster import check_ray_address, connect_ray
 from .schedulers import StudyEvidence
 from .protocol import sampled_point, trial_dirname, trial_name
-from .searcher import StudySearch, close_open_trials, storage_url, trial_outcomes
+from .searcher import StudySearch, close_open_trials, storage_url, trial_outcomes, warm_sources, warm_start
 from .space import make_sampler
 from .study import SearchError, Study
 from .tracking import StudyTracker, check_tracking_uri, redact, resolve_tracking_uri, ui_link
@@ -245,8 +245,12 @@ def run(config_file: str, overrides: list[str] | None = None, verbose: bool = Fa
     from mann.omniglot import load_omniglot
 
     load_omniglot(search.base.data)  # data present and cached before trials start
+    sources = warm_sources(search)  # checked before anything is created
     study = Study.create(search, overrides, uri)
     study.save()
+    if sources:
+        for key, n in warm_start(study, sources).items():
+            print(f"warm start: {n} finished trials of {key} seed the sampler")
     return _fit(study, fresh=True, verbose=verbose)
 
 

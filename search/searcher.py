@@ -19,16 +19,19 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import warnings
 import weakref
 from typing import Any
 
 import optuna
 from ray.tune.search import Searcher
 
+from mann.config import ConfigError
+
 from .protocol import TRIAL_NUMBER_KEY, BudgetWatch, Ending, TrialOutcome, TrialReport, decide, trial_name
 from .space import suggest
 from .storage import open_storage as open_rdb_storage
-from .study import Study
+from .study import SearchError, Study
 from .tracking import redact
 
 log = logging.getLogger("mann_search")
@@ -270,6 +273,103 @@ def close_open_trials(study: Study, started: float, last_results: list[dict[str,
     return len(running)
 
 
+WARM_ATTR = "mann.warm_start_from"  # a trial copied from an earlier study (its key), never run in this one
+
+
+def warm_sources(search, sources: list[str] | None = None) -> list[Study]:
+    """The earlier studies of ``optuna.warm_start`` (checked before a study is created): each must be a study
+    folder whose objectives are ``search``'s; the error names the entry."""
+    objectives = [(o.metric, o.mode) for o in search.config.objectives]
+    out = []
+    for i, source in enumerate(sources if sources is not None else search.config.optuna.warm_start):
+        where = f"optuna.warm_start[{i}]: {source}"
+        try:
+            old = Study.load(source, note_changes=False)
+        except SearchError as exc:
+            raise SearchError(f"{where}: {exc}") from None
+        if [(o.metric, o.mode) for o in old.search.config.objectives] != objectives:
+            raise SearchError(f"{where}: its objectives {[o.metric for o in old.search.config.objectives]} are "
+                              f"not this study's {[m for m, _ in objectives]}")
+        out.append(old)
+    return out
+
+
+def warm_start(study: Study, sources: list[Study] | None = None) -> dict[str, int]:
+    """Seed a new study's Optuna study with the finished trials of earlier studies (``optuna.warm_start``; see
+    :func:`warm_sources`), so its sampler starts from their evidence instead of from random points: each
+    COMPLETE trial with its value and each PRUNED one with its intermediate values, marked with
+    :data:`WARM_ATTR`. A trial is copied only when the configuration it trained is a point of this study's
+    space: a parameter this space searches and the earlier study fixed takes the earlier base's value, one this
+    space fixes must have had that value, and every value must lie in this space's ranges. Copied trials are
+    never trained and are not trials of this study (status, outcomes and selection leave them out); this
+    study's own trials are numbered after them. Returns ``{source study key: trials copied}``."""
+    from .config import base_value
+
+    ot = OptunaStudy(study)
+    if ot.study.get_trials(deepcopy=False):
+        raise SearchError(f"study {study.key}: a warm start goes into a new study only")
+    copied = {}
+    for old in sources if sources is not None else warm_sources(study.search):
+        try:
+            trials = OptunaStudy(old).study.get_trials(deepcopy=False, states=(
+                optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+        except KeyError:
+            trials = []
+        n = 0
+        for t in trials:
+            if WARM_ATTR in t.user_attrs:
+                continue  # copied into that study from another: copy from its own source
+            point = _point_in(study, old, t.params, base_value)
+            if point is None:
+                continue
+            fixed = optuna.trial.FixedTrial(point)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # out-of-range values are checked just below
+                    values = suggest(fixed, study.search)
+            except (ValueError, ConfigError):
+                continue
+            if any(point.get(k) != v for k, v in values.items()) or not all(
+                    _contains(d, values[k]) for k, d in fixed.distributions.items()):
+                continue
+            ot.study.add_trial(optuna.trial.create_trial(
+                state=t.state, params=values, distributions=fixed.distributions,
+                values=t.values if t.state == optuna.trial.TrialState.COMPLETE else None,
+                intermediate_values=dict(t.intermediate_values),
+                user_attrs={WARM_ATTR: old.key, NAME_ATTR: t.user_attrs.get(NAME_ATTR, f"t{t.number:02d}"),
+                            **{k: v for k, v in t.user_attrs.items() if k.startswith("outcome")}}))
+            n += 1
+        copied[old.key] = n
+    return copied
+
+
+def _point_in(study: Study, old: Study, params: dict[str, Any], base_value) -> dict[str, Any] | None:
+    """The earlier trial's configuration as a point of ``study``'s space, or None if it is not one."""
+    point = {}
+    for path in study.search.config.space:
+        if path in params:
+            point[path] = params[path]
+            continue
+        try:
+            point[path] = base_value(old.search.base_tree, path)  # fixed in the earlier study
+        except KeyError:
+            pass  # not in that base: only a parameter inactive here (a condition) may lack it
+    for path, value in params.items():
+        if path not in study.search.config.space:
+            try:
+                if base_value(study.search.base_tree, path) != value:
+                    return None  # this study fixes it elsewhere
+            except KeyError:
+                return None
+    return point
+
+
+def _contains(dist: optuna.distributions.BaseDistribution, value: Any) -> bool:
+    if isinstance(dist, (optuna.distributions.IntDistribution, optuna.distributions.FloatDistribution)):
+        return dist.low <= value <= dist.high
+    return True  # categorical: FixedTrial refused a value outside the choices
+
+
 def _last_report(trial: optuna.trial.FrozenTrial, metric: str) -> TrialReport | None:
     if not trial.intermediate_values:
         return None
@@ -282,6 +382,8 @@ def trial_outcomes(study: Study) -> dict[str, str]:
     ``paused`` while the freeze_thaw scheduler has it paused)."""
     out = {}
     for t in OptunaStudy(study).study.get_trials(deepcopy=False):
+        if WARM_ATTR in t.user_attrs:
+            continue  # copied from an earlier study (warm_start)
         name = t.user_attrs.get(NAME_ATTR, f"t{t.number:02d}")
         if t.state == optuna.trial.TrialState.RUNNING:
             out[name] = "paused" if t.user_attrs.get(PAUSED_ATTR) not in (None, "") else "running"

@@ -204,3 +204,57 @@ def test_searcher_on_tune_tells_an_end_when_tune_saves_the_state_that_records_it
     assert state()[0] == optuna.trial.TrialState.RUNNING
     restored.save(str(checkpoint))
     assert state() == (optuna.trial.TrialState.COMPLETE, 0.8, {full // 3: 0.3, 2 * full // 3: 0.35, full: 0.8})
+
+
+def test_warm_start_copies_the_finished_trials_that_are_points_of_the_new_space(tmp_path):
+    """A second study seeded with the first's trials (``optuna.warm_start``): a trial is copied, with its value
+    or intermediate values, only if the configuration it trained lies in the new space."""
+    import optuna
+
+    from search.runner import make_searcher
+    from search.searcher import WARM_ATTR, OptunaStudy, trial_outcomes, warm_sources, warm_start
+
+    (tmp_path / "a").mkdir()
+    first = Study.create(load_search_config(search_yaml(tmp_path / "a"), []), [], f"sqlite:///{tmp_path / 'a.db'}")
+    first.save()
+    metric, full = first.search.config.objectives[0].metric, first.search.max_episodes
+    fixed = {"model.memory.slots": 16, "model.memory.read_heads": 1, "model.memory.gamma": 0.9,
+             "model.controller.hidden": 32}
+    points = [(16, 2e-3, "done"), (8, 2e-3, "done"), (16, 5e-3, "pruned"), (16, 1.5e-3, "pruned"), (16, 2e-3, "")]
+    searcher = make_searcher(first)
+    for i, (width, lr, end) in enumerate(points):
+        OptunaStudy(first).study.enqueue_trial({**fixed, "model.memory.width": width, "train.lr": lr})
+        tid = f"t{i}"
+        searcher.suggest(tid)
+        searcher.on_trial_result(tid, {metric: 0.3 + i / 100, metrics.EPISODES: full // 3})
+        if end:
+            searcher.on_trial_complete(tid, {metric: 0.5 + i / 100, metrics.EPISODES: full if end == "done" else
+                                             2 * full // 3})
+
+    # the second study: a narrower learning rate, the memory width fixed at the base's 16
+    space = yaml.safe_load((REPO / "configs" / "search" / "smoke.yaml").read_text())["space"]
+    space.pop("model.memory.width")
+    space["train.lr"] = {"type": "float", "low": 1e-3, "high": 3e-3, "log": True}
+    (tmp_path / "b").mkdir()
+    loaded = load_search_config(search_yaml(tmp_path / "b", space=space,
+                                            optuna={"warm_start": [str(first.local_dir)]}), [])
+    assert loaded.base.model.memory.width == 16
+    second = Study.create(loaded, [], f"sqlite:///{tmp_path / 'b.db'}")
+    second.save()
+    assert warm_start(second) == {first.key: 2}  # (8, ...) and lr 5e-3 are not points of the new space
+    trials = OptunaStudy(second).study.get_trials()
+    assert [t.user_attrs[WARM_ATTR] for t in trials] == [first.key] * 2
+    assert [(t.state, t.params["train.lr"]) for t in trials] == [(optuna.trial.TrialState.COMPLETE, 2e-3),
+                                                                 (optuna.trial.TrialState.PRUNED, 1.5e-3)]
+    assert trials[0].value == 0.5 and trials[1].intermediate_values == {full // 3: 0.3 + 3 / 100, 2 * full // 3: 0.53}
+    assert "model.memory.width" not in trials[0].params and trial_outcomes(second) == {}
+    config = make_searcher(second).suggest("new")  # this study's own trials come after the copied ones
+    assert config["trial_number"] == 2
+    with pytest.raises(SearchError, match="warm start goes into a new study only"):
+        warm_start(second)
+
+    with pytest.raises(SearchError, match=r"optuna.warm_start\[0\]: .*nowhere: no study here"):
+        warm_sources(loaded, [str(tmp_path / "nowhere")])
+    other = load_search_config(search_yaml(tmp_path / "b", objectives=[{"metric": "val/acc_2", "mode": "max"}]), [])
+    with pytest.raises(SearchError, match=r"optuna.warm_start\[0\]: .*objectives \['val/acc_2plus'\]"):
+        warm_sources(other, [str(first.local_dir)])
