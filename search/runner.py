@@ -249,6 +249,7 @@ def run(config_file: str, overrides: list[str] | None = None, verbose: bool = Fa
     study = Study.create(search, overrides, uri)
     study.save()
     if sources:
+        quiet_libraries(verbose)  # Optuna's "A new study created" lines
         for key, n in warm_start(study, sources).items():
             print(f"warm start: {n} finished trials of {key} seed the sampler")
     return _fit(study, fresh=True, verbose=verbose)
