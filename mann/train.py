@@ -51,7 +51,7 @@ class EvalResult:
     accuracy_by_instance: list[float]  # index k-1: accuracy at the k-th instance
     ci95: list[float]
     # A memory signal (mann.memory.read_entropy): how spread the reads are at steps that show a 2nd or later
-    # instance, mean over heads, steps and the first batch's episodes; None for a model without memory.
+    # instance, mean over heads, steps and the first SIGNAL_EPISODES episodes; None for a model without memory.
     read_entropy: float | None = None
 
     @property
@@ -243,13 +243,17 @@ def evaluate(
         ep = sampler.sample(n, g).to(device)
         logits = model(ep.inputs)
         if done == 0 and model.use_memory:
-            spread = memory_spread(model.read_weights_by_step(ep.inputs), ep.instance)
+            spread = memory_spread(model.read_weights_by_step(ep.inputs[:SIGNAL_EPISODES]),
+                                   ep.instance[:SIGNAL_EPISODES])
         loss_sum += float(episode_loss(logits, ep.labels, task)) * n
         per_episode.append(accuracy_by_instance(predict(logits, task), ep.labels, ep.instance, task.instances))
         done += n
     model.train(was_training)
     mean, ci = mean_ci95(torch.cat(per_episode))
     return EvalResult(split, episodes, loss_sum / episodes, mean.tolist(), ci.tolist(), spread)
+
+
+SIGNAL_EPISODES = 16  # episodes of an evaluation's first batch that the memory signal is read on (it runs step by step)
 
 
 def memory_spread(read_weights: torch.Tensor, instance: torch.Tensor) -> float | None:
