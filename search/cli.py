@@ -105,8 +105,10 @@ def cmd_select(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from .console import quiet_libraries
     from .runner import status
 
+    quiet_libraries(False)  # Optuna's "Using an existing study" line
     info = status(args.path)
     if args.json:
         print(json.dumps(info, default=str))

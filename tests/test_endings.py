@@ -69,6 +69,7 @@ def test_the_episode_cap_and_a_failing_trial_end_every_run_with_its_outcome(tmp_
 
     status = mann_search("status", str(study_dir), "--json")
     assert status.returncode == 0, status.stderr[-2000:]
+    assert "Using an existing study" not in status.stderr  # the libraries kept quiet
     info = json.loads(status.stdout)
     assert sum(info["outcomes"].values()) == len(trials) and "running" not in info["outcomes"]
     assert info["trial_outcomes"] == {c.data.tags["mlflow.runName"]: c.data.tags["mann.outcome"] for c in children}
