@@ -51,8 +51,8 @@ def run_command(prog: str, args: argparse.Namespace, usage_errors: tuple[type[Ba
     except failures as exc:
         print(f"{prog}: {one_line(str(exc))}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"{prog}: {interrupted}", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # a message of its own (where to go on) replaces the generic one
+        print(f"{prog}: {exc or interrupted}", file=sys.stderr)
         return 130
 
 

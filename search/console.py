@@ -32,8 +32,9 @@ def print_start(study: Study, fresh: bool, out: IO[str] | None = None) -> None:
     print(f"  MLflow: {where}", file=out or sys.stdout, flush=True)
 
 
-def trial_lines(study: Study, out: IO[str] | None = None):
-    """The Tune callback printing a study's trial lines (to ``out``, default stdout)."""
+def trial_lines(study: Study, out: IO[str] | None = None, interrupted=None):
+    """The Tune callback printing a study's trial lines (to ``out``, default stdout); ``interrupted``: an Event
+    set when the user stopped the driver (its running trials go on at ``mann-search resume``: no end line)."""
     from ray import tune
 
     class TrialLines(tune.Callback):
@@ -58,6 +59,8 @@ def trial_lines(study: Study, out: IO[str] | None = None):
             self._ended(trials, trial, error=True)
 
         def on_experiment_end(self, trials, **info):
+            if interrupted is not None and interrupted.is_set():
+                return
             for t in trials:  # ended by the study (cap, time budget) without a complete event, in this driver
                 if t.trial_id in self.seen and t.trial_id not in self.progress.finished:
                     self._ended(trials, t, error=False, study_ended=True)
@@ -163,6 +166,8 @@ def quiet_libraries(verbose: bool) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # MLflow sets its loggers' level when first imported ("Creating initial MLflow database tables...")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # "🏃 View run ... at: URL" and "🧪 View experiment" on stdout whenever a run on a tracking server ends
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     for name in ("mlflow", "optuna", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:

@@ -19,8 +19,10 @@ from .study import Study, git_commit, versions
 from .tracking import StudyTracker, redact
 
 
-def make_callback(tracker: StudyTracker, study: Study, fresh: bool):
-    """The callback of one driver process (a resumed study gets a new one: see ``__reduce__``)."""
+def make_callback(tracker: StudyTracker, study: Study, fresh: bool, interrupted=None):
+    """The callback of one driver process (a resumed study gets a new one: see ``__reduce__``).
+    ``interrupted``: an Event set when the user stopped the driver (the study is left for ``mann-search
+    resume``: its trials are not finished at the experiment's end)."""
     from ray import tune
 
     class MlflowLineage(tune.Callback):
@@ -119,6 +121,9 @@ def make_callback(tracker: StudyTracker, study: Study, fresh: bool):
             tracker.study_progress(by_trial, finished, by_episodes, self.watch.episodes)
 
         def on_experiment_end(self, trials, **info):
+            if interrupted is not None and interrupted.is_set():  # a leg ends, not the study
+                tracker.flush()
+                return
             for t in trials:  # ended by the study (cap, time budget, driver end) without a complete event
                 if t.trial_id not in self.outcomes and t.trial_id in tracker.trials:
                     self._finish(trials, t, None, study_ended=True)

@@ -6,14 +6,17 @@ Every Ray Tune call of the driver is here (the Ray connection is in ``ray_cluste
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ray.tune import Stopper
+from ray.tune import Callback, Stopper
 
 from mann import metrics
 
@@ -267,6 +270,31 @@ def tracker_for(study: Study) -> StudyTracker:
                         artifact_root=study.artifact_root, study_path=study.local_dir)
 
 
+class Interruption(Callback):
+    """Knows whether the user stopped the driver (Ctrl-C, SIGINT or SIGUSR1). Tune's own handler then ends the
+    run gracefully, its state saved, and ``fit`` returns as if the study had ended; with ``event`` set the driver
+    instead leaves the study to ``mann-search resume``: its trials stay RUNNING in Optuna and MLflow, and no
+    selection runs. (A second Ctrl-C is Python's own: KeyboardInterrupt at once.)"""
+
+    def __init__(self):
+        self.event = threading.Event()
+
+    def setup(self, **info):  # Tune installed its handler by now (in tune.run, before the controller)
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, getattr(signal, "SIGUSR1", None)):
+            tune_handler = signal.getsignal(sig) if sig is not None else None
+            if callable(tune_handler):
+                signal.signal(sig, functools.partial(self._note, tune_handler))
+
+    def _note(self, tune_handler, signum, frame):
+        self.event.set()
+        tune_handler(signum, frame)
+
+    def __reduce__(self):  # Tune pickles callbacks into its state: a resumed driver makes its own
+        return (Interruption, ())
+
+
 def _fit(study: Study, fresh: bool, verbose: bool = False) -> StudyOutcome:
     t0 = time.perf_counter()
     # Our outbox retries; MLflow's own HTTP retries (minutes by default) would stall Tune's event loop.
@@ -275,13 +303,20 @@ def _fit(study: Study, fresh: bool, verbose: bool = False) -> StudyOutcome:
     quiet_libraries(verbose)
     connect_ray(quiet=not verbose)
     tracker = tracker_for(study)
-    callbacks = [make_callback(tracker, study, fresh), trial_lines(study)]
+    stop = Interruption()
+    callbacks = [stop, make_callback(tracker, study, fresh, stop.event), trial_lines(study, interrupted=stop.event)]
     print_start(study, fresh)
     level = 1 if verbose else 0  # Ray's own reporter (trial tables, configs, results) only when asked for
     tuner = build_tuner(study, callbacks, verbose=level) if fresh else restore_tuner(study, callbacks, level)
     started = time.monotonic()
     grid = tuner.fit()
     wall = time.perf_counter() - t0
+    if stop.event.is_set():
+        tracker.flush(force=True)
+        if tracker.outbox:
+            tracker.write_replay(study.local_dir / REPLAY_FILE)
+        raise KeyboardInterrupt(f"stopped after {wall:.0f} s, the study's state saved; continue with "
+                                f"`mann-search resume {study.path}`")
     try:  # trials the study ended without telling the searcher (cap, time budget, the driver's end)
         close_open_trials(study, started, [{**(r.metrics or {}), "config": r.config or {}} for r in grid])
     except Exception as exc:  # the storage down at the very end: resume or the next leg closes them

@@ -163,8 +163,11 @@ def test_smoke_search_lineage_selection_and_champion(tmp_path, mlflow_server, om
     assert status.returncode == 0 and json.loads(status.stdout)["states"] == {"TERMINATED": 4}
 
 
-def test_resume_after_driver_killed_has_no_duplicates(tmp_path, mlflow_server, omniglot_dir):
-    """...and resume and status use the study's snapshot even when its YAML was edited in between."""
+def test_ctrl_c_ends_a_leg_and_resume_finishes_the_study_without_duplicates(tmp_path, mlflow_server, omniglot_dir):
+    """Ctrl-C (SIGINT to the driver's process group, as a terminal sends it) ends a leg, not the study: exit 130
+    naming `mann-search resume`, the trials it stopped left RUNNING in Optuna and MLflow (not ended as the study's
+    end), no selection; resume and status then use the study's snapshot even when its YAML was edited in between.
+    (A SIGKILLed driver and its resume: tests/test_postgres.py.)"""
     import yaml
 
     exp = "e2e-resume"
@@ -188,14 +191,32 @@ def test_resume_after_driver_killed_has_no_duplicates(tmp_path, mlflow_server, o
                 _, children = study_runs(client, exp)
             except AssertionError:
                 continue
-            if sum(c.info.status != "RUNNING" for c in children) >= 2:  # two trials ended, however
+            ended = sum(c.info.status != "RUNNING" for c in children)
+            if ended >= 2 and ended < len(children):  # two trials ended, however, and another one trains
                 break
         else:
             pytest.fail("no trial finished in time")
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(120) == 130, (tmp_path / "run.log").read_text()[-3000:]
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     study_dir = next(tmp_path.glob("smoke-*"))
+    said = (tmp_path / "run.log").read_text()
+    assert f"continue with `mann-search resume {study_dir}`" in said and "study_ended" not in said, said[-3000:]
+    import optuna
+
+    key = json.loads((study_dir / "study.json").read_text())["key"]
+    left = optuna.load_study(study_name=key, storage=f"sqlite:///{study_dir / 'optuna.db'}").trials
+    assert [t for t in left if t.state == optuna.trial.TrialState.RUNNING], [(t.number, t.state) for t in left]
+    assert not [t for t in left if t.user_attrs.get("outcome") == "study_ended"]
+    parents, children = study_runs(client, exp)
+    assert parents[0].info.status == "RUNNING" and [c for c in children if c.info.status == "RUNNING"], (
+        [(c.data.tags.get("mlflow.runName"), c.info.status, c.data.tags.get("mann.outcome")) for c in children],
+        [(t.number, t.state.name, t.user_attrs.get("outcome")) for t in left], said[-3000:])
+    assert "View run" not in said  # MLflow's URL lines kept off the console
+    assert not [c for c in children if c.data.tags.get("mann.outcome") == "study_ended"]
     src["overrides"]["train.episodes"] = 320  # edited between run and resume: the snapshot must win
     src["space"]["model.memory.slots"] = {"type": "int", "low": 40, "high": 64}
     search_yaml.write_text(yaml.safe_dump(src, sort_keys=False))
@@ -219,9 +240,6 @@ def test_resume_after_driver_killed_has_no_duplicates(tmp_path, mlflow_server, o
         steps = [m.step for m in client.get_metric_history(c.info.run_id, "episodes")]
         assert len(steps) == len(set(steps)), steps  # no metric point logged twice
     # the same Optuna study went on: one Optuna trial per Tune trial, none told twice, none left running
-    import optuna
-
-    key = json.loads((study_dir / "study.json").read_text())["key"]
     ot = optuna.load_study(study_name=key, storage=f"sqlite:///{study_dir / 'optuna.db'}").trials
     told = [t.user_attrs.get("tune_trial_id") for t in ot]
     assert all(told.count(i) == 1 for i in ids), told
