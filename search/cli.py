@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from mann import metrics
 from mann.cli import parser_class, positive_int, run_command
@@ -104,6 +105,26 @@ def cmd_select(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    import yaml
+
+    from .console import quiet_libraries
+    from .searcher import trial_recipe
+    from .study import Study
+
+    quiet_libraries(False)
+    label, cfg, what = trial_recipe(Study.load(args.path), args.trial)
+    out = args.out or "-"
+    text = (f"# {what}\n# train it: mann train --config {out if out != '-' else 'THIS_FILE'}\n"
+            + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if out == "-":
+        print(text, end="")
+    else:
+        Path(out).write_text(text)
+        print(f"{label}: written to {out} ({what})")
+    return 0
+
+
 def cmd_status(args) -> int:
     from .console import quiet_libraries
     from .runner import status
@@ -144,8 +165,6 @@ def cmd_replay(args) -> int:
 
 
 def cmd_curves_record(args) -> int:
-    from pathlib import Path
-
     from .bench.curves import record
 
     n = record(args.config, args.set, Path(args.out), args.configs, args.seeds, args.workers, args.draw_seed,
@@ -178,8 +197,6 @@ def cmd_curves_signals(args) -> int:
 
 
 def cmd_benchmark(args) -> int:
-    from pathlib import Path
-
     from mann.config import ConfigError
 
     from .bench.replay import benchmark_tables, load_table
@@ -246,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("path")
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=cmd_status)
+    ex = sub.add_parser("export", help="a trial as a complete MANN config for `mann train --config` (default: "
+                                       "the best trial that ran its full budget)")
+    ex.add_argument("path", help="the study folder printed by `run`")
+    ex.add_argument("--trial", help="t08 or 8 (default: the best complete trial)")
+    ex.add_argument("--out", help="a YAML file to write (default: stdout)")
+    ex.set_defaults(fn=cmd_export)
     ui = sub.add_parser("ui", help="serve the study's MLflow UI (its SQLite store and artifacts; no job runner)")
     ui.add_argument("path", help="the study folder printed by `run`")
     ui.add_argument("--host", default="127.0.0.1")

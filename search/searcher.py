@@ -370,6 +370,34 @@ def _contains(dist: optuna.distributions.BaseDistribution, value: Any) -> bool:
     return True  # categorical: FixedTrial refused a value outside the choices
 
 
+def trial_recipe(study: Study, name: str | None = None) -> tuple[str, Any, str]:
+    """A trial of the study as a complete MANN config (``mann train --config``): the study's base with its
+    overrides and the trial's sampled point. ``name``: ``t08`` or ``8`` (a trial of this study, not one copied by
+    a warm start); None: the best COMPLETE trial by the study's first objective. Returns ``(trial name, the
+    TrainConfig, a one-line description)``."""
+    ot = OptunaStudy(study)
+    own = [t for t in ot.study.get_trials(deepcopy=False) if WARM_ATTR not in t.user_attrs]
+    if name is None:
+        done = [t for t in own if t.state == optuna.trial.TrialState.COMPLETE and t.values]
+        if not done:
+            raise SearchError(f"study {study.key}: no trial ran its full budget yet; name one with --trial")
+        sign = 1 if study.search.config.objectives[0].mode == "max" else -1
+        trial = max(done, key=lambda t: sign * t.values[0])
+    else:
+        digits = name[1:] if name[:1] in ("t", "T") else name
+        trial = next((t for t in own if digits.isdigit() and t.number == int(digits)), None)
+        if trial is None:
+            raise SearchError(f"--trial {name}: no such trial in study {study.key} (its trials: "
+                              f"{', '.join(f't{t.number:02d}' for t in own) or 'none'})")
+    label = f"t{trial.number:02d}"
+    point = {k: v for k, v in trial.params.items()}
+    steps = trial.intermediate_values
+    got = (f"{study.search.config.objectives[0].metric} {trial.values[0]:.4f}" if trial.values else
+           f"last {study.search.config.objectives[0].metric} {steps[max(steps)]:.4f}" if steps else "no evaluation")
+    outcome = trial.user_attrs.get("outcome", trial.state.name.lower())
+    return label, study.search.trial_config(point), f"trial {label} of study {study.key} ({outcome}; {got})"
+
+
 def _last_report(trial: optuna.trial.FrozenTrial, metric: str) -> TrialReport | None:
     if not trial.intermediate_values:
         return None

@@ -142,7 +142,8 @@ def test_mann_cli_never_tracebacks(tmp_path_factory, cmd, args):
 
 
 @FAST
-@given(cmd=st.sampled_from(["run", "resume", "status", "select", "replay", "nope"]), args=st.lists(arg, max_size=4))
+@given(cmd=st.sampled_from(["run", "resume", "status", "export", "select", "replay", "nope"]),
+       args=st.lists(arg, max_size=4))
 def test_search_cli_never_tracebacks(tmp_path_factory, cmd, args):
     missing = str(tmp_path_factory.mktemp("m") / "missing")
     argv = [cmd, *[a for a in args if not a.startswith("-")][:0], missing, *args]

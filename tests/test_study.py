@@ -253,6 +253,20 @@ def test_warm_start_copies_the_finished_trials_that_are_points_of_the_new_space(
     with pytest.raises(SearchError, match="warm start goes into a new study only"):
         warm_start(second)
 
+    # `mann-search export`: a trial as a complete MANN config, by default the best that ran its full budget
+    from search.searcher import trial_recipe
+
+    label, cfg, what = trial_recipe(first)
+    assert label == "t01" and "completed" in what and cfg.model.memory.width == 8 and cfg.train.lr == 2e-3
+    f = tmp_path / "recipe.yaml"
+    f.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    assert load_train_config(f) == cfg
+    assert trial_recipe(first, "3")[1].train.lr == 1.5e-3  # a pruned trial, named
+    with pytest.raises(SearchError, match=r"--trial t00: no such trial .* \(its trials: t02\)"):
+        trial_recipe(second, "t00")  # copied by the warm start: not a trial of this study
+    with pytest.raises(SearchError, match="no trial ran its full budget yet"):
+        trial_recipe(second)
+
     with pytest.raises(SearchError, match=r"optuna.warm_start\[0\]: .*nowhere: no study here"):
         warm_sources(loaded, [str(tmp_path / "nowhere")])
     other = load_search_config(search_yaml(tmp_path / "b", objectives=[{"metric": "val/acc_2", "mode": "max"}]), [])
