@@ -18,6 +18,7 @@ the hand-written backward of ``mann.fused`` and its C++ port (``mann/csrc``) are
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -88,7 +89,7 @@ def read_entropy(read_weights: Tensor) -> Tensor:
     if n < 2:
         return read_weights.new_zeros(read_weights.shape[:-1])
     h = -(read_weights * read_weights.clamp_min(1e-12).log()).sum(-1)
-    return (h / torch.log(torch.tensor(float(n)))).clamp(0.0, 1.0)
+    return (h / math.log(n)).clamp(0.0, 1.0)
 
 
 def update_usage(usage_prev: Tensor, read_weights: Tensor, write_weights: Tensor, gamma: float) -> Tensor:

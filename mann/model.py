@@ -146,9 +146,7 @@ class MANN(nn.Module):
                                            self.reading)
             return self.output(torch.cat([hs, reads], -1))
         feats = []
-        # unbind, not x_proj[:, t]: indexing would make backward write a full-size zero gradient per step.
-        for x_t in x_proj.unbind(1):
-            state = self.step(x_t, state)
+        for state in self._steps(x_proj, state):
             if self.use_memory:
                 feats.append(torch.cat([state.h, state.read_vectors.reshape(B, -1)], dim=-1))
             else:
@@ -170,11 +168,14 @@ class MANN(nn.Module):
         if not self.use_memory:
             return inputs.new_zeros(B, T, 0, 0)
         state = self.initial_state(B, inputs.device, inputs.dtype)
-        out = []
-        for x_t in self.input_proj(inputs).unbind(1):
+        return torch.stack([s.read_weights for s in self._steps(self.input_proj(inputs), state)], dim=1)
+
+    def _steps(self, x_proj: Tensor, state: MANNState):
+        """The state after each step of ``[B, T, G]`` projected inputs, step by step from ``state``."""
+        # unbind, not x_proj[:, t]: indexing would make backward write a full-size zero gradient per step.
+        for x_t in x_proj.unbind(1):
             state = self.step(x_t, state)
-            out.append(state.read_weights)
-        return torch.stack(out, dim=1)
+            yield state
 
 
 def build_model(model: ModelConfig, task: TaskConfig, image_size: int) -> MANN:

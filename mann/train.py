@@ -253,7 +253,7 @@ def evaluate(
     return EvalResult(split, episodes, loss_sum / episodes, mean.tolist(), ci.tolist(), spread)
 
 
-SIGNAL_EPISODES = 16  # episodes of an evaluation's first batch that the memory signal is read on (it runs step by step)
+SIGNAL_EPISODES = 16  # first-batch episodes the memory signal is read on (it runs step by step)
 
 
 def memory_spread(read_weights: torch.Tensor, instance: torch.Tensor) -> float | None:

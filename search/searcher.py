@@ -28,6 +28,7 @@ from ray.tune.search import Searcher
 
 from mann.config import ConfigError
 
+from .config import base_value
 from .protocol import TRIAL_NUMBER_KEY, BudgetWatch, Ending, TrialOutcome, TrialReport, decide, trial_name
 from .space import suggest
 from .storage import open_storage as open_rdb_storage
@@ -303,8 +304,6 @@ def warm_start(study: Study, sources: list[Study] | None = None) -> dict[str, in
     space fixes must have had that value, and every value must lie in this space's ranges. Copied trials are
     never trained and are not trials of this study (status, outcomes and selection leave them out); this
     study's own trials are numbered after them. Returns ``{source study key: trials copied}``."""
-    from .config import base_value
-
     ot = OptunaStudy(study)
     if ot.study.get_trials(deepcopy=False):
         raise SearchError(f"study {study.key}: a warm start goes into a new study only")
@@ -319,7 +318,7 @@ def warm_start(study: Study, sources: list[Study] | None = None) -> dict[str, in
         for t in trials:
             if WARM_ATTR in t.user_attrs:
                 continue  # copied into that study from another: copy from its own source
-            point = _point_in(study, old, t.params, base_value)
+            point = _point_in(study, old, t.params)
             if point is None:
                 continue
             fixed = optuna.trial.FixedTrial(point)
@@ -343,7 +342,7 @@ def warm_start(study: Study, sources: list[Study] | None = None) -> dict[str, in
     return copied
 
 
-def _point_in(study: Study, old: Study, params: dict[str, Any], base_value) -> dict[str, Any] | None:
+def _point_in(study: Study, old: Study, params: dict[str, Any]) -> dict[str, Any] | None:
     """The earlier trial's configuration as a point of ``study``'s space, or None if it is not one."""
     point = {}
     for path in study.search.config.space:
@@ -390,7 +389,7 @@ def trial_recipe(study: Study, name: str | None = None) -> tuple[str, Any, str]:
             raise SearchError(f"--trial {name}: no such trial in study {study.key} (its trials: "
                               f"{', '.join(f't{t.number:02d}' for t in own) or 'none'})")
     label = f"t{trial.number:02d}"
-    point = {k: v for k, v in trial.params.items()}
+    point = dict(trial.params)
     steps = trial.intermediate_values
     got = (f"{study.search.config.objectives[0].metric} {trial.values[0]:.4f}" if trial.values else
            f"last {study.search.config.objectives[0].metric} {steps[max(steps)]:.4f}" if steps else "no evaluation")
