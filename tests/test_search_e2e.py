@@ -212,7 +212,12 @@ def test_ctrl_c_ends_a_leg_and_resume_finishes_the_study_without_duplicates(tmp_
     assert [t for t in left if t.state == optuna.trial.TrialState.RUNNING], [(t.number, t.state) for t in left]
     assert not [t for t in left if t.user_attrs.get("outcome") == "study_ended"]
     parents, children = study_runs(client, exp)
-    assert parents[0].info.status == "RUNNING" and [c for c in children if c.info.status == "RUNNING"], (
+    # the stores agree: a run MLflow has as RUNNING is a trial Optuna has as RUNNING, and every run that ended has
+    # its own outcome (a trial asked but not yet started when Ctrl-C came has no MLflow run yet: also left running)
+    running = {t.user_attrs.get("tune_trial_id") for t in left if t.state == optuna.trial.TrialState.RUNNING}
+    assert parents[0].info.status == "RUNNING" and all(
+        c.data.tags["mann.trial_id"] in running if c.info.status == "RUNNING" else c.data.tags.get("mann.outcome")
+        for c in children), (
         [(c.data.tags.get("mlflow.runName"), c.info.status, c.data.tags.get("mann.outcome")) for c in children],
         [(t.number, t.state.name, t.user_attrs.get("outcome")) for t in left], said[-3000:])
     assert "View run" not in said  # MLflow's URL lines kept off the console
@@ -244,32 +249,6 @@ def test_ctrl_c_ends_a_leg_and_resume_finishes_the_study_without_duplicates(tmp_
     told = [t.user_attrs.get("tune_trial_id") for t in ot]
     assert all(told.count(i) == 1 for i in ids), told
     assert not [t for t in ot if t.state == optuna.trial.TrialState.RUNNING]
-
-
-def test_ray_job_submit_on_two_node_local_cluster(tmp_path, mlflow_server, omniglot_dir,
-                                                  ray_jobs_cluster):
-    """`ray job submit` of the smoke search to a `ray start` head + worker on 127.0.0.1, token auth on."""
-    ray = str(BIN / "ray")
-    env, _, dash, _ = ray_jobs_cluster
-    runtime_env = json.dumps({"env_vars": {"MANN_DATA_DIR": str(omniglot_dir)}})
-    job = subprocess.run(
-        [ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".",
-         "--runtime-env-json", runtime_env, "--",
-         "mann-search", "run", "configs/search/smoke.yaml", "--set", f"storage={tmp_path}",
-         "--set", f"mlflow.tracking_uri={mlflow_server.uri}", "--set", "mlflow.experiment=e2e-job",
-         "--set", "selection.enabled=false"],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert job.returncode == 0, job.stdout[-6000:] + job.stderr[-2000:]
-    assert "succeeded" in job.stdout
-    client = client_for(mlflow_server.uri)
-    parents, children = study_runs(client, "e2e-job")
-    assert len(parents) == 1 and len(children) == 4
-    assert parents[0].data.tags.get("mann.ray_job_id")
-    # without the token the Jobs API refuses
-    anon = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
-    refused = subprocess.run([ray, "job", "list", "--address", f"http://127.0.0.1:{dash}"], env={
-        **anon, "RAY_AUTH_TOKEN_PATH": str(tmp_path / "no-token")}, capture_output=True, text=True, timeout=60)
-    assert refused.returncode != 0
 
 
 @pytest.mark.parametrize(
