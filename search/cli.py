@@ -140,7 +140,9 @@ def cmd_status(args) -> int:
     if info.get("paused"):
         print(f"paused (checkpoint kept, resumed when their turn comes): {', '.join(info['paused'])}")
     if info["best"]:
-        print(f"best {info['metric']} {info['best']['value']:.4f} ({info['best']['trial']}): {info['best']['config']}")
+        trial = str(info["best"]["trial"])
+        print(f"best {info['metric']} {info['best']['value']:.4f}: {trial}")
+        print(f"  as a MANN config: mann-search export {info['path']} --trial {trial.split()[0]}")
     print(f"MLflow {info['tracking_uri']} experiment '{info['experiment']}'")
     if info.get("mlflow_command"):
         print(f"  serve the UI: {info['mlflow_command']}")

@@ -146,6 +146,17 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+class _DropStarting(logging.Filter):
+    """Drops a logger's records whose message starts with ``starts``."""
+
+    def __init__(self, starts: str):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
 def quiet_libraries(verbose: bool) -> None:
     """Turn the libraries' informational output down for a driver that prints its own trial lines; warnings
     and errors still show. Call before Ray starts (the variables reach its processes)."""
@@ -170,6 +181,13 @@ def quiet_libraries(verbose: bool) -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     for name in ("mlflow", "optuna", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # After Ctrl-C Tune advises `Tuner.restore(...)` (mann-search says `mann-search resume DIR` instead), and the
+    # analysis it returns warns once per trial that had reported nothing yet
+    for name, starts in (("ray.tune.tune", "Experiment has been interrupted"),
+                         ("ray.tune.analysis.experiment_analysis", "Failed to fetch metrics")):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _DropStarting) and f.starts == starts for f in target.filters):
+            target.addFilter(_DropStarting(starts))
     try:
         import optuna
 

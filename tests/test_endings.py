@@ -82,4 +82,5 @@ def test_the_time_budget_ends_running_trials_as_time_budget(tmp_path, omniglot_d
     outcomes = _check_labels(trials, children)
     assert outcomes == {"time_budget"}, outcomes
     for c in children:
-        assert "time budget" in c.data.tags["mann.failure_reason"] and c.data.metrics["episodes"] < 48000
+        # (on a loaded machine a trial can be ended before its first evaluation, with no `episodes` logged)
+        assert "time budget" in c.data.tags["mann.failure_reason"] and c.data.metrics.get("episodes", 0) < 48000

@@ -220,7 +220,7 @@ def test_ctrl_c_ends_a_leg_and_resume_finishes_the_study_without_duplicates(tmp_
         for c in children), (
         [(c.data.tags.get("mlflow.runName"), c.info.status, c.data.tags.get("mann.outcome")) for c in children],
         [(t.number, t.state.name, t.user_attrs.get("outcome")) for t in left], said[-3000:])
-    assert "View run" not in said  # MLflow's URL lines kept off the console
+    assert "View run" not in said and "Tuner.restore" not in said  # MLflow's URL lines, Tune's advice: not ours
     assert not [c for c in children if c.data.tags.get("mann.outcome") == "study_ended"]
     src["overrides"]["train.episodes"] = 320  # edited between run and resume: the snapshot must win
     src["space"]["model.memory.slots"] = {"type": "int", "low": 40, "high": 64}
@@ -232,6 +232,8 @@ def test_ctrl_c_ends_a_leg_and_resume_finishes_the_study_without_duplicates(tmp_
     status = mann_search("status", str(study_dir), "--json")
     assert status.returncode == 0 and "changed since the study started" in status.stderr
     assert json.loads(status.stdout)["num_samples"] == 6
+    plain = mann_search("status", str(study_dir))
+    assert plain.returncode == 0 and f"as a MANN config: mann-search export {study_dir} --trial t" in plain.stdout
     parents, children = study_runs(client, exp)
     assert len(parents) == 1
     ids = [c.data.tags["mann.trial_id"] for c in children]
