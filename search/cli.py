@@ -31,7 +31,8 @@ def _print_outcome(outcome) -> None:
     rows = [t for t in outcome.trials if primary.metric in t["metrics"]]
     rows.sort(key=lambda t: t["metrics"][primary.metric], reverse=primary.mode == "max")
     print()
-    print(f"study {study.key}: {len(outcome.trials)} trials in {outcome.wall_s:.0f} s")
+    took = f"; this leg took {outcome.wall_s:.0f} s" if outcome.resumed else f" in {outcome.wall_s:.0f} s"
+    print(f"study {study.key}: {len(outcome.trials)} trials{took}")
     keys = list(study.search.config.space)
     head = ["#", primary.metric, metrics.EPISODES] + [k.split(".")[-1] for k in keys] + [f"{split} acc by instance (%)"]
     lines = []
@@ -50,9 +51,12 @@ def _print_outcome(outcome) -> None:
               f"(outside training steps: {share * 100:.1f} %)")
     if outcome.selection and "error" not in outcome.selection:
         s = outcome.selection
-        print(f"selection: version {s['new_version']} of '{s['registered_model']}', test acc 2nd+ "
-              f"{s['new_score']:.4f}; champion {'moved to it' if s['promoted'] else 'kept'}"
-              f" (previous: {s['previous_champion']})")
+        prev = s["previous_champion"]
+        best = max(s["candidates"], key=lambda c: c["test_acc_2plus"])
+        was = "none" if prev is None else f"version {prev['version']}, {prev['score']:.4f}"
+        print(f"selection: version {s['new_version']} of '{s['registered_model']}' "
+              f"({str(best['trial']).split()[0]}), test acc 2nd+ {s['new_score']:.4f}; champion "
+              f"{'moved to it' if s['promoted'] else 'kept'} (previous champion: {was})")
     elif outcome.selection:
         print(f"selection failed: {outcome.selection['error']}")
     print(f"results: {study.path}")

@@ -52,6 +52,7 @@ class StudyOutcome:
     mlflow_command: str | None = None  # what serves that UI for an embedded SQLite store
     optuna_storage: str | None = None  # the Optuna study's storage URL (credentials masked)
     outcomes: dict[str, str] | None = None  # trial name -> how it ended (search.protocol), from Optuna
+    resumed: bool = False  # ``wall_s`` is then this leg's time, not the study's
 
 
 def make_scheduler(study: Study):
@@ -352,7 +353,7 @@ def _fit(study: Study, fresh: bool, verbose: bool = False) -> StudyOutcome:
         outcomes = None
     return StudyOutcome(study, trials, wall, train_s, trial_wall, tracker.pending_points(), replay_file,
                         tracker.known_run_id(None), selection, link, command,
-                        redact("uri", storage_url(study)), outcomes)
+                        redact("uri", storage_url(study)), outcomes, resumed=not fresh)
 
 
 def mlflow_link(study: Study, tracker: StudyTracker | None = None) -> tuple[str | None, str | None]:

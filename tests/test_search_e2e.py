@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -53,7 +54,8 @@ def test_smoke_search_lineage_selection_and_champion(tmp_path, mlflow_server, om
             "--set", f"mlflow.registered_model={model_name}"]
     proc = mann_search(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "selection: version 1" in proc.stdout, proc.stdout[-2000:]
+    assert re.search(r"selection: version 1 of '[\w-]+' \(t\d+\), test acc 2nd\+ [\d.]+; champion moved to it "
+                     r"\(previous champion: none\)", proc.stdout), proc.stdout[-2000:]
     client = client_for(mlflow_server.uri)
     parents, children = study_runs(client, exp)
     assert len(parents) == 1 and len(children) == 4
@@ -229,6 +231,7 @@ def test_ctrl_c_ends_a_leg_and_resume_finishes_the_study_without_duplicates(tmp_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "changed since the study started; using the study's snapshot" in resumed.stderr
     assert "trials by outcome:" in resumed.stdout and "slots" in resumed.stdout
+    assert re.search(r"6 trials; this leg took \d+ s", resumed.stdout), resumed.stdout[-2000:]
     status = mann_search("status", str(study_dir), "--json")
     assert status.returncode == 0 and "changed since the study started" in status.stderr
     assert json.loads(status.stdout)["num_samples"] == 6
