@@ -139,23 +139,24 @@ def report(args) -> int:
             print(f"| {row['paper_row']} (paper) | " + " | ".join(f"{x:.1f}" for x in paper) + " | | |")
         print(table_line(row))
     fig, ax = plt.subplots(figsize=(6, 4))
-    for row in recorded:
+    colors = plt.cm.tab20.colors  # more rows than the default cycle's 10 colours
+    for i, row in enumerate(recorded):
         acc = row["test"]["accuracy_by_instance"]
         ks = sorted(int(k) for k in acc)
         ax.errorbar(ks, [100 * acc[str(k)] for k in ks], yerr=[100 * row["test"]["ci95_by_instance"][str(k)]
                                                                 for k in ks], marker="o", capsize=2,
-                    label=row["name"])
+                    color=colors[i % len(colors)], label=row["name"])
     ax.set(xlabel="instance", ylabel="test accuracy (%)", ylim=(0, 100),
            title="Accuracy by instance, 1000 test episodes")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(RESULTS / "accuracy_by_instance.png", dpi=120)
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, row in enumerate(recorded):
         xs = [p["episodes"] for p in row["curve"]]
         for k, style in ((2, "-"), (10, ":")):
-            ax.plot(xs, [100 * (p[f"acc_{k}"] or 0) for p in row["curve"]], style, color=f"C{i}",
+            ax.plot(xs, [100 * (p[f"acc_{k}"] or 0) for p in row["curve"]], style, color=colors[i % len(colors)],
                     label=f"{row['name']}, instance {k}")
     ax.set(xlabel="training episodes", ylabel="validation accuracy (%)", ylim=(0, 100),
            title="Learning curves (2nd and 10th instance)")
