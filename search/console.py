@@ -157,6 +157,12 @@ class _DropStarting(logging.Filter):
         return not str(record.msg).startswith(self.starts)
 
 
+# After Ctrl-C Tune advises `Tuner.restore(...)` (mann-search says `mann-search resume DIR` instead), and the
+# analysis it returns warns once per trial that had reported nothing yet
+_TUNE_NOISE = {"ray.tune.tune": _DropStarting("Experiment has been interrupted"),
+               "ray.tune.analysis.experiment_analysis": _DropStarting("Failed to fetch metrics")}
+
+
 def quiet_libraries(verbose: bool) -> None:
     """Turn the libraries' informational output down for a driver that prints its own trial lines; warnings
     and errors still show. Call before Ray starts (the variables reach its processes)."""
@@ -181,13 +187,8 @@ def quiet_libraries(verbose: bool) -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     for name in ("mlflow", "optuna", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    # After Ctrl-C Tune advises `Tuner.restore(...)` (mann-search says `mann-search resume DIR` instead), and the
-    # analysis it returns warns once per trial that had reported nothing yet
-    for name, starts in (("ray.tune.tune", "Experiment has been interrupted"),
-                         ("ray.tune.analysis.experiment_analysis", "Failed to fetch metrics")):
-        target = logging.getLogger(name)
-        if not any(isinstance(f, _DropStarting) and f.starts == starts for f in target.filters):
-            target.addFilter(_DropStarting(starts))
+    for name, drop in _TUNE_NOISE.items():
+        logging.getLogger(name).addFilter(drop)  # the same filter object is added once, however often called
     try:
         import optuna
 
