@@ -208,24 +208,29 @@ def cmd_benchmark(args) -> int:
     from .bench.replay import benchmark_tables, load_table
     from .config import load_search_config
 
-    tab = load_table(args.curves[0])
-    shipped = args.config
-    if shipped is None:  # the shipped search config of the (first) table's name, if there is one
-        guess = Path(__file__).resolve().parents[1] / "configs" / "search" / f"{tab.header.get('name')}.yaml"
-        shipped = str(guess) if guess.is_file() else None
-    if args.set and not shipped:
-        raise ConfigError(f"--set: no shipped search config to apply it to (none named {tab.header.get('name')}.yaml "
-                          "in configs/search; name one with --config)")
-    loaded = load_search_config(shipped, args.set) if shipped else None
-    every = args.report_every
-    if every is None:  # report as often as a study of the shipped config evaluates
-        recorded = max(1, int(tab.header.get("eval_every") or 1))
-        every = max(1, round(loaded.base.train.eval_every / recorded)) if loaded else 1
+    def shipped_of(path: str):
+        """A table's shipped search config (--config, else configs/search/<table name>.yaml, if any) with --set
+        applied, and how often its studies report (every k-th recorded evaluation, as the config evaluates)."""
+        tab = load_table(path)
+        shipped = args.config
+        if shipped is None:
+            guess = Path(__file__).resolve().parents[1] / "configs" / "search" / f"{tab.header.get('name')}.yaml"
+            shipped = str(guess) if guess.is_file() else None
+        if args.set and not shipped:
+            raise ConfigError(f"--set: no shipped search config to apply it to for {path} (none named "
+                              f"{tab.header.get('name')}.yaml in configs/search; name one with --config)")
+        loaded = load_search_config(shipped, args.set) if shipped else None
+        every = args.report_every
+        if every is None:
+            recorded = max(1, int(tab.header.get("eval_every") or 1))
+            every = max(1, round(loaded.base.train.eval_every / recorded)) if loaded else 1
+        return {"shipped": loaded.config if loaded else None, "every": every, "shipped_file": shipped}
+
+    per_table = [shipped_of(p) for p in args.curves]
     repeats = args.repeats or (100 if args.engine == "sim" else 20)
     log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
     out = benchmark_tables(args.curves, repeats=repeats, methods=args.methods, compress=args.compress,
-                           plot=args.plot, shipped=loaded.config if loaded else None, every=every,
-                           parallel=args.parallel, progress=log, engine=args.engine, n_boot=args.n_boot)
+                           plot=args.plot, per_table=per_table, parallel=args.parallel, progress=log, engine=args.engine, n_boot=args.n_boot)
     out["command"] = " ".join(["mann-search", "benchmark", *sys.argv[2:]])
     if args.json:
         print(json.dumps(out))
@@ -314,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--n-boot", type=positive_int, default=2000, help="bootstrap resamples of each interval")
     be.add_argument("--json", action="store_true", help="print one JSON object")
     be.add_argument("--methods", nargs="+", default=None, help="a subset of the methods (the baseline always runs)")
-    be.add_argument("--config", help="the shipped search config (default: configs/search/<table name>.yaml)")
+    be.add_argument("--config", help="the shipped search config, for every table (default: each table's configs/search/<table name>.yaml)")
     be.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                     help="override the shipped config (e.g. scheduler.plateau.click_slack=2): its scheduler settings "
                          "are the ones the methods of that scheduler kind use")

@@ -162,6 +162,7 @@ def test_sim_benchmark_json_schema_over_two_tables(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["engine"] == "sim" and out["repeats"] == 4 and out["wall_s"] > 0
     assert set(out["tables"]) == {"tiny", "tiny2"}
+    assert out["tables"]["tiny"]["shipped_config"] is None and out["tables"]["tiny"]["report_every"] == 1
     for t in out["tables"].values():
         assert t["curves"] == 12 and t["configs"] == 6 and t["baseline"] == BASELINE and t["default"] == "tpe+asha"
         assert set(t["methods"]) == {BASELINE, "tpe+asha", "i-epoch"}
@@ -179,6 +180,24 @@ def test_sim_benchmark_json_schema_over_two_tables(tmp_path, capsys):
     assert set(out["across_tables"]) == set(out["tables"]["tiny"]["methods"])
     g = out["across_tables"][BASELINE]
     assert g["speedup_geomean"] == 1.0 and g["ci95"][0] <= 1.0 <= g["ci95"][1]
+
+
+def test_each_table_is_benchmarked_with_its_own_shipped_config(tmp_path, capsys):
+    """A table named like a shipped search config gets that config's scheduler and report interval; a table
+    beside it without one keeps its recorded settings (not the first table's)."""
+    from search.cli import main
+
+    other = tmp_path / "quickstart.jsonl"
+    lines = TINY.read_text().splitlines()
+    head = json.loads(lines[0])
+    head["name"] = "quickstart"  # configs/search/quickstart.yaml: eval_every 3000 against the table's 1500
+    other.write_text("\n".join([json.dumps(head), *lines[1:]]) + "\n")
+    assert main(["benchmark", "--curves", str(other), "--curves", str(TINY), "--repeats", "2", "--json",
+                 "--plot", str(tmp_path / "p.png"), "--n-boot", "50", "--methods", "tpe+asha"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    quick, tiny = out["tables"]["quickstart"], out["tables"]["tiny"]
+    assert quick["shipped_config"].endswith("configs/search/quickstart.yaml") and quick["report_every"] == 2
+    assert tiny["shipped_config"] is None and tiny["report_every"] == 1
 
 
 # --- statistics ----------------------------------------------------------------------------------------------

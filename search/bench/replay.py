@@ -476,7 +476,7 @@ def benchmark(curves: str | Path, repeats: int = 100, methods: list[str] | None 
     else:
         runs = _run_tune(table, methods, repeats, compress, shipped, every, parallel, progress, t0)
     out = score(table, runs, shipped, n_boot)
-    out.update(engine=engine, repeats=repeats, wall_s=round(time.perf_counter() - t0, 1))
+    out.update(engine=engine, repeats=repeats, report_every=every, wall_s=round(time.perf_counter() - t0, 1))
     plot = Path(plot) if plot else Path(curves).with_suffix(".benchmark.png")
     _plot(out.pop("_bands"), out.pop("_grid"), plot, table, repeats, engine)
     out["plot"] = str(plot)
@@ -534,9 +534,12 @@ def score(table: Table, runs: dict[str, list[Run]], shipped: SearchConfig | None
     return out
 
 
-def benchmark_tables(tables: list[str | Path], **kwargs) -> dict[str, Any]:
+def benchmark_tables(tables: list[str | Path], per_table: list[dict[str, Any]] | None = None,
+                     **kwargs) -> dict[str, Any]:
     """:func:`benchmark` on each table; one object: the tables' summaries by table name and, per method, the
-    geometric mean of its speed-ups across tables with a stratified bootstrap interval."""
+    geometric mean of its speed-ups across tables with a stratified bootstrap interval. ``per_table``: for each
+    table, keyword arguments of its own (its shipped config and report interval: a table of another task has its
+    own shipped study)."""
     t0 = time.perf_counter()
     plot = kwargs.pop("plot", None)
     n_boot = kwargs.get("n_boot", 2000)
@@ -544,7 +547,10 @@ def benchmark_tables(tables: list[str | Path], **kwargs) -> dict[str, Any]:
                            "tables": {}, "across_tables": {}}
     for i, path in enumerate(tables):
         p = plot if plot and len(tables) == 1 else (Path(plot).with_suffix(f".{i}.png") if plot else None)
-        res = benchmark(path, plot=p, **kwargs)
+        own = dict(per_table[i]) if per_table else {}
+        shipped_file = own.pop("shipped_file", None)
+        res = benchmark(path, plot=p, **{**kwargs, **own})
+        res["shipped_config"] = shipped_file
         name = load_table(path).header.get("name") or Path(path).stem
         if name in out["tables"]:  # two tables of one name: the second by its file too
             name = f"{name} ({path})"
