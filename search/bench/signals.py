@@ -12,6 +12,12 @@ evaluation at or before f of the table's budget, and the objective at the curve'
   reaches ``click_fraction`` (0.25) of the way from the plateau (the median over curves of their first three
   evaluations' median) to the best final value of the table.
 
+Besides, the table's **shape** (``shape``): per curve the episodes to its click (its first evaluation at or above
+the click level; the full budget if it never gets there), as fractions of the budget: the median over curves (the
+*median curve's plateau share*, what a search without stopping waits through), its quartiles, and the share of
+curves that never click; and the final objective by configuration (mean over its seeds): best, top quartile,
+median, worst.
+
 Signals, each oriented so that higher should mean better: ``objective`` (the search's objective), ``acc_1`` (the
 accuracy at the 1st instance: what the controller learns without the memory), ``neg_val_loss``,
 ``neg_train_loss`` and ``neg_read_entropy`` (the memory's reads sharpening; recorded since 2026-12-06, absent from
@@ -95,7 +101,8 @@ def signal_power(curves: list[dict[str, Any]], budget: float, fractions=FRACTION
     clicked, level = click_labels(finals, firsts)
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {"curves": len(curves), "used": len(usable), "budget": budget,
-                           "click_level": round(level, 4), "clicked": int(clicked.sum()), "signals": {}}
+                           "click_level": round(level, 4), "clicked": int(clicked.sum()),
+                           "shape": shape(usable, budget, level), "signals": {}}
     for name, read in SIGNALS.items():
         per: dict[str, Any] = {}
         for f in fractions:
@@ -119,6 +126,31 @@ def signal_power(curves: list[dict[str, Any]], budget: float, fractions=FRACTION
     return out
 
 
+def click_fraction_of(curve: dict[str, Any], budget: float, level: float) -> float:
+    """Episodes to the curve's first evaluation at or above ``level``, as a fraction of ``budget`` (1.0 if none)."""
+    for e, v in zip(curve["episodes"], curve["objective"]):
+        if v is not None and math.isfinite(float(v)) and float(v) >= level:
+            return min(1.0, float(e) / budget)
+    return 1.0
+
+
+def shape(curves: list[dict[str, Any]], budget: float, level: float) -> dict[str, Any]:
+    """The table's shape (module doc): click times as fractions of the budget, and the finals by configuration."""
+    if not curves:
+        return {}
+    at = np.array([click_fraction_of(c, budget, level) for c in curves])
+    never = np.array([not any(v is not None and float(v) >= level for v in c["objective"]) for c in curves])
+    by_config: dict[Any, list[float]] = {}
+    for c in curves:
+        by_config.setdefault(c.get("config_id", id(c)), []).append(float(c["objective"][-1]))
+    finals = np.array([np.mean(v) for v in by_config.values()])
+    return {"click_at_median": _r(np.median(at)), "click_at_quartiles": [_r(np.quantile(at, 0.25)),
+                                                                        _r(np.quantile(at, 0.75))],
+            "never_click": _r(never.mean()), "configs": len(finals),
+            "final_by_config": {"best": _r(finals.max()), "top_quartile": _r(np.quantile(finals, 0.75)),
+                                "median": _r(np.median(finals)), "worst": _r(finals.min())}}
+
+
 def _r(x: float):
     return None if x is None or not math.isfinite(float(x)) else round(float(x), 3)
 
@@ -140,6 +172,14 @@ def format_report(report: dict[str, Any]) -> str:
     for name, t in report.items():
         lines.append(f"{name}: {t['used']} of {t['curves']} curves ran the full {t['budget']:g} episodes; "
                      f"{t['clicked']} clicked (final >= {t['click_level']:.3f})")
+        sh = t.get("shape")
+        if sh:
+            f = sh["final_by_config"]
+            lines.append(f"  shape: the median curve clicks at {sh['click_at_median']:.0%} of the budget (quartiles "
+                         f"{sh['click_at_quartiles'][0]:.0%}-{sh['click_at_quartiles'][1]:.0%}), "
+                         f"{sh['never_click']:.0%} never; final by configuration ({sh['configs']}): best "
+                         f"{f['best']:.3f}, top quartile from {f['top_quartile']:.3f}, median {f['median']:.3f}, "
+                         f"worst {f['worst']:.3f}")
         fr = sorted({f for s in t["signals"].values() for f in s}, key=float)
         lines.append(f"  {'signal':18s}" + "".join(f"  {'at ' + format(float(f), '.0%') + ': spearman':>16s} {'[95% CI]':14s}  auroc"
                                                    for f in fr))
