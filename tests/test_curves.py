@@ -77,7 +77,8 @@ def test_signal_power_sees_an_early_signal_that_points_the_wrong_way():
         start, end = 0.5 - 0.05 * k, 0.4 + 0.1 * k  # the later a curve starts low, the higher it ends
         curves.append({"episodes": [25, 50, 75, 100], "objective": [start, start, start, end],
                        "acc_by_instance": [[0.3, start]] * 4, "val_loss": [1.0] * 4, "train_loss": [1.0] * 4,
-                       "read_entropy": [0.9 - 0.1 * k] * 4})
+                       "read_entropy": [0.9 - 0.1 * k] * 4, "train_s": [1.0, 2.0, 3.0, 4.0], "wall_s": 5.0})
+    curves.append({"episodes": [25, 50], "objective": [0.3, 0.3], "wall_s": 9.0})  # stopped short: cost only
     out = signal_power(curves, 100, fractions=(0.25, 1.0), n_boot=200)
     assert out["used"] == 5 and out["clicked"] == 4  # plateau 0.4, best end 0.8: click level 0.5
     assert out["signals"]["objective"]["0.25"]["spearman"] == -1.0
@@ -88,6 +89,7 @@ def test_signal_power_sees_an_early_signal_that_points_the_wrong_way():
     sh = out["shape"]  # click level 0.5: curve 0 starts on it (25 %), curves 1-4 reach it at their last evaluation
     assert sh["click_at_median"] == 1.0 and sh["click_at_quartiles"] == [1.0, 1.0] and sh["never_click"] == 0.0
     assert sh["configs"] == 5
+    assert sh["cost"] == {"train_s": 20.0, "wall_s": 25.0 + 9.0, "median_curve_wall_s": 5.0}
     assert sh["final_by_config"] == {"best": 0.8, "top_quartile": 0.7, "median": 0.6, "worst": 0.4}
 
 

@@ -15,8 +15,9 @@ evaluation at or before f of the table's budget, and the objective at the curve'
 Besides, the table's **shape** (``shape``): per curve the episodes to its click (its first evaluation at or above
 the click level; the full budget if it never gets there), as fractions of the budget: the median over curves (the
 *median curve's plateau share*, what a search without stopping waits through), its quartiles, and the share of
-curves that never click; and the final objective by configuration (mean over its seeds): best, top quartile,
-median, worst.
+curves that never click; the final objective by configuration (mean over its seeds): best, top quartile,
+median, worst; and the recording's cost (seconds in training steps and in all, summed over the curves, and the
+median curve's).
 
 Signals, each oriented so that higher should mean better: ``objective`` (the search's objective), ``acc_1`` (the
 accuracy at the 1st instance: what the controller learns without the memory), ``neg_val_loss``,
@@ -102,7 +103,7 @@ def signal_power(curves: list[dict[str, Any]], budget: float, fractions=FRACTION
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {"curves": len(curves), "used": len(usable), "budget": budget,
                            "click_level": round(level, 4), "clicked": int(clicked.sum()),
-                           "shape": shape(usable, budget, level), "signals": {}}
+                           "shape": shape(usable, budget, level, curves), "signals": {}}
     for name, read in SIGNALS.items():
         per: dict[str, Any] = {}
         for f in fractions:
@@ -134,8 +135,10 @@ def click_fraction_of(curve: dict[str, Any], budget: float, level: float) -> flo
     return 1.0
 
 
-def shape(curves: list[dict[str, Any]], budget: float, level: float) -> dict[str, Any]:
-    """The table's shape (module doc): click times as fractions of the budget, and the finals by configuration."""
+def shape(curves: list[dict[str, Any]], budget: float, level: float,
+          recorded: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The table's shape (module doc): click times as fractions of the budget and the finals by configuration of
+    the usable ``curves``; the cost of all ``recorded`` ones (default: ``curves``)."""
     if not curves:
         return {}
     at = np.array([click_fraction_of(c, budget, level) for c in curves])
@@ -144,11 +147,20 @@ def shape(curves: list[dict[str, Any]], budget: float, level: float) -> dict[str
     for c in curves:
         by_config.setdefault(c.get("config_id", id(c)), []).append(float(c["objective"][-1]))
     finals = np.array([np.mean(v) for v in by_config.values()])
-    return {"click_at_median": _r(np.median(at)), "click_at_quartiles": [_r(np.quantile(at, 0.25)),
+    recorded = curves if recorded is None else recorded
+    train = [float(_last_of(c.get("train_s"))) for c in recorded if c.get("train_s") is not None]
+    wall = [float(c["wall_s"]) for c in recorded if c.get("wall_s") is not None]
+    cost = {"train_s": _r(sum(train)), "wall_s": _r(sum(wall)),
+            "median_curve_wall_s": _r(np.median(wall)) if wall else None}
+    return {"cost": cost, "click_at_median": _r(np.median(at)), "click_at_quartiles": [_r(np.quantile(at, 0.25)),
                                                                         _r(np.quantile(at, 0.75))],
             "never_click": _r(never.mean()), "configs": len(finals),
             "final_by_config": {"best": _r(finals.max()), "top_quartile": _r(np.quantile(finals, 0.75)),
                                 "median": _r(np.median(finals)), "worst": _r(finals.min())}}
+
+
+def _last_of(x):
+    return x[-1] if isinstance(x, list) else x
 
 
 def _r(x: float):
@@ -180,6 +192,10 @@ def format_report(report: dict[str, Any]) -> str:
                          f"{sh['never_click']:.0%} never; final by configuration ({sh['configs']}): best "
                          f"{f['best']:.3f}, top quartile from {f['top_quartile']:.3f}, median {f['median']:.3f}, "
                          f"worst {f['worst']:.3f}")
+            c = sh["cost"]
+            if c.get("median_curve_wall_s") is not None:
+                lines.append(f"  cost: {c['wall_s'] / 3600:.2f} h of recording in all ({c['train_s'] / 3600:.2f} h in "
+                             f"training steps), {c['median_curve_wall_s']:.0f} s the median curve")
         fr = sorted({f for s in t["signals"].values() for f in s}, key=float)
         lines.append(f"  {'signal':18s}" + "".join(f"  {'at ' + format(float(f), '.0%') + ': spearman':>16s} {'[95% CI]':14s}  auroc"
                                                    for f in fr))
