@@ -22,7 +22,7 @@ _os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from .config import LoadedSearch, SearchConfig, load_search_config
 from .protocol import (TRIAL_NUMBER_KEY, BudgetWatch, Ending, StudyFacts, TrialOutcome, TrialReport, decide,
-                       outcome_counts, sampled_point, selectable, trial_name)
+                       outcome_counts, sampled_point, selectable, trial_label, trial_name, label_of)
 from .study import SearchError, Study, git_commit
 
 # name -> module that defines it (loaded on first access: these import Ray, Optuna or MLflow)
@@ -44,7 +44,7 @@ __all__ = [
     "LoadedSearch", "SearchConfig", "load_search_config", "Study", "SearchError", "git_commit",
     # the trial protocol
     "TrialReport", "TrialOutcome", "Ending", "StudyFacts", "BudgetWatch", "decide", "outcome_counts",
-    "selectable", "trial_name", "sampled_point", "TRIAL_NUMBER_KEY",
+    "selectable", "trial_label", "trial_name", "label_of", "sampled_point", "TRIAL_NUMBER_KEY",
     # the service (lazy)
     *_LAZY,
 ]

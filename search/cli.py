@@ -15,6 +15,8 @@ from pathlib import Path
 from mann import metrics
 from mann.cli import parser_class, positive_int, run_command
 
+from .protocol import label_of
+
 PROG = "mann-search"
 
 
@@ -52,10 +54,9 @@ def _print_outcome(outcome) -> None:
     if outcome.selection and "error" not in outcome.selection:
         s = outcome.selection
         prev = s["previous_champion"]
-        best = max(s["candidates"], key=lambda c: c["test_acc_2plus"])
         was = "none" if prev is None else f"version {prev['version']}, {prev['score']:.4f}"
         print(f"selection: version {s['new_version']} of '{s['registered_model']}' "
-              f"({str(best['trial']).split()[0]}), test acc 2nd+ {s['new_score']:.4f}; champion "
+              f"({label_of(s['new_trial'])}), test acc 2nd+ {s['new_score']:.4f}; champion "
               f"{'moved to it' if s['promoted'] else 'kept'} (previous champion: {was})")
     elif outcome.selection:
         print(f"selection failed: {outcome.selection['error']}")
@@ -146,7 +147,7 @@ def cmd_status(args) -> int:
     if info["best"]:
         trial = str(info["best"]["trial"])
         print(f"best {info['metric']} {info['best']['value']:.4f}: {trial}")
-        print(f"  as a MANN config: mann-search export {info['path']} --trial {trial.split()[0]}")
+        print(f"  as a MANN config: mann-search export {info['path']} --trial {label_of(trial)}")
     print(f"MLflow {info['tracking_uri']} experiment '{info['experiment']}'")
     if info.get("mlflow_command"):
         print(f"  serve the UI: {info['mlflow_command']}")

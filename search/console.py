@@ -16,7 +16,7 @@ from typing import IO, Any
 
 from mann import metrics
 
-from .protocol import BudgetWatch, TrialReport, decide, trial_name
+from .protocol import BudgetWatch, TrialReport, decide, trial_label, trial_name
 from .study import Study
 from .tracking import ui_link
 
@@ -66,7 +66,7 @@ def trial_lines(study: Study, out: IO[str] | None = None, interrupted=None):
                     self._ended(trials, t, error=False, study_ended=True)
 
         def _ended(self, trials, trial, error: bool, study_ended: bool = False) -> None:
-            name = _name(trial).split(" ", 1)[0]
+            name = trial_label(trial.config, str(trial))
             line = self.progress.ended(trials, trial, name, error, time.monotonic() - self.started, study_ended)
             self._print(f"{name}  {line}")
 

@@ -48,14 +48,24 @@ def sampled_point(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k != TRIAL_NUMBER_KEY}
 
 
-def trial_name(config: dict[str, Any], fallback: str = "trial") -> str:
-    """``t07 slots=35 read_heads=4 gamma=0.98``: the Optuna trial number and the sampled values, by the last
-    part of each path (``fallback`` names a trial no study searcher numbered)."""
+def trial_label(config: dict[str, Any], fallback: str = "trial") -> str:
+    """``t07``: the Optuna trial number (``fallback`` for a trial no study searcher numbered); what
+    ``mann-search export --trial`` takes."""
     number = config.get(TRIAL_NUMBER_KEY)
+    return f"t{number:02d}" if isinstance(number, int) else fallback
+
+
+def trial_name(config: dict[str, Any], fallback: str = "trial") -> str:
+    """``t07 slots=35 read_heads=4 gamma=0.98``: the trial's label and the sampled values, by the last part of
+    each path (the MLflow run name and the console's)."""
     parts = [f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
              for k, v in sampled_point(config).items()]
-    head = f"t{number:02d}" if isinstance(number, int) else fallback
-    return " ".join([head, *parts])[:NAME_LIMIT]
+    return " ".join([trial_label(config, fallback), *parts])[:NAME_LIMIT]
+
+
+def label_of(name: str) -> str:
+    """The label a :func:`trial_name` starts with (``t07``), e.g. from an MLflow run name."""
+    return str(name).split(" ", 1)[0]
 
 
 def trial_dirname(config: dict[str, Any], fallback: str = "trial") -> str:

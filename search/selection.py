@@ -81,6 +81,7 @@ def select(study: Study, tracker: StudyTracker) -> dict[str, Any]:
         client.set_registered_model_alias(name, CHAMPION, version.version)
     decision = {
         "registered_model": name, "new_version": version.version, "new_score": best["test_acc_2plus"],
+        "new_trial": best["trial"],
         "previous_champion": current, "promoted": promoted, "candidates": candidates,
     }
     parent = tracker.run_id(None)
