@@ -196,10 +196,11 @@ def fraction(text: str) -> float:
 def cmd_curves_signals(args) -> int:
     import json
 
-    from .bench.signals import format_report, table_signals
+    from .bench.signals import format_report, markdown_report, table_signals
 
     report = table_signals(args.tables, tuple(args.at or (0.1, 0.25)), args.boot)
-    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    print(json.dumps(report, indent=1) if args.json else markdown_report(report) if args.markdown
+          else format_report(report))
     return 0
 
 
@@ -236,6 +237,9 @@ def cmd_benchmark(args) -> int:
     if args.json:
         print(json.dumps(out))
         return 0
+    if args.markdown:
+        print(benchmark_markdown(out))
+        return 0
     for name, t in out["tables"].items():
         print(f"{name}: {t['curves']} curves of {t['configs']} configurations, {t['repeats']} repeats, {t['engine']} "
               f"engine, {t['wall_s']:.0f} s; budgets as fractions of {t['full_study_episodes']:.0f} episodes (the "
@@ -253,6 +257,41 @@ def cmd_benchmark(args) -> int:
     for m, g in out["across_tables"].items():
         print(f"across tables, {m}: speed-up geometric mean {g['speedup_geomean']} {g['ci95']}")
     return 0
+
+
+def _ci(v, nd: int = 2) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def benchmark_markdown(out: dict) -> str:
+    """The benchmark's figures as Markdown tables (README and docs/benchmark.md are pasted from this)."""
+    lines = []
+    for name, t in out["tables"].items():
+        lines += [f"**{name}** ({t['curves']} curves of {t['configs']} configurations; {t['repeats']} repeats, "
+                  f"{t['engine']} engine, {t['wall_s']:.0f} s; budget unit: the baseline's full study, "
+                  f"{t['full_study_episodes']:.0f} episodes; episode cap {t['episode_cap']}; target: "
+                  f"{t['target_regret']:.2f} points)", "",
+                  "| method | regret @0.25 | @0.5 | @1.0 | speed-up [95 % CI] | reached | stopped: top-quartile share "
+                  "(trials) | paused, never resumed: share (trials) |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for m, v in t["methods"].items():
+            r = v["regret_at"]
+            k = v["kill_before_click"]
+            sp = v["speedup"]
+            lines.append(
+                f"| {m} | " + " | ".join(f"{r[f]['median']:.2f} [{r[f]['ci95'][0]:.2f}, {r[f]['ci95'][1]:.2f}]"
+                                         for f in ("0.25", "0.5", "1.0"))
+                + f" | {_ci(sp['median'])} [{_ci(sp['ci95'][0])}, {_ci(sp['ci95'][1])}] | {v['reached'] * 100:.0f} % | "
+                + (f"{k['stopped'] * 100:.1f} % ({k['stopped_trials']})" if k["stopped_trials"] else "-") + " | "
+                + (f"{k['paused_never_resumed'] * 100:.1f} % ({k['paused_trials']})" if k["paused_trials"] else "-")
+                + " |")
+        lines.append("")
+    if len(out.get("tables", {})) > 1 and out.get("across_tables"):
+        lines += [f"Across {len(out['tables'])} tables: geometric mean of the speed-ups", "",
+                  "| method | speed-up, geometric mean [95 % CI] |", "| --- | ---: |"]
+        for m, g in out["across_tables"].items():
+            lines.append(f"| {m} | {_ci(g['speedup_geomean'])} [{_ci(g['ci95'][0])}, {_ci(g['ci95'][1])}] |")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -309,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="budget fractions to read the signals at (repeat; default 0.1 and 0.25)")
     sig.add_argument("--boot", type=positive_int, default=2000, help="bootstrap resamples of the intervals")
     sig.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    sig.add_argument("--markdown", action="store_true", help="Markdown tables (as README shows them)")
     sig.set_defaults(fn=cmd_curves_signals)
     be = sub.add_parser("benchmark", help="compare search methods on a table of recorded curves (no training)")
     be.add_argument("--curves", required=True, action="append",
@@ -319,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="studies per method (seeds 0..N-1; default 100 for sim, 20 for tune)")
     be.add_argument("--n-boot", type=positive_int, default=2000, help="bootstrap resamples of each interval")
     be.add_argument("--json", action="store_true", help="print one JSON object")
+    be.add_argument("--markdown", action="store_true", help="print the figures as Markdown tables (as README shows them)")
     be.add_argument("--methods", nargs="+", default=None, help="a subset of the methods (the baseline always runs)")
     be.add_argument("--config", help="the shipped search config, for every table (default: each table's configs/search/<table name>.yaml)")
     be.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",

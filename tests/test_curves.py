@@ -103,3 +103,7 @@ def test_signals_of_the_recorded_quickstart_table(capsys):
     t = json.loads(capsys.readouterr().out)["quickstart"]
     early, later = t["signals"]["objective"]["0.1"], t["signals"]["objective"]["0.25"]
     assert t["used"] == 200 and early["ci95"][1] < 0 < later["ci95"][0], t
+    assert main(["curves", "signals", str(REPO / "results" / "curves" / "quickstart.jsonl"), "--boot", "200",
+                 "--markdown"]) == 0
+    md = capsys.readouterr().out
+    assert f"| objective | {early['spearman']:+.2f} [" in md and "**quickstart** (200 curves" in md

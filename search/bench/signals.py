@@ -215,3 +215,34 @@ def format_report(report: dict[str, Any]) -> str:
 
 def _fmt(x) -> str:
     return "  n/a" if x is None else f"{x:+.2f}"
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """:func:`table_signals`'s report as Markdown (README's tables are pasted from this)."""
+    lines = []
+    for name, t in report.items():
+        fr = sorted({f for sig in t["signals"].values() for f in sig}, key=float)
+        sh = t.get("shape") or {}
+        lines.append(f"**{name}** ({t['used']} curves of {t['budget']:g} episodes; {t['clicked']} click)")
+        if sh:
+            f = sh["final_by_config"]
+            lines.append(f"median curve clicks at {sh['click_at_median']:.0%} of the budget (quartiles "
+                         f"{sh['click_at_quartiles'][0]:.0%}-{sh['click_at_quartiles'][1]:.0%}), {sh['never_click']:.0%} "
+                         f"never; final by configuration: best {f['best'] * 100:.1f} %, top quartile from "
+                         f"{f['top_quartile'] * 100:.1f} %, median {f['median'] * 100:.1f} %, worst {f['worst'] * 100:.1f} %")
+        lines += ["", "| signal (higher = better) | " + " | ".join(f"at {float(f):.0%}: Spearman [95 % CI] | AUROC"
+                                                                  for f in fr) + " |",
+                  "| --- |" + " ---: | ---: |" * len(fr)]
+        for sig, per in t["signals"].items():
+            cells = []
+            for f in fr:
+                p = per.get(f)
+                if p is None:
+                    cells += ["", ""]
+                    continue
+                lo, hi = p["ci95"]
+                cells += [f"{_fmt(p['spearman'])} [{_fmt(lo)}, {_fmt(hi)}]",
+                          "n/a" if p["auroc_click"] is None else f"{p['auroc_click']:.2f}"]
+            lines.append(f"| {sig} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
