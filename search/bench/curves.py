@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -146,7 +147,7 @@ def record(config_file: str, overrides: list[str], out: Path, configs: int, seed
     from mann.omniglot import load_omniglot
 
     load_omniglot(search.base.data)  # cached once before the workers start
-    t0, written = time.monotonic(), 0
+    t0, written, walls = time.monotonic(), 0, []
     with ProcessPoolExecutor(max_workers=workers) as pool:
         running = set()
         while todo or running:
@@ -162,6 +163,9 @@ def record(config_file: str, overrides: list[str], out: Path, configs: int, seed
                     fh.write(json.dumps(curve) + "\n")
                 written += 1
                 best = max((v for v in curve["objective"] if v is not None and math.isfinite(v)), default=float("nan"))
+                walls.append(float(curve["wall_s"]))
+                left = (len(todo) + len(running)) * statistics.median(walls) / workers
                 print(f"curve {curve['config_id']}/{curve['seed']}: {len(curve['episodes'])} evaluations, best "
-                      f"{best:.3f}, {curve['wall_s']:.0f} s; {len(todo)} to go", flush=True)
+                      f"{best:.3f}, {curve['wall_s']:.0f} s; {len(todo)} to go (about {left / 60:.0f} min at the "
+                      f"median curve's time)", flush=True)
     return written
