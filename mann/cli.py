@@ -54,6 +54,9 @@ def run_command(prog: str, args: argparse.Namespace, usage_errors: tuple[type[Ba
     except KeyboardInterrupt as exc:  # a message of its own (where to go on) replaces the generic one
         print(f"{prog}: {exc or interrupted}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (``| head``): stop quietly, as a Unix tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return 141
 
 
 def positive_int(text: str) -> int:

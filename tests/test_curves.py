@@ -88,7 +88,7 @@ def test_signal_power_sees_an_early_signal_that_points_the_wrong_way():
     assert out["signals"]["acc_1"]["0.25"]["spearman"] is None  # constant: no rank correlation
     sh = out["shape"]  # click level 0.5: curve 0 starts on it (25 %), curves 1-4 reach it at their last evaluation
     assert sh["click_at_median"] == 1.0 and sh["click_at_quartiles"] == [1.0, 1.0] and sh["never_click"] == 0.0
-    assert sh["configs"] == 5
+    assert sh["configs"] == 5 and sh["click_time_vs_final"] == pytest.approx(0.707, abs=1e-3)  # ranks 1,3.5x4
     assert sh["cost"] == {"train_s": 20.0, "wall_s": 25.0 + 9.0, "median_curve_wall_s": 5.0}
     assert sh["final_by_config"] == {"best": 0.8, "top_quartile": 0.7, "median": 0.6, "worst": 0.4}
 
