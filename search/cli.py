@@ -234,6 +234,9 @@ def cmd_benchmark(args) -> int:
     out = benchmark_tables(args.curves, repeats=repeats, methods=args.methods, compress=args.compress,
                            plot=args.plot, per_table=per_table, parallel=args.parallel, progress=log, engine=args.engine, n_boot=args.n_boot)
     out["command"] = " ".join(["mann-search", "benchmark", *sys.argv[2:]])
+    if args.save:
+        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.save).write_text(json.dumps(out) + "\n")
     if args.json:
         print(json.dumps(out))
         return 0
@@ -360,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--n-boot", type=positive_int, default=2000, help="bootstrap resamples of each interval")
     be.add_argument("--json", action="store_true", help="print one JSON object")
     be.add_argument("--markdown", action="store_true", help="print the figures as Markdown tables (as README shows them)")
+    be.add_argument("--save", metavar="FILE", help="also write the JSON object to FILE")
     be.add_argument("--methods", nargs="+", default=None, help="a subset of the methods (the baseline always runs)")
     be.add_argument("--config", help="the shipped search config, for every table (default: each table's configs/search/<table name>.yaml)")
     be.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",

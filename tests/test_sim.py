@@ -199,8 +199,10 @@ def test_each_table_is_benchmarked_with_its_own_shipped_config(tmp_path, capsys)
     assert quick["shipped_config"].endswith("configs/search/quickstart.yaml") and quick["report_every"] == 2
     assert tiny["shipped_config"] is None and tiny["report_every"] == 1
     assert main(["benchmark", "--curves", str(other), "--curves", str(TINY), "--repeats", "2", "--markdown",
-                 "--plot", str(tmp_path / "p.png"), "--n-boot", "50", "--methods", "tpe+asha"]) == 0
+                 "--plot", str(tmp_path / "p.png"), "--n-boot", "50", "--methods", "tpe+asha",
+                 "--save", str(tmp_path / "b.json")]) == 0
     md = capsys.readouterr().out
+    assert set(json.loads((tmp_path / "b.json").read_text())["tables"]) == {"quickstart", "tiny"}
     assert md.count("| tpe+asha | ") == 3 and "**quickstart**" in md and "**tiny**" in md  # 2 tables + across
     assert "| method | speed-up, geometric mean [95 % CI] |" in md  # across the two tables
 
