@@ -203,6 +203,7 @@ def test_each_table_is_benchmarked_with_its_own_shipped_config(tmp_path, capsys)
                  "--save", str(tmp_path / "b.json")]) == 0
     md = capsys.readouterr().out
     assert set(json.loads((tmp_path / "b.json").read_text())["tables"]) == {"quickstart", "tiny"}
+    assert (tmp_path / "p-quickstart.png").is_file() and (tmp_path / "p-tiny.png").is_file()  # a plot per table
     assert md.count("| tpe+asha | ") == 3 and "**quickstart**" in md and "**tiny**" in md  # 2 tables + across
     assert "| method | speed-up, geometric mean [95 % CI] |" in md  # across the two tables
 

@@ -545,8 +545,15 @@ def benchmark_tables(tables: list[str | Path], per_table: list[dict[str, Any]] |
     n_boot = kwargs.get("n_boot", 2000)
     out: dict[str, Any] = {"engine": kwargs.get("engine", "sim"), "repeats": kwargs.get("repeats", 100),
                            "tables": {}, "across_tables": {}}
+    used: set[str] = set()
     for i, path in enumerate(tables):
-        p = plot if plot and len(tables) == 1 else (Path(plot).with_suffix(f".{i}.png") if plot else None)
+        if plot and len(tables) > 1:  # one plot per table: PLOT's name with the table's (or its position)
+            tag = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(load_table(path).header.get("name") or i))
+            tag = f"{tag}-{i}" if tag in used else tag
+            used.add(tag)
+            p = Path(plot).with_name(f"{Path(plot).stem}-{tag}{Path(plot).suffix or '.png'}")
+        else:
+            p = plot
         own = dict(per_table[i]) if per_table else {}
         shipped_file = own.pop("shipped_file", None)
         res = benchmark(path, plot=p, **{**kwargs, **own})
