@@ -232,7 +232,8 @@ def cmd_benchmark(args) -> int:
     repeats = args.repeats or (100 if args.engine == "sim" else 20)
     log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
     out = benchmark_tables(args.curves, repeats=repeats, methods=args.methods, compress=args.compress,
-                           plot=args.plot, per_table=per_table, parallel=args.parallel, progress=log, engine=args.engine, n_boot=args.n_boot)
+                           plot=args.plot, per_table=per_table, parallel=args.parallel, progress=log,
+                           engine=args.engine, n_boot=args.n_boot)
     out["command"] = " ".join(["mann-search", "benchmark", *sys.argv[2:]])
     if args.save:
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
@@ -362,10 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="studies per method (seeds 0..N-1; default 100 for sim, 20 for tune)")
     be.add_argument("--n-boot", type=positive_int, default=2000, help="bootstrap resamples of each interval")
     be.add_argument("--json", action="store_true", help="print one JSON object")
-    be.add_argument("--markdown", action="store_true", help="print the figures as Markdown tables (as README shows them)")
+    be.add_argument("--markdown", action="store_true",
+                    help="print the figures as Markdown tables (as README shows them)")
     be.add_argument("--save", metavar="FILE", help="also write the JSON object to FILE")
     be.add_argument("--methods", nargs="+", default=None, help="a subset of the methods (the baseline always runs)")
-    be.add_argument("--config", help="the shipped search config, for every table (default: each table's configs/search/<table name>.yaml)")
+    be.add_argument("--config", help="the shipped search config, for every table (default: each table's "
+                                     "configs/search/<table name>.yaml)")
     be.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                     help="override the shipped config (e.g. scheduler.plateau.click_slack=2): its scheduler settings "
                          "are the ones the methods of that scheduler kind use")

@@ -15,10 +15,10 @@ evaluation at or before f of the table's budget, and the objective at the curve'
 Besides, the table's **shape** (``shape``): per curve the episodes to its click (its first evaluation at or above
 the click level; the full budget if it never gets there), as fractions of the budget: the median over curves (the
 *median curve's plateau share*, what a search without stopping waits through), its quartiles, and the share of
-curves that never click, and among the curves that click, the rank correlation of the click time with the final
-value (negative: the earlier a curve clicks, the higher it ends); the final objective by configuration (mean over its seeds): best, top quartile,
-median, worst; and the recording's cost (seconds in training steps and in all, summed over the curves, and the
-median curve's).
+curves that never click; among the curves that click, the rank correlation of the click time with the final
+value (negative: the earlier a curve clicks, the higher it ends); the final objective by configuration (mean over
+its seeds): best, top quartile, median, worst; and the recording's cost (seconds in training steps and in all,
+summed over the curves, and the median curve's).
 
 Signals, each oriented so that higher should mean better: ``objective`` (the search's objective), ``acc_1`` (the
 accuracy at the 1st instance: what the controller learns without the memory), ``neg_val_loss``,
@@ -153,12 +153,12 @@ def shape(curves: list[dict[str, Any]], budget: float, level: float,
     wall = [float(c["wall_s"]) for c in recorded if c.get("wall_s") is not None]
     cost = {"train_s": _r(sum(train)), "wall_s": _r(sum(wall)),
             "median_curve_wall_s": _r(np.median(wall)) if wall else None}
-    clicked = ~never
-    rho = spearman(at[clicked], [float(c["objective"][-1]) for c, k in zip(curves, clicked) if k]) \
-        if clicked.sum() >= 3 else math.nan
-    return {"cost": cost, "click_time_vs_final": _r(rho), "click_at_median": _r(np.median(at)), "click_at_quartiles": [_r(np.quantile(at, 0.25)),
-                                                                        _r(np.quantile(at, 0.75))],
-            "never_click": _r(never.mean()), "configs": len(finals),
+    ever = ~never
+    rho = spearman(at[ever], [float(c["objective"][-1]) for c, k in zip(curves, ever) if k]) \
+        if ever.sum() >= 3 else math.nan
+    return {"click_at_median": _r(np.median(at)),
+            "click_at_quartiles": [_r(np.quantile(at, 0.25)), _r(np.quantile(at, 0.75))],
+            "never_click": _r(never.mean()), "click_time_vs_final": _r(rho), "cost": cost, "configs": len(finals),
             "final_by_config": {"best": _r(finals.max()), "top_quartile": _r(np.quantile(finals, 0.75)),
                                 "median": _r(np.median(finals)), "worst": _r(finals.min())}}
 
@@ -232,10 +232,11 @@ def markdown_report(report: dict[str, Any]) -> str:
         if sh:
             f = sh["final_by_config"]
             lines.append(f"median curve clicks at {sh['click_at_median']:.0%} of the budget (quartiles "
-                         f"{sh['click_at_quartiles'][0]:.0%}-{sh['click_at_quartiles'][1]:.0%}), {sh['never_click']:.0%} "
-                         f"never; among the curves that click, Spearman of click time with final "
-                         f"{_fmt(sh['click_time_vs_final'])}; final by configuration: best {f['best'] * 100:.1f} %, top quartile from "
-                         f"{f['top_quartile'] * 100:.1f} %, median {f['median'] * 100:.1f} %, worst {f['worst'] * 100:.1f} %")
+                         f"{sh['click_at_quartiles'][0]:.0%}-{sh['click_at_quartiles'][1]:.0%}), "
+                         f"{sh['never_click']:.0%} never; among the curves that click, Spearman of click time with final "
+                         f"{_fmt(sh['click_time_vs_final'])}; final by configuration: best {f['best'] * 100:.1f} %, "
+                         f"top quartile from {f['top_quartile'] * 100:.1f} %, median {f['median'] * 100:.1f} %, "
+                         f"worst {f['worst'] * 100:.1f} %")
         lines += ["", "| signal (higher = better) | " + " | ".join(f"at {float(f):.0%}: Spearman [95 % CI] | AUROC"
                                                                   for f in fr) + " |",
                   "| --- |" + " ---: | ---: |" * len(fr)]
