@@ -107,3 +107,25 @@ def test_signals_of_the_recorded_quickstart_table(capsys):
                  "--markdown"]) == 0
     md = capsys.readouterr().out
     assert f"| objective | {early['spearman']:+.2f} [" in md and "**quickstart** (200 curves" in md
+
+
+@pytest.mark.parametrize("name,every", [("paper5x10", 1000), ("strings3x5", 1800)])
+def test_the_recorded_tables_of_other_tasks_are_complete_and_match_their_shipped_search(name, every):
+    """The committed tables of issue #26 were recorded from their shipped search config (so the benchmark's
+    methods take that config's settings for them), complete: 60 configurations x 2 seeds, every curve evaluated
+    to the full budget with the memory signal."""
+    path = REPO / "results" / "curves" / f"{name}.jsonl"
+    head, curves = read_table(path)
+    shipped = load_search_config(str(REPO / "configs" / "search" / f"{name}.yaml"),
+                                 [f"overrides.train.eval_every={every}"])
+    assert head["name"] == name and head["search"]["name"] == name and head["eval_every"] == every
+    assert head["max_episodes"] == shipped.max_episodes and head["base"]["task"] == shipped.base.task.to_dict()
+    assert sorted((c["config_id"], c["seed"]) for c in curves) == [(i, s) for i in range(60) for s in range(2)]
+    evals = shipped.max_episodes // every  # at the first batch boundary at or past each multiple of every
+    batch = shipped.base.train.batch_size
+    for c in curves:
+        assert len(c["episodes"]) == len(c["read_entropy"]) == evals and not c["diverged"]
+        assert c["episodes"][-1] == shipped.max_episodes
+        assert all(0 <= e - k * every < batch for k, e in enumerate(c["episodes"], 1))
+    points = draw_points(shipped, 60, 0)  # the draw is the shipped space's: a rerun goes on the same points
+    assert all(c["point"] == points[c["config_id"]] for c in curves)
