@@ -72,14 +72,15 @@ def test_benchmark_command_json(tmp_path, capsys):
     from search.cli import main
 
     plot = tmp_path / "regret.png"
+    # the plateau rule through real Tuners: test_replay_trainable_serves_recorded_curves_through_the_tuner
     assert main(["benchmark", "--engine", "tune", "--curves", str(TINY), "--repeats", "1", "--methods", "random",
-                 "tpe+plateau", "--json", "--plot", str(plot), "--compress", "0.0005", "--parallel", "2"]) == 0
+                 "--json", "--plot", str(plot), "--compress", "0.0005", "--parallel", "2"]) == 0
     assert not ray.is_initialized()  # the command shut down the Ray it started
     top = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert top["engine"] == "tune" and top["repeats"] == 1 and set(top["tables"]) == {"tiny"}
     out = top["tables"]["tiny"]
     assert out["curves"] == 12 and out["configs"] == 6 and out["repeats"] == 1 and out["baseline"] == BASELINE
-    assert set(out["methods"]) == {BASELINE, "random", "tpe+plateau"}
+    assert set(out["methods"]) == {BASELINE, "random"}
     for m in out["methods"].values():
         assert set(m["regret_at"]) == {"0.25", "0.5", "1.0"}
         assert all(r["median"] >= 0 for r in m["regret_at"].values())
