@@ -207,24 +207,25 @@ def cmd_curves_signals(args) -> int:
 def cmd_benchmark(args) -> int:
     from mann.config import ConfigError
 
-    from .bench.replay import benchmark_tables, load_table
+    from .bench.curves import read_header
+    from .bench.replay import benchmark_tables
     from .config import load_search_config
 
     def shipped_of(path: str):
         """A table's shipped search config (--config, else configs/search/<table name>.yaml, if any) with --set
         applied, and how often its studies report (every k-th recorded evaluation, as the config evaluates)."""
-        tab = load_table(path)
+        head = read_header(path)
         shipped = args.config
         if shipped is None:
-            guess = Path(__file__).resolve().parents[1] / "configs" / "search" / f"{tab.header.get('name')}.yaml"
+            guess = Path(__file__).resolve().parents[1] / "configs" / "search" / f"{head.get('name')}.yaml"
             shipped = str(guess) if guess.is_file() else None
         if args.set and not shipped:
             raise ConfigError(f"--set: no shipped search config to apply it to for {path} (none named "
-                              f"{tab.header.get('name')}.yaml in configs/search; name one with --config)")
+                              f"{head.get('name')}.yaml in configs/search; name one with --config)")
         loaded = load_search_config(shipped, args.set) if shipped else None
         every = args.report_every
         if every is None:
-            recorded = max(1, int(tab.header.get("eval_every") or 1))
+            recorded = max(1, int(head.get("eval_every") or 1))
             every = max(1, round(loaded.base.train.eval_every / recorded)) if loaded else 1
         return {"shipped": loaded.config if loaded else None, "every": every, "shipped_file": shipped}
 
@@ -249,9 +250,8 @@ def cmd_benchmark(args) -> int:
               f"engine, {t['wall_s']:.0f} s; budgets as fractions of {t['full_study_episodes']:.0f} episodes (the "
               f"baseline's full study); target: {t['target_regret']:.2f} points; default: {t['default']}")
         head = ["method", "regret@0.25", "@0.5", "@1.0", "speed-up [95 %]", "reached", "killed", "paused"]
-        ci = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
         rows = [[m, *(f"{v['regret_at'][f]['median']:.2f}" for f in ("0.25", "0.5", "1.0")),
-                 f"{ci(v['speedup']['median'])} [{ci(v['speedup']['ci95'][0])}, {ci(v['speedup']['ci95'][1])}]",
+                 f"{_ci(v['speedup']['median'])} [{_ci(v['speedup']['ci95'][0])}, {_ci(v['speedup']['ci95'][1])}]",
                  f"{v['reached'] * 100:.0f} %", f"{v['kill_before_click']['stopped'] * 100:.1f} %",
                  f"{v['kill_before_click']['paused_never_resumed'] * 100:.1f} %"]
                 for m, v in t["methods"].items()]
@@ -263,8 +263,9 @@ def cmd_benchmark(args) -> int:
     return 0
 
 
-def _ci(v, nd: int = 2) -> str:
-    return "-" if v is None else f"{v:.{nd}f}"
+def _ci(v) -> str:
+    """A figure that may be missing (an unbounded interval's end): two decimals or "-"."""
+    return "-" if v is None else f"{v:.2f}"
 
 
 def benchmark_markdown(out: dict) -> str:

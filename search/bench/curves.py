@@ -106,6 +106,27 @@ def train_curve(search: LoadedSearch, config_id: int, point: dict[str, Any], see
             "commit": git_commit(), "machine": machine(), "recorded": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
+def _check_header(path: Path, head: Any) -> dict[str, Any]:
+    if not isinstance(head, dict) or head.get("format") != FORMAT:
+        raise ConfigError(f"{path}: not a curves table (its first line must have format {FORMAT!r})")
+    return head
+
+
+def read_header(path: str | Path) -> dict[str, Any]:
+    """A table's header line alone (its name, search and recording settings) without reading its curves."""
+    path = Path(path)
+    try:
+        with open(path) as fh:
+            first = next((x for x in fh if x.strip()), "")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the curves table ({exc.strerror or exc})") from None
+    try:
+        head = json.loads(first) if first else None
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not a curves table (JSON Lines expected: {exc})") from None
+    return _check_header(path, head)
+
+
 def read_table(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The header and curves of a table; errors name the file and line."""
     path = Path(path)
@@ -117,8 +138,7 @@ def read_table(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         rows = [json.loads(x) for x in lines]
     except ValueError as exc:
         raise ConfigError(f"{path}: not a curves table (JSON Lines expected: {exc})") from None
-    if not rows or not isinstance(rows[0], dict) or rows[0].get("format") != FORMAT:
-        raise ConfigError(f"{path}: not a curves table (its first line must have format {FORMAT!r})")
+    _check_header(path, rows[0] if rows else None)
     for i, row in enumerate(rows[1:], 2):
         missing = [k for k in ("config_id", "seed", "point", "episodes", "objective", "train_s") if k not in row]
         if missing:

@@ -452,7 +452,7 @@ ENGINES = ("sim", "tune")
 def benchmark(curves: str | Path, repeats: int = 100, methods: list[str] | None = None, compress: float = 0.005,
               plot: str | Path | None = None, shipped: SearchConfig | None = None, every: int = 1,
               parallel: int = 3, progress=print, engine: str = "sim", n_boot: int = 2000,
-              keep_runs: bool = False) -> dict[str, Any]:
+              keep_runs: bool = False, table: Table | None = None) -> dict[str, Any]:
     """Run every method ``repeats`` times on the table with ``engine`` ("sim": :mod:`search.bench.sim`;
     "tune": real Tuners, ``parallel`` at once in one Ray instance); the table's summary (see module doc and
     ``docs/benchmark.md``). ``keep_runs``: the studies too (under ``"_runs"``, not JSON)."""
@@ -462,7 +462,7 @@ def benchmark(curves: str | Path, repeats: int = 100, methods: list[str] | None 
 
     if engine not in ENGINES:
         raise ConfigError(f"--engine: {engine!r}; known: {list(ENGINES)}")
-    table = load_table(curves)
+    table = table if table is not None else load_table(curves)
     known = list(METHODS) + (list(SIM_ONLY) if engine == "sim" else [])
     methods = list(methods or known)
     unknown = [m for m in methods if m not in known]
@@ -546,9 +546,11 @@ def benchmark_tables(tables: list[str | Path], per_table: list[dict[str, Any]] |
     out: dict[str, Any] = {"engine": kwargs.get("engine", "sim"), "repeats": kwargs.get("repeats", 100),
                            "tables": {}, "across_tables": {}}
     used: set[str] = set()
-    for i, path in enumerate(tables):
+    loaded = [load_table(path) for path in tables]  # every table checked before the first is run
+    for i, (path, table) in enumerate(zip(tables, loaded)):
+        name = table.header.get("name") or Path(path).stem
         if plot and len(tables) > 1:  # one plot per table: PLOT's name with the table's (or its position)
-            tag = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(load_table(path).header.get("name") or i))
+            tag = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
             tag = f"{tag}-{i}" if tag in used else tag
             used.add(tag)
             p = Path(plot).with_name(f"{Path(plot).stem}-{tag}{Path(plot).suffix or '.png'}")
@@ -556,9 +558,8 @@ def benchmark_tables(tables: list[str | Path], per_table: list[dict[str, Any]] |
             p = plot
         own = dict(per_table[i]) if per_table else {}
         shipped_file = own.pop("shipped_file", None)
-        res = benchmark(path, plot=p, **{**kwargs, **own})
+        res = benchmark(path, plot=p, table=table, **{**kwargs, **own})
         res["shipped_config"] = shipped_file
-        name = load_table(path).header.get("name") or Path(path).stem
         if name in out["tables"]:  # two tables of one name: the second by its file too
             name = f"{name} ({path})"
         out["tables"][name] = res

@@ -128,12 +128,12 @@ def signal_power(curves: list[dict[str, Any]], budget: float, fractions=FRACTION
     return out
 
 
-def click_fraction_of(curve: dict[str, Any], budget: float, level: float) -> float:
-    """Episodes to the curve's first evaluation at or above ``level``, as a fraction of ``budget`` (1.0 if none)."""
+def click_fraction_of(curve: dict[str, Any], budget: float, level: float) -> float | None:
+    """Episodes to the curve's first evaluation at or above ``level``, as a fraction of ``budget`` (None: never)."""
     for e, v in zip(curve["episodes"], curve["objective"]):
         if v is not None and math.isfinite(float(v)) and float(v) >= level:
             return min(1.0, float(e) / budget)
-    return 1.0
+    return None
 
 
 def shape(curves: list[dict[str, Any]], budget: float, level: float,
@@ -142,29 +142,35 @@ def shape(curves: list[dict[str, Any]], budget: float, level: float,
     the usable ``curves``; the cost of all ``recorded`` ones (default: ``curves``)."""
     if not curves:
         return {}
-    at = np.array([click_fraction_of(c, budget, level) for c in curves])
-    never = np.array([not any(v is not None and float(v) >= level for v in c["objective"]) for c in curves])
+    clicks = [click_fraction_of(c, budget, level) for c in curves]
+    at = np.array([1.0 if x is None else x for x in clicks])  # a curve that never clicks waits the whole budget
+    ever = np.array([x is not None for x in clicks])
     by_config: dict[Any, list[float]] = {}
     for c in curves:
         by_config.setdefault(c.get("config_id", id(c)), []).append(float(c["objective"][-1]))
     finals = np.array([np.mean(v) for v in by_config.values()])
     recorded = curves if recorded is None else recorded
-    train = [float(_last_of(c.get("train_s"))) for c in recorded if c.get("train_s") is not None]
+    train = [float(c["train_s"][-1]) for c in recorded if c.get("train_s")]  # cumulative: the last is the total
     wall = [float(c["wall_s"]) for c in recorded if c.get("wall_s") is not None]
     cost = {"train_s": _r(sum(train)), "wall_s": _r(sum(wall)),
             "median_curve_wall_s": _r(np.median(wall)) if wall else None}
-    ever = ~never
     rho = spearman(at[ever], [float(c["objective"][-1]) for c, k in zip(curves, ever) if k]) \
         if ever.sum() >= 3 else math.nan
     return {"click_at_median": _r(np.median(at)),
             "click_at_quartiles": [_r(np.quantile(at, 0.25)), _r(np.quantile(at, 0.75))],
-            "never_click": _r(never.mean()), "click_time_vs_final": _r(rho), "cost": cost, "configs": len(finals),
+            "never_click": _r(1.0 - ever.mean()), "click_time_vs_final": _r(rho), "cost": cost, "configs": len(finals),
             "final_by_config": {"best": _r(finals.max()), "top_quartile": _r(np.quantile(finals, 0.75)),
                                 "median": _r(np.median(finals)), "worst": _r(finals.min())}}
 
 
-def _last_of(x):
-    return x[-1] if isinstance(x, list) else x
+def shape_line(sh: dict[str, Any]) -> str:
+    """The shape in one sentence (both reports)."""
+    f = sh["final_by_config"]
+    return (f"median curve clicks at {sh['click_at_median']:.0%} of the budget (quartiles "
+            f"{sh['click_at_quartiles'][0]:.0%}-{sh['click_at_quartiles'][1]:.0%}), {sh['never_click']:.0%} never; "
+            f"among the curves that click, Spearman of click time with final {_fmt(sh['click_time_vs_final'])}; "
+            f"final by configuration ({sh['configs']}): best {f['best'] * 100:.1f} %, top quartile from "
+            f"{f['top_quartile'] * 100:.1f} %, median {f['median'] * 100:.1f} %, worst {f['worst'] * 100:.1f} %")
 
 
 def _r(x: float):
@@ -190,13 +196,7 @@ def format_report(report: dict[str, Any]) -> str:
                      f"{t['clicked']} clicked (final >= {t['click_level']:.3f})")
         sh = t.get("shape")
         if sh:
-            f = sh["final_by_config"]
-            lines.append(f"  shape: the median curve clicks at {sh['click_at_median']:.0%} of the budget (quartiles "
-                         f"{sh['click_at_quartiles'][0]:.0%}-{sh['click_at_quartiles'][1]:.0%}), "
-                         f"{sh['never_click']:.0%} never (click time vs final: Spearman "
-                         f"{_fmt(sh['click_time_vs_final'])}); final by configuration ({sh['configs']}): best "
-                         f"{f['best']:.3f}, top quartile from {f['top_quartile']:.3f}, median {f['median']:.3f}, "
-                         f"worst {f['worst']:.3f}")
+            lines.append(f"  shape: {shape_line(sh)}")
             c = sh["cost"]
             if c.get("median_curve_wall_s") is not None:
                 lines.append(f"  cost: {c['wall_s'] / 3600:.2f} h of recording in all ({c['train_s'] / 3600:.2f} h in "
@@ -230,13 +230,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         sh = t.get("shape") or {}
         lines.append(f"**{name}** ({t['used']} curves of {t['budget']:g} episodes; {t['clicked']} click)")
         if sh:
-            f = sh["final_by_config"]
-            lines.append(f"median curve clicks at {sh['click_at_median']:.0%} of the budget (quartiles "
-                         f"{sh['click_at_quartiles'][0]:.0%}-{sh['click_at_quartiles'][1]:.0%}), "
-                         f"{sh['never_click']:.0%} never; among the curves that click, Spearman of click time with final "
-                         f"{_fmt(sh['click_time_vs_final'])}; final by configuration: best {f['best'] * 100:.1f} %, "
-                         f"top quartile from {f['top_quartile'] * 100:.1f} %, median {f['median'] * 100:.1f} %, "
-                         f"worst {f['worst'] * 100:.1f} %")
+            lines.append(shape_line(sh))
         lines += ["", "| signal (higher = better) | " + " | ".join(f"at {float(f):.0%}: Spearman [95 % CI] | AUROC"
                                                                   for f in fr) + " |",
                   "| --- |" + " ---: | ---: |" * len(fr)]
