@@ -109,7 +109,7 @@ def test_signals_of_the_recorded_quickstart_table(capsys):
     assert f"| objective | {early['spearman']:+.2f} [" in md and "**quickstart** (200 curves" in md
 
 
-@pytest.mark.parametrize("name,every", [("paper5x10", 1000), ("strings3x5", 1800)])
+@pytest.mark.parametrize("name,every", [("paper5x10", 1000), ("strings3x5", 1800), ("onehot5x5", 1500)])
 def test_the_recorded_tables_of_other_tasks_are_complete_and_match_their_shipped_search(name, every):
     """The committed tables of issue #26 were recorded from their shipped search config (so the benchmark's
     methods take that config's settings for them), complete: 60 configurations x 2 seeds, every curve evaluated
