@@ -257,10 +257,21 @@ def cmd_benchmark(args) -> int:
                 for m, v in t["methods"].items()]
         for line in table(head, rows, right=set(range(1, 8))):
             print(line)
+        print(oracle_line(t))
         print(f"plot: {t['plot']}")
     for m, g in out["across_tables"].items():
         print(f"across tables, {m}: speed-up geometric mean {g['speedup_geomean']} {g['ci95']}")
+    if len(out["tables"]) > 1:
+        print(f"across tables, oracle screen: speed-up bound geometric mean {_ci(out['oracle_screen_bound_geomean'])}")
     return 0
+
+
+def oracle_line(t: dict) -> str:
+    """One table's oracle-screen bound in a sentence (search.bench.bound)."""
+    o = t["oracle_screen"]
+    return (f"oracle screen (random sampling, each configuration judged perfectly at its click; a bound, not a "
+            f"method): {o['episodes_to_target']:.0f} episodes to the target, speed-up bound {_ci(o['speedup_bound'])} "
+            f"({o['good_configs']} configurations at or under the target; deadline {o['deadline']:.0%} of a run)")
 
 
 def _ci(v) -> str:
@@ -290,12 +301,13 @@ def benchmark_markdown(out: dict) -> str:
                 + (f"{k['stopped'] * 100:.1f} % ({k['stopped_trials']})" if k["stopped_trials"] else "-") + " | "
                 + (f"{k['paused_never_resumed'] * 100:.1f} % ({k['paused_trials']})" if k["paused_trials"] else "-")
                 + " |")
-        lines.append("")
+        lines += ["", oracle_line(t) + ".", ""]
     if len(out.get("tables", {})) > 1 and out.get("across_tables"):
         lines += [f"Across {len(out['tables'])} tables: geometric mean of the speed-ups", "",
                   "| method | speed-up, geometric mean [95 % CI] |", "| --- | ---: |"]
         for m, g in out["across_tables"].items():
             lines.append(f"| {m} | {_ci(g['speedup_geomean'])} [{_ci(g['ci95'][0])}, {_ci(g['ci95'][1])}] |")
+        lines.append(f"| oracle screen (bound, not a method) | {_ci(out.get('oracle_screen_bound_geomean'))} |")
     return "\n".join(lines)
 
 

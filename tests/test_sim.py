@@ -149,6 +149,37 @@ def test_i_epoch_probes_every_trial_then_continues_the_best():
     assert set(run.paused) == set(rows) - set(run.resumed)
 
 
+def test_oracle_reference_pauses_at_the_click_every_trial_not_at_the_target():
+    """tpe+oracle@click (reads the table): a trial of a configuration at or under the target runs to the full
+    budget; any other runs until its curve clicks (or the deadline), is paused there and, while the searcher has
+    samples left; then each paused trial once, to its end)."""
+    from search.bench.bound import OracleAtClick, click_episodes, good_configurations
+
+    table = load_table(TINY)
+    target = float(np.sort(100.0 * (table.best - table.value))[1])  # the two best configurations
+    good, clicks = good_configurations(table, target), click_episodes(table)
+    deadline = max(c for i, cs in enumerate(clicks) if good[i] for c in cs)
+    made = []
+    run = run_study_sim(table, "tpe+freeze_thaw", 0, num_samples=10, cap=None,
+                        scheduler=lambda study: made.append(OracleAtClick(study, table, 0, target)) or made[-1])
+    rule = made[0].rule  # pause episodes: rule.paused (still paused) or rule.started (resumed from there)
+    _follows_recorded_curves(table, run)
+    rows = _by_trial(run)
+    assert len(rows) == 10 and set(run.resumed.values()) <= {1}
+    for trial, r in rows.items():
+        cfg, c = r[0][2], r[0][3]
+        assert r[-1][0] >= table.search.max_episodes  # no cap: every trial ends its curve
+        if good[cfg]:
+            assert trial not in rule.started and trial not in rule.paused and trial not in run.resumed
+        else:  # paused at its first report at or past its click (or the deadline), resumed once at the end
+            stop_at = min(clicks[cfg][c], deadline)
+            assert run.resumed[trial] == 1 and rule.started[trial] == min(e for e, *_ in r if e >= stop_at)
+            resumed_at = next(i for i, x in enumerate(run.results) if x[0] == trial and x[1] > rule.started[trial])
+            last_fresh = next(i for i, x in enumerate(run.results) if x[0] == run.started[-1])
+            assert resumed_at > last_fresh  # only once the searcher's samples were all started
+    assert any(good[r[0][2]] for r in rows.values()) and any(not good[r[0][2]] for r in rows.values())
+
+
 def test_sim_benchmark_json_schema_over_two_tables(tmp_path, capsys):
     from search.cli import main
 
@@ -178,6 +209,11 @@ def test_sim_benchmark_json_schema_over_two_tables(tmp_path, capsys):
         assert t["methods"][BASELINE]["speedup"]["median"] == 1.0  # the baseline against itself
         assert t["methods"]["i-epoch"]["kill_before_click"]["paused_trials"] > 0
     assert set(out["across_tables"]) == set(out["tables"]["tiny"]["methods"])
+    for t in out["tables"].values():  # the oracle screen's bound: the baseline's median episodes over its
+        o, base = t["oracle_screen"], t["methods"][BASELINE]["episodes_to_target"]
+        assert 1 <= o["good_configs"] <= 6 and 0 < o["deadline"] <= 1 and o["episodes_to_target"] > 0
+        assert o["speedup_bound"] is None if base is None else \
+            o["speedup_bound"] == pytest.approx(base / o["episodes_to_target"], abs=1e-3)
     g = out["across_tables"][BASELINE]
     assert g["speedup_geomean"] == 1.0 and g["ci95"][0] <= 1.0 <= g["ci95"][1]
 
@@ -206,6 +242,31 @@ def test_each_table_is_benchmarked_with_its_own_shipped_config(tmp_path, capsys)
     assert (tmp_path / "p-quickstart.png").is_file() and (tmp_path / "p-tiny.png").is_file()  # a plot per table
     assert md.count("| tpe+asha | ") == 3 and "**quickstart**" in md and "**tiny**" in md  # 2 tables + across
     assert "| method | speed-up, geometric mean [95 % CI] |" in md  # across the two tables
+
+
+def test_oracle_screen_hand_computed():
+    """Three configurations of the tiny table, one curve each: the best is the only one at target 0. The oracle
+    draws configurations uniformly and stops at the first good one: P(first draw good) = 1/3, P(one bad draw
+    first) = 2/9, so the median of the episodes spent is the good curve's click plus the dearer bad curve's
+    episodes up to that deadline (the cumulative chance passes 1/2 between 1/3 + 1/9 and 1/3 + 2/9). With all
+    three at the target, the first draw ends it: the median of the three curves' clicks."""
+    from dataclasses import replace
+
+    from search.bench.bound import click_episodes, oracle_screen
+
+    full = load_table(TINY)
+    keep = [int(np.argmax(full.value)), *[i for i in np.argsort(full.value)[:2]]]
+    t = replace(full, points=[full.points[i] for i in keep], curves=[full.curves[i][:1] for i in keep],
+                value=full.value[keep], vectors=full.vectors[keep])
+    clicks = [c[0] for c in click_episodes(t)]
+    good = clicks[0]
+    expected = good + max(min(clicks[1], good), min(clicks[2], good))
+    o = oracle_screen(t, target_regret=0.0, draws=4000, seed=3)
+    assert o["good_configs"] == 1 and o["deadline"] == pytest.approx(good / t.search.max_episodes, abs=1e-3)
+    assert o["episodes_to_target"] == pytest.approx(expected)
+    # every configuration at the target: the first draw ends the screen, at its curve's click (or full budget)
+    loose = oracle_screen(t, target_regret=100.0 * (t.best - t.value.min()), draws=4000, seed=3)
+    assert loose["good_configs"] == 3 and loose["episodes_to_target"] == pytest.approx(sorted(clicks)[1])
 
 
 # --- statistics ----------------------------------------------------------------------------------------------

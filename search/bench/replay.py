@@ -48,7 +48,7 @@ from mann.config import ConfigError
 from search import (BudgetWatch, DefineByRun, Ending, LoadedSearch, SearchConfig, Study, TrialOutcome, TrialReport,
                     build_tuner, connect_ray, decide, make_sampler, make_searcher, sampled_point)
 
-from . import stats
+from . import bound, stats
 from .curves import read_table
 
 BASELINE = "tpe+asha (ray optuna)"
@@ -432,18 +432,26 @@ def _run_sim(table: Table, methods: list[str], repeats: int, shipped, every: int
 
     num_samples = table.search.config.budget.num_samples
     runs: dict[str, list[Run]] = {}
-    cap = None
+    cap = target = None
     for m in methods:
         n = num_samples if cap is None else 4 * num_samples
         t1 = time.perf_counter()
         runs[m] = []
         for r in range(repeats):
-            runs[m].append(run_study_sim(table, m, r, n, cap, every, shipped))
+            runs[m].append(run_study_sim(table, m, r, n, cap, every, shipped, target=target))
             runs[m][-1].wall_s = time.perf_counter() - t1 - sum(x.wall_s for x in runs[m][:-1])
         if cap is None:
             cap = int(max(full_study_episodes(x, num_samples) for x in runs[m]))
+            target = target_regret(table, runs[m])
         progress(f"{m}: {repeats} studies, {time.perf_counter() - t0:.0f} s so far")
     return runs
+
+
+def target_regret(table: Table, baseline_runs: list[Run]) -> float:
+    """The benchmark's target: the median over the baseline's studies of their final regret."""
+    blind = 100.0 * (table.best - float(table.value.mean()))
+    return float(np.median([float(ys[-1]) if len(ys) else blind
+                            for _, ys in (trajectory(table, x) for x in baseline_runs)]))
 
 
 ENGINES = ("sim", "tune")
@@ -495,8 +503,7 @@ def score(table: Table, runs: dict[str, list[Run]], shipped: SearchConfig | None
     blind = 100.0 * (table.best - float(table.value.mean()))  # nothing reported yet: a configuration at random
     scale = 100.0 * (table.best - float(np.median(table.value)))  # normalised regret: 1 = the median config
     trajs = {m: [trajectory(table, x) for x in rs] for m, rs in runs.items()}
-    base_final = [float(ys[-1]) if len(ys) else blind for _, ys in trajs[BASELINE]]
-    target = float(np.median(base_final))
+    target = target_regret(table, runs[BASELINE])
     to_target = {m: np.array([stats.first_reach(xs, ys, target) for xs, ys in tr]) for m, tr in trajs.items()}
     grid = stats.log_grid(0.1 * max_t, max(cap, max_t), 100)
     out: dict[str, Any] = {
@@ -504,6 +511,9 @@ def score(table: Table, runs: dict[str, list[Run]], shipped: SearchConfig | None
         "default": _method_of(shipped or table.search.config), "full_study_episodes": full, "episode_cap": cap,
         "full_run_episodes": max_t, "table_best": table.best * table.sign, "target_regret": round(target, 3),
         "normalisation_points": round(scale, 3), "mapping_loo": round(table.mapping_loo(), 3), "methods": {}}
+    oracle = bound.oracle_screen(table, target)
+    base_median = float(np.median(to_target[BASELINE]))
+    out["oracle_screen"] = {**oracle, "speedup_bound": stats.finite_or_none(base_median / oracle["episodes_to_target"])}
     bands = {}
     for k, (m, tr) in enumerate(trajs.items()):
         seed = 1000 * k
@@ -570,6 +580,9 @@ def benchmark_tables(tables: list[str | Path], per_table: list[dict[str, Any]] |
         g, lo, hi = stats.geomean_ci(pairs, n_boot)
         out["across_tables"][m] = {"speedup_geomean": stats.finite_or_none(g),
                                    "ci95": [stats.finite_or_none(lo), stats.finite_or_none(hi)]}
+    bounds = [t["oracle_screen"]["speedup_bound"] for t in out["tables"].values()]
+    out["oracle_screen_bound_geomean"] = (stats.finite_or_none(stats.geomean(bounds))
+                                          if all(b is not None for b in bounds) else None)
     for t in out["tables"].values():
         for v in t["methods"].values():
             v.pop("_to_target")

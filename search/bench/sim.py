@@ -286,7 +286,7 @@ class IEpoch(FIFOScheduler):
         return best
 
 
-def iepoch_scheduler(study) -> IEpoch:
+def iepoch_scheduler(study, table: Table, salt: int, target: float | None) -> IEpoch:
     """i-epoch with a rung of a tenth of the full budget (one evaluation of the quickstart's 30k at 3000)."""
     from mann import metrics
 
@@ -295,25 +295,43 @@ def iepoch_scheduler(study) -> IEpoch:
     return IEpoch(metrics.EPISODES, primary.metric, primary.mode, rung=0.1 * search.max_episodes)
 
 
-# methods only this engine runs: name -> (search-config overrides, scheduler factory of the study)
+def oracle_scheduler(study, table: Table, salt: int, target: float | None):
+    """The reference row ``tpe+oracle@click`` (:class:`search.bench.bound.OracleAtClick`; it reads the table)."""
+    from .bound import OracleAtClick
+
+    if target is None:
+        raise ValueError("the oracle needs the benchmark's target (the baseline's median final regret)")
+    return OracleAtClick(study, table, salt, target)
+
+
+ORACLE = "tpe+oracle@click"
+# methods only this engine runs: name -> (search-config overrides, scheduler factory of (study, table, the
+# repetition's salt, the benchmark's target regret))
 SIM_ONLY: dict[str, tuple[dict[str, Any], Callable]] = {
     "i-epoch": ({"sampler.kind": "random", "scheduler.kind": "none", "budget.max_concurrent": None},
                 iepoch_scheduler),
+    ORACLE: ({"sampler.kind": "tpe", "scheduler.kind": "freeze_thaw"}, oracle_scheduler),
 }
 
 
 def run_study_sim(table: Table, method: str, repeat: int, num_samples: int, cap: int | None, every: int = 1,
-                  shipped=None, scheduler: Callable | None = None) -> Run:
+                  shipped=None, scheduler: Callable | None = None, target: float | None = None) -> Run:
     """One study of ``method`` (a ``replay.METHODS`` or :data:`SIM_ONLY` name) on simulated time.
-    ``scheduler``: a factory ``study -> scheduler`` replacing the method's (tests; pause-capable schedulers)."""
+    ``scheduler``: a factory ``study -> scheduler`` replacing the method's (tests; pause-capable schedulers).
+    ``target``: the benchmark's target regret (the oracle reference needs it)."""
     from search import FreezeThaw, SlotLimiter, make_scheduler
 
     slots = table.search.config.budget.max_concurrent or 2
     search, study, flavour = method_study(table, method, repeat, num_samples, cap, shipped,
                                           optuna_storage=f"memory://{uuid.uuid4().hex}", path="/nonexistent/sim")
     searcher = method_searcher(search, study, flavour)
-    factory = scheduler or (SIM_ONLY[method][1] if method in SIM_ONLY else make_scheduler)
-    sched, limit = factory(study), search.config.budget.max_concurrent
+    if scheduler is not None:
+        sched = scheduler(study)
+    elif method in SIM_ONLY:
+        sched = SIM_ONLY[method][1](study, table, repeat, target)
+    else:
+        sched = make_scheduler(study)
+    limit = search.config.budget.max_concurrent
     if isinstance(sched, FreezeThaw):  # as build_tuner does: a paused trial frees its slot
         searcher, limit = SlotLimiter(searcher, sched), None
     sim = SimStudy(table, searcher, sched, search, repeat, slots, every, limit=limit)
