@@ -109,19 +109,30 @@ class FreezeThawConfig(Section):
     """Settings of ``scheduler.kind: freeze_thaw`` (search/schedulers.py: FreezeThawRule): pause and resume,
     never stop. Values in the objective's units."""
 
-    # A running trial is paused when its index (chance of ending near the top per episode it still needs) is
-    # below this share of the best alternative's (a paused trial, or a fresh one while samples are left).
+    # click_rank: rank trials by when they click (pause the late and the unclicked); index: the chance of ending
+    # near the top per episode still needed (the rule before 2026-12-06).
+    policy: Literal["click_rank", "index"] = "click_rank"
+    # click_rank: a trial not clicked by this quantile of the other clicked trials' click times x wait_slack is
+    # paused; a trial that clicks later than the keep_quantile of theirs is paused at its click; before
+    # min_clicked trials clicked, an unclicked trial is paused at first_rung x the budget.
+    wait_quantile: float = Field(0.9, gt=0, le=1)
+    wait_slack: float = Field(1.0, gt=0)
+    keep_quantile: float = Field(0.75, gt=0, le=1)
+    first_rung: float = Field(0.4, gt=0, le=1)
+    # index: a running trial is paused when its index (chance of ending near the top per episode it still needs)
+    # is below this share of the best alternative's (a paused trial, or a fresh one while samples are left).
     pause_ratio: float = Field(0.5, gt=0, le=1)
     # Near the top: within margin, or noise_factor x the study's evaluation noise, of the best value seen.
     margin: float = Field(0.02, ge=0)
     noise_factor: float = Field(3.0, ge=0)
     # Clicked: this share of the way from the study's plateau to the best value seen.
     click_fraction: float = Field(0.25, gt=0, lt=1)
-    # Nothing is paused before this many trials clicked (until then every trial runs, first come first served).
-    min_clicked: int = Field(2, ge=1)
-    # A clicked trial's chance needs this many trials clicked by its episodes (else it keeps running).
+    # index: nothing is paused before this many trials clicked (until then every trial runs, first come first
+    # served); click_rank: the click-time quantiles need this many other clicked trials.
+    min_clicked: int = Field(4, ge=1)
+    # index: a clicked trial's chance needs this many trials clicked by its episodes (else it keeps running).
     min_refs: int = Field(2, ge=1)
-    # Episodes a trial trains after it started or resumed before it may be paused again (None: grace_episodes).
+    # index: episodes a trial trains after it started or resumed before it may be paused again (None: grace).
     min_run_episodes: int | None = Field(None, ge=1)
 
 

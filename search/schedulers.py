@@ -265,8 +265,25 @@ class FreezeThawRule:
     """Pause-and-resume bookkeeping on plain numbers (``scheduler.kind: freeze_thaw``; tested without Ray).
 
     A trial is never stopped: it is paused (its checkpoint kept) when the study's own curves say the next episodes
-    buy more elsewhere, and resumed when they say it is its turn again. Each trial, and a fresh one, gets an
-    index, the *chance of ending near the top per episode it still needs*:
+    buy more elsewhere, and resumed when they say it is its turn again. Two policies decide (``policy``).
+
+    **click_rank** (the default): a curve's click time ranks it. Among the curves that click, the earlier a curve
+    clicks the higher it ends (Spearman of click time with the final value -0.65 to -0.86 on the four recorded
+    tables, AUROC 0.84-0.96 for "its configuration is at the benchmark's target"), while the value before the
+    click points the wrong way on three of them. So, while the searcher has samples left:
+
+    * a trial not clicked by the *horizon* is paused: the ``wait_quantile`` quantile of the click times of the
+      study's other clicked trials, times ``wait_slack``; before ``min_clicked`` of them clicked, the horizon is
+      ``first_rung`` x the budget (ASHA's first rung in the shipped configs);
+    * a trial that clicks later than the ``keep_quantile`` quantile of the others' click times is paused at its
+      click (once ``min_clicked`` clicked); one that clicks earlier runs to the full budget.
+
+    Fresh trials take free slots first; once the searcher has no samples left, paused trials resume, the earliest
+    click first (then the best latest value), and a resumed trial runs to its end. Nothing is paused before
+    ``grace`` episodes.
+
+    **index** (the rule before 2026-12-06): each trial, and a fresh one, gets an index, the *chance of ending near
+    the top per episode it still needs*:
 
     * **click** (as :class:`PlateauRule`): plateau = median of the trials' first three evaluations' median; a
       trial has clicked once it reached ``click_fraction`` of the way from the plateau to the incumbent.
@@ -290,11 +307,16 @@ class FreezeThawRule:
     max_t: float
     grace: float = 0.0
     min_run: float = 0.0
+    policy: str = "click_rank"
+    wait_quantile: float = 0.9
+    wait_slack: float = 1.0
+    keep_quantile: float = 0.75
+    first_rung: float = 0.4
     pause_ratio: float = 0.5
     margin: float = 0.02
     noise_factor: float = 3.0
     click_fraction: float = 0.25
-    min_clicked: int = 2
+    min_clicked: int = 4
     min_refs: int = 2
     history: dict[Any, list[tuple[float, float]]] = field(default_factory=dict)
     paused: dict[Any, float] = field(default_factory=dict)  # trial -> episodes when paused
@@ -418,7 +440,11 @@ class FreezeThawRule:
         """Record one evaluation of a running trial; CONTINUE or PAUSE (larger values are better)."""
         self.record(key, t, value)
         self.started.setdefault(key, 0.0)
-        if key in self.paused or t >= self.max_t or t < self.grace or t - self.started[key] < self.min_run:
+        if key in self.paused or t >= self.max_t or t < self.grace:
+            return CONTINUE
+        if self.policy == "click_rank":
+            return self._click_rank(key, t, can_start_new)
+        if t - self.started[key] < self.min_run:
             return CONTINUE
         clicks = self.clicks()
         if not self.ready(clicks):
@@ -426,6 +452,27 @@ class FreezeThawRule:
         S = self.survival(clicks)
         alt, alt_index = self.best_alternative(key, can_start_new)
         if alt_index <= 0 or self.index(key, clicks, S) >= self.pause_ratio * alt_index:
+            return CONTINUE
+        self.pause(key, t)
+        return PAUSE
+
+    def horizon(self, clicks: dict[Any, float], exclude: Any = None) -> float:
+        """click_rank: the episodes by which a trial must have clicked (class doc)."""
+        others = [c for k, c in clicks.items() if k != exclude and math.isfinite(c)]
+        if len(others) < self.min_clicked:
+            return self.first_rung * self.max_t
+        return float(np.quantile(others, self.wait_quantile)) * self.wait_slack
+
+    def _click_rank(self, key: Any, t: float, can_start_new: bool) -> str:
+        if self.started[key] > 0 or not can_start_new:  # resumed, or nothing fresh to run instead: runs on
+            return CONTINUE
+        clicks = self.clicks()
+        own = clicks.get(key, math.inf)
+        if math.isfinite(own):
+            others = [c for k, c in clicks.items() if k != key and math.isfinite(c)]
+            if len(others) < self.min_clicked or own <= float(np.quantile(others, self.keep_quantile)):
+                return CONTINUE
+        elif t < self.horizon(clicks, exclude=key):
             return CONTINUE
         self.pause(key, t)
         return PAUSE
@@ -442,7 +489,7 @@ class FreezeThawRule:
 
     def wants_fresh(self) -> bool:
         """Whether a free slot should go to a fresh trial rather than a paused one."""
-        if not self.paused:
+        if not self.paused or self.policy == "click_rank":
             return True
         if not self.ready():
             return True
@@ -454,6 +501,10 @@ class FreezeThawRule:
         keys = sorted((k for k in self.paused if among is None or k in among), key=str)
         if not keys:
             return None
+        if self.policy == "click_rank":  # the earliest click first, then the best latest value
+            clicks = self.clicks()
+            return min(keys, key=lambda k: (clicks.get(k, math.inf),
+                                            -self.history[k][-1][1] if k in self.history else math.inf))
         if not self.ready():
             return min(keys, key=lambda k: self.paused[k])
         clicks = self.clicks()

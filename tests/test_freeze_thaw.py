@@ -29,7 +29,47 @@ def _curve(click: float | None, top: float, plateau: float = 0.45) -> list[float
 
 
 def _rule(**kw) -> FreezeThawRule:
-    return FreezeThawRule(max_t=30000, grace=4500, min_run=4500, **{"noise_factor": 0.0, **kw})
+    """The index policy, as it was tuned (the tests of the click_rank policy build theirs)."""
+    return FreezeThawRule(max_t=30000, grace=4500, min_run=4500,
+                          **{"noise_factor": 0.0, "policy": "index", "min_clicked": 2, **kw})
+
+
+def _ranker(**kw) -> FreezeThawRule:
+    return FreezeThawRule(max_t=30000, grace=4500, **{"noise_factor": 0.0, **kw})
+
+
+def test_click_rank_pauses_the_unclicked_at_the_first_rung_until_enough_trials_clicked():
+    rule = _ranker()  # with no click seen the horizon is first_rung (0.4) x 30k = 12k
+    decisions = {t: rule.observe("a", t, v, can_start_new=True) for t, v in zip(T, _curve(None, 0))
+                 if "a" not in rule.paused}
+    assert rule.paused == {"a": 12000} and decisions[12000] == PAUSE
+    assert all(d == CONTINUE for t, d in decisions.items() if t < 12000)
+    rule = _ranker()  # nothing fresh to run instead: it runs on
+    for t, v in zip(T, _curve(None, 0)):
+        assert rule.observe("b", t, v, can_start_new=False) == CONTINUE
+
+
+def test_click_rank_horizon_and_keep_follow_the_studys_click_times():
+    rule = _ranker(click_fraction=0.5)
+    # references clicking at 3k, 6k, 9k, 12k (their curves cross half-way 3k after they start rising)
+    _references(rule, [_curve(c, 0.8) for c in (0, 3000, 6000, 9000)])
+    clicks = rule.clicks()
+    assert sorted(clicks.values()) == [3000, 6000, 9000, 12000]
+    # horizon: the 0.9 quantile of 3k..12k (linear interpolation) = 11.1k, x wait_slack 1
+    assert rule.horizon(clicks, exclude="x") == pytest.approx(11100)
+    paused_at = next(t for t, v in zip(T, _curve(None, 0)) if rule.observe("flat", t, v, True) == PAUSE)
+    assert paused_at == 12000  # the first evaluation at or past the horizon
+    # keep: clicking at or before the 0.75 quantile of the others' clicks (3k..12k: 9.75k) runs to the end
+    for t, v in zip(T, _curve(6000, 0.8)):  # clicks at 9k
+        assert rule.observe("early", t, v, True) == CONTINUE
+    late = [(t, rule.observe("late", t, v, True)) for t, v in zip(T, _curve(9000, 0.8)) if "late" not in rule.paused]
+    assert late[-1] == (12000, PAUSE)  # paused at its click (12k, later than 9.75k)
+    # resume order once the searcher has no samples left: the earliest click first
+    assert rule.wants_fresh() and rule.next_paused() == "late"
+    rule.resume("late")
+    assert rule.started["late"] == 12000
+    for t, v in zip(T[8:], _curve(9000, 0.8)[8:]):  # a resumed trial runs on
+        assert rule.observe("late", t, v, True) == CONTINUE
 
 
 def _references(rule: FreezeThawRule, curves: list[list[float]]) -> None:

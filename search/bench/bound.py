@@ -17,8 +17,9 @@ or a signal that judges a curve before its click (``mann-search curves signals``
 The speed-up bound is the baseline's median episodes to the target over the oracle's median.
 
 :class:`OracleAtClick` is the same judgement as a scheduler, run with the study's own sampler (the benchmark's
-``tpe+oracle@click`` row): where TPE samples better than at random it goes past the bound; a scheduler that judges
-only at the click cannot go past it.
+``tpe+oracle@click`` row): where TPE samples better than at random it goes past the bound. A yardstick, not a
+ceiling: it waits for the latest good click, and a rule that gives up on late clickers sooner can beat it where
+the good configurations click early.
 """
 
 from __future__ import annotations
@@ -91,8 +92,8 @@ class OracleAtClick(FreezeThaw):
     reference row of the simulated engine, not a method: it reads the table). Every trial runs until its curve
     clicks or the deadline (module doc); then a trial of a configuration at or under the target goes on to the
     full budget and any other is paused (resumed, once, to its end only when the searcher has no samples
-    left, as freeze_thaw resumes). What a pause-and-resume scheduler with perfect judgement at the click
-    reaches with TPE."""
+    left, as freeze_thaw resumes). What a pause-and-resume scheduler with perfect judgement at the click, waiting
+    for the latest good click, reaches with TPE."""
 
     def __init__(self, study, table, salt: int, target_regret: float):
         from mann import metrics
