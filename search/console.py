@@ -43,6 +43,7 @@ def trial_lines(study: Study, out: IO[str] | None = None, interrupted=None):
             self.progress = _Progress(study)
             self.out = out
             self.seen: set[str] = set()  # trials this driver saw run (a resumed study's earlier ones ended before)
+            self.paused: set[str] = set()  # trials the scheduler has PAUSED now (freeze_thaw)
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self.seen.add(trial.trial_id)
@@ -51,6 +52,9 @@ def trial_lines(study: Study, out: IO[str] | None = None, interrupted=None):
         def on_trial_result(self, iteration, trials, trial, result, **info):
             self.seen.add(trial.trial_id)
             self.progress.watch.observe(trial.trial_id, TrialReport.from_result(result))
+
+        def on_step_end(self, iteration, trials, **info):
+            self.paused = {t.trial_id for t in trials if t.status == "PAUSED"}
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._ended(trials, trial, error=False)
@@ -67,7 +71,8 @@ def trial_lines(study: Study, out: IO[str] | None = None, interrupted=None):
 
         def _ended(self, trials, trial, error: bool, study_ended: bool = False) -> None:
             name = trial_label(trial.config, str(trial))
-            line = self.progress.ended(trials, trial, name, error, time.monotonic() - self.started, study_ended)
+            line = self.progress.ended(trials, trial, name, error, time.monotonic() - self.started, study_ended,
+                                       paused=trial.trial_id in self.paused or trial.status == "PAUSED")
             self._print(f"{name}  {line}")
 
         def _print(self, text: str) -> None:
@@ -100,11 +105,13 @@ class _Progress:
         self.best: tuple[float, str] | None = None
         self.watch = BudgetWatch.of(study.search)
 
-    def ended(self, trials, trial, name: str, error: bool, elapsed_s: float, study_ended: bool = False) -> str:
+    def ended(self, trials, trial, name: str, error: bool, elapsed_s: float, study_ended: bool = False,
+              paused: bool = False) -> str:
         primary, cfg = self.study.primary, self.study.search.config
         last = trial.last_result or {}
         report = TrialReport.from_result(last)
-        outcome = decide(report, self.watch.facts(study_ended), "the trial raised" if error else None)
+        outcome = decide(report, self.watch.facts(study_ended), "the trial raised" if error else None,
+                         paused=paused)
         episodes = outcome.episodes
         self.finished.add(trial.trial_id)
         value = report.value(primary.metric) if report else None

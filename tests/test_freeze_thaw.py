@@ -149,6 +149,30 @@ def test_paused_at_the_study_end_is_pruned_with_the_reason():
     assert decide(TrialReport(160, {M: 0.4}), StudyFacts(480, "freeze_thaw")).ending == Ending.STUDY_ENDED
 
 
+def test_the_console_line_of_a_trial_paused_when_the_study_ended_says_paused_at_end(tmp_path):
+    """The trial lines `mann-search run` prints decide the ending as MLflow and Optuna do (search.decide with
+    paused): a trial the scheduler held paused when the study ended is paused_at_end, not episode_cap."""
+    import io
+
+    from ray.tune.experiment import Trial
+
+    from search.console import trial_lines
+
+    study = _study(tmp_path)
+    out = io.StringIO()
+    lines = trial_lines(study, out=out)
+    held, cut = (Trial("replay", config={TRIAL_NUMBER_KEY: n}, trial_id=f"t{n}", stub=True) for n in (0, 1))
+    for trial, status in ((held, Trial.PAUSED), (cut, Trial.RUNNING)):
+        trial.update_last_result({"episodes": 180, M: 0.4})
+        trial.set_status(status)
+        lines.on_trial_start(0, [held, cut], trial)
+    lines.on_step_end(0, [held, cut])
+    lines.on_experiment_end([held, cut])
+    text = out.getvalue()
+    assert "paused_at_end at 180 episodes" in text and text.count("paused_at_end") == 1
+    assert "at 180 episodes" in text.splitlines()[-1] and "paused_at_end" not in text.splitlines()[-1]
+
+
 # --- resume: the evidence (curves and pauses) rebuilt from the Optuna storage ---------------------------------
 
 
