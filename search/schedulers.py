@@ -456,9 +456,13 @@ class FreezeThawRule:
         self.pause(key, t)
         return PAUSE
 
+    @staticmethod
+    def _other_clicks(clicks: dict[Any, float], exclude: Any) -> list[float]:
+        return [c for k, c in clicks.items() if k != exclude and math.isfinite(c)]
+
     def horizon(self, clicks: dict[Any, float], exclude: Any = None) -> float:
         """click_rank: the episodes by which a trial must have clicked (class doc)."""
-        others = [c for k, c in clicks.items() if k != exclude and math.isfinite(c)]
+        others = self._other_clicks(clicks, exclude)
         if len(others) < self.min_clicked:
             return self.first_rung * self.max_t
         return float(np.quantile(others, self.wait_quantile)) * self.wait_slack
@@ -469,7 +473,7 @@ class FreezeThawRule:
         clicks = self.clicks()
         own = clicks.get(key, math.inf)
         if math.isfinite(own):
-            others = [c for k, c in clicks.items() if k != key and math.isfinite(c)]
+            others = self._other_clicks(clicks, key)
             if len(others) < self.min_clicked or own <= float(np.quantile(others, self.keep_quantile)):
                 return CONTINUE
         elif t < self.horizon(clicks, exclude=key):

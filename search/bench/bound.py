@@ -32,7 +32,7 @@ from ray.tune.schedulers import TrialScheduler
 
 from search import FreezeThaw
 
-from .signals import CLICK_FRACTION
+from .signals import CLICK_FRACTION, click_labels
 
 
 def click_episodes(table, click_fraction: float = CLICK_FRACTION) -> list[list[float]]:
@@ -44,8 +44,8 @@ def click_episodes(table, click_fraction: float = CLICK_FRACTION) -> list[list[f
         return [table.sign * float(v) if v is not None and math.isfinite(float(v)) else -math.inf
                 for v in c["objective"]]
 
-    plateau = float(np.median([np.median(vals(c)[:3]) for c in curves]))
-    level = plateau + click_fraction * (max(vals(c)[-1] for c in curves) - plateau)
+    _, level = click_labels(np.array([vals(c)[-1] for c in curves]),
+                            np.array([np.median(vals(c)[:3]) for c in curves]), click_fraction)
     return [[next((min(float(e), max_t) for e, v in zip(c["episodes"], vals(c)) if v >= level), max_t)
              for c in cs] for cs in table.curves]
 

@@ -442,16 +442,20 @@ def _run_sim(table: Table, methods: list[str], repeats: int, shipped, every: int
             runs[m][-1].wall_s = time.perf_counter() - t1 - sum(x.wall_s for x in runs[m][:-1])
         if cap is None:
             cap = int(max(full_study_episodes(x, num_samples) for x in runs[m]))
-            target = target_regret(table, runs[m])
+            target = target_regret(table, [trajectory(table, x) for x in runs[m]])
         progress(f"{m}: {repeats} studies, {time.perf_counter() - t0:.0f} s so far")
     return runs
 
 
-def target_regret(table: Table, baseline_runs: list[Run]) -> float:
-    """The benchmark's target: the median over the baseline's studies of their final regret."""
-    blind = 100.0 * (table.best - float(table.value.mean()))
-    return float(np.median([float(ys[-1]) if len(ys) else blind
-                            for _, ys in (trajectory(table, x) for x in baseline_runs)]))
+def blind_regret(table: Table) -> float:
+    """The regret before anything was reported: a configuration at random (points)."""
+    return 100.0 * (table.best - float(table.value.mean()))
+
+
+def target_regret(table: Table, baseline: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """The benchmark's target: the median over the baseline's studies (their :func:`trajectory`) of their final
+    regret."""
+    return float(np.median([float(ys[-1]) if len(ys) else blind_regret(table) for _, ys in baseline]))
 
 
 ENGINES = ("sim", "tune")
@@ -500,10 +504,10 @@ def score(table: Table, runs: dict[str, list[Run]], shipped: SearchConfig | None
     max_t = float(table.search.max_episodes)
     full = float(np.median([full_study_episodes(x, num_samples) for x in runs[BASELINE]]))
     cap = int(max(full_study_episodes(x, num_samples) for x in runs[BASELINE]))
-    blind = 100.0 * (table.best - float(table.value.mean()))  # nothing reported yet: a configuration at random
+    blind = blind_regret(table)
     scale = 100.0 * (table.best - float(np.median(table.value)))  # normalised regret: 1 = the median config
     trajs = {m: [trajectory(table, x) for x in rs] for m, rs in runs.items()}
-    target = target_regret(table, runs[BASELINE])
+    target = target_regret(table, trajs[BASELINE])
     to_target = {m: np.array([stats.first_reach(xs, ys, target) for xs, ys in tr]) for m, tr in trajs.items()}
     grid = stats.log_grid(0.1 * max_t, max(cap, max_t), 100)
     out: dict[str, Any] = {
