@@ -44,17 +44,25 @@ def trial_lines(study: Study, out: IO[str] | None = None, interrupted=None):
             self.out = out
             self.seen: set[str] = set()  # trials this driver saw run (a resumed study's earlier ones ended before)
             self.paused: set[str] = set()  # trials the scheduler has PAUSED now (freeze_thaw)
+            self.was_paused: set[str] = set()  # trials paused at some time in this driver
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self.seen.add(trial.trial_id)
-            self._print(f"{_name(trial)}  started")
+            if trial.trial_id in self.was_paused and trial.status != "PAUSED":
+                self._print(f"{_name(trial)}  resumed at {_episodes(trial)} episodes")
+            else:
+                self._print(f"{_name(trial)}  started")
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             self.seen.add(trial.trial_id)
             self.progress.watch.observe(trial.trial_id, TrialReport.from_result(result))
 
         def on_step_end(self, iteration, trials, **info):
-            self.paused = {t.trial_id for t in trials if t.status == "PAUSED"}
+            now = {t.trial_id: t for t in trials if t.status == "PAUSED"}
+            for key in sorted(set(now) - self.paused):
+                self._print(f"{_name(now[key])}  {self.progress.paused(now[key])}")
+            self.paused = set(now)
+            self.was_paused |= self.paused
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._ended(trials, trial, error=False)
@@ -91,6 +99,10 @@ def _no_callback():
     return tune.Callback()
 
 
+def _episodes(trial) -> int:
+    return int((trial.last_result or {}).get(metrics.EPISODES, 0))
+
+
 def _name(trial) -> str:
     """The trial's one name (MLflow run, Optuna attribute, Ray folder): its Optuna number and sampled values."""
     return trial_name(trial.config, str(trial))
@@ -104,6 +116,13 @@ class _Progress:
         self.finished: set[str] = set()
         self.best: tuple[float, str] | None = None
         self.watch = BudgetWatch.of(study.search)
+
+    def paused(self, trial) -> str:
+        """The line of a trial the scheduler paused: where, its objective, and that its checkpoint is kept."""
+        metric = self.study.primary.metric
+        value = (trial.last_result or {}).get(metric)
+        at = f", {metric} {float(value):.4f}" if value is not None else ""
+        return f"paused at {_episodes(trial)} episodes{at} (checkpoint kept; resumes when its turn comes)"
 
     def ended(self, trials, trial, name: str, error: bool, elapsed_s: float, study_ended: bool = False,
               paused: bool = False) -> str:
@@ -124,7 +143,7 @@ class _Progress:
             parts.append(f"{primary.metric} {value:.4f}")
         if self.best:
             parts.append(f"best {self.best[0]:.4f} ({self.best[1]})")
-        spent = sum(int((t.last_result or {}).get(metrics.EPISODES, 0)) for t in trials)
+        spent = sum(_episodes(t) for t in trials)
         parts.append(f"{len(self.finished)}/{cfg.budget.num_samples} trials, {spent} episodes")
         left = self.time_left(spent, elapsed_s)
         if left is not None:

@@ -173,6 +173,36 @@ def test_the_console_line_of_a_trial_paused_when_the_study_ended_says_paused_at_
     assert "at 180 episodes" in text.splitlines()[-1] and "paused_at_end" not in text.splitlines()[-1]
 
 
+def test_the_console_says_when_a_trial_is_paused_and_when_it_resumes(tmp_path):
+    """A pause and a resume each print a line (where, the objective, that the checkpoint is kept); a trial's
+    first start still says started."""
+    import io
+
+    from ray.tune.experiment import Trial
+
+    from search.console import trial_lines
+
+    study = _study(tmp_path)
+    out = io.StringIO()
+    lines = trial_lines(study, out=out)
+    trial = Trial("replay", config={TRIAL_NUMBER_KEY: 3}, trial_id="t3", stub=True)
+    trial.set_status(Trial.RUNNING)
+    lines.on_trial_start(0, [trial], trial)
+    trial.update_last_result({"episodes": 240, M: 0.25})
+    lines.on_step_end(0, [trial])
+    assert out.getvalue().count("\n") == 1  # running: no line
+    trial.set_status(Trial.PAUSED)
+    lines.on_step_end(1, [trial])
+    lines.on_step_end(2, [trial])  # still paused: one line only
+    trial.set_status(Trial.RUNNING)
+    lines.on_trial_start(3, [trial], trial)
+    text = out.getvalue().splitlines()
+    assert len(text) == 3, text
+    assert text[0].endswith("  started")
+    assert f"paused at 240 episodes, {M} 0.2500 (checkpoint kept" in text[1]
+    assert text[2].endswith("resumed at 240 episodes")
+
+
 # --- resume: the evidence (curves and pauses) rebuilt from the Optuna storage ---------------------------------
 
 
