@@ -57,13 +57,16 @@ class StudyOutcome:
 
 def make_scheduler(study: Study):
     """The study's Tune scheduler (None for ``scheduler.kind: none``)."""
-    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
+    from ray.tune.schedulers import MedianStoppingRule
 
     search = study.search
     s, primary, max_t = search.config.scheduler, search.config.primary, search.max_episodes
     if s.kind == "asha":
-        return ASHAScheduler(time_attr=metrics.EPISODES, metric=primary.metric, mode=primary.mode, max_t=max_t,
-                             grace_period=min(s.grace_episodes, max_t), reduction_factor=s.reduction_factor)
+        from .schedulers import StoredASHA
+
+        return StoredASHA(time_attr=metrics.EPISODES, metric=primary.metric, mode=primary.mode, max_t=max_t,
+                          grace_period=min(s.grace_episodes, max_t), reduction_factor=s.reduction_factor,
+                          evidence=StudyEvidence(study))
     if s.kind == "median":
         return MedianStoppingRule(time_attr=metrics.EPISODES, metric=primary.metric, mode=primary.mode,
                                   grace_period=s.grace_episodes, min_samples_required=3)

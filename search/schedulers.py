@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import FIFOScheduler
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 from ray.tune.search import Searcher
 
 from .protocol import DIVERGED_KEY, TRIAL_NUMBER_KEY
@@ -251,6 +251,55 @@ class PlateauStopping(_StoredEvidence, FIFOScheduler):
 
     def debug_string(self) -> str:
         return f"PlateauStopping: {len(self.rule.stopped)} stopped of {len(self.rule.history)} trials"
+
+
+# --- ASHA with its rungs kept across a driver restart (scheduler.kind: asha) ------------------------------------
+
+
+class StoredASHA(AsyncHyperBandScheduler):
+    """Ray's ASHA whose rungs are rebuilt from the study's Optuna storage once per driver (``evidence``: a
+    :class:`StudyEvidence`).
+
+    Tune restores a scheduler as pickled when the study started, so after ``mann-search resume`` Ray's ASHA has
+    empty rungs; worse, a restored trial that completes is recorded at *every* rung it passed with its final value
+    (``on_trial_complete``), so the next trial met a cutoff made of a finished trial's last value. In a recipe
+    study (#23, study 2, leg 2) the trial with the best value at the first rung (0.637 at 50k episodes) was stopped
+    there because the only value the fresh rung held was the restored trial's 0.773 at 150k. Here each rung gets,
+    for each trial the storage knows, the first value it reported at or past the rung: what an uninterrupted ASHA
+    holds."""
+
+    def __init__(self, *args, evidence: StudyEvidence | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.evidence = evidence
+        self.synced = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "synced": False}  # a restored scheduler reads the storage again
+
+    def sync(self) -> int:
+        """Record the stored evaluations at the rungs (once per driver); how many rung entries were added."""
+        self.synced = True
+        if self.evidence is None:
+            return 0
+        n = 0
+        for key, points in self.evidence.history().items():
+            bracket = self._trial_info.get(key, self._brackets[0])  # a finished trial: the first bracket
+            for milestone, recorded in bracket._rungs:
+                first = next((v for t, v in points if t >= milestone), None)
+                if key not in recorded and first is not None and np.isfinite(first):
+                    recorded[key] = self._metric_op * first
+                    n += 1
+        return n
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if not self.synced:
+            self.sync()
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        if not self.synced:
+            self.sync()
+        super().on_trial_complete(tune_controller, trial, result)
 
 
 # --- pause and resume: freeze-thaw on time to click (scheduler.kind: freeze_thaw) ---------------------------

@@ -13,7 +13,7 @@ import search  # noqa: F401  (before Ray: token auth)
 from mann.config import ConfigError
 from search.config import load_search_config
 from search.protocol import TRIAL_NUMBER_KEY, Ending, StudyFacts, TrialReport, decide
-from search.schedulers import CONTINUE, PAUSE, FreezeThawRule
+from search.schedulers import CONTINUE, PAUSE, STOP, FreezeThawRule
 from search.study import Study
 
 from .test_study import search_yaml
@@ -312,6 +312,85 @@ def test_a_resumed_freeze_thaw_scheduler_decides_as_an_uninterrupted_one(tmp_pat
     paused_now = {k for k, (p, _) in stored.items() if p is not None}
     assert paused_now == set(restored.rule.paused)
     assert sum(o == "paused" for o in trial_outcomes(study).values()) == len(paused_now)
+
+
+def test_a_resumed_asha_stops_as_an_uninterrupted_one(tmp_path):
+    """Tune restores ASHA as pickled at the study's start (empty rungs), and a restored trial that completes is
+    recorded at every rung with its final value: the next trial met a cutoff made of that value and was stopped
+    (a recipe study of #23 lost its best trial at the first rung so). make_scheduler's ASHA rebuilds its rungs
+    from the Optuna storage: the resumed study stops exactly the trials an uninterrupted one stops."""
+    from ray.tune.experiment import Trial
+
+    from search.runner import make_scheduler, make_searcher
+
+    def asha_study(path):
+        path.mkdir(parents=True, exist_ok=True)
+        f = search_yaml(path, scheduler={"kind": "asha", "grace_episodes": 90, "reduction_factor": 3},
+                        budget={"num_samples": 12, "max_concurrent": 1})
+        study = Study.create(load_search_config(f, ["overrides.train.episodes=600", "overrides.train.eval_every=30"]),
+                             [], f"sqlite:///{path / 'm.db'}")
+        study.local_dir.mkdir(parents=True, exist_ok=True)
+        return study
+
+    def drive(scheduler, searcher, trials, order, done):
+        """One trial at a time, in order, each to its end or its stop; what the scheduler decided."""
+        out = []
+        for k in order:
+            if k in done:
+                continue
+            trial = trials[k]
+            trial.set_status(Trial.RUNNING)
+            scheduler.on_trial_add(_Controller(trials), trial)
+            for t, v in curves[k]:
+                if (k, t) in done:
+                    continue
+                result = TrialReport(t, {M: v}).to_result()
+                d = scheduler.on_trial_result(_Controller(trials), trial, result)
+                searcher.on_trial_result(k, result)
+                done.add((k, t))
+                out.append((k, t, d))
+                if d == STOP:
+                    scheduler.on_trial_remove(_Controller(trials), trial)
+                    break
+                if t >= 600:
+                    scheduler.on_trial_complete(_Controller(trials), trial, result)
+                    break
+            trial.set_status(Trial.TERMINATED)
+            done.add(k)
+        return out
+
+    # rising curves of different heights: with a cutoff from the restored trial's late value (0.79 at 330
+    # episodes) instead of the first rung's values (0.53-0.55 at 90), trial_3 would be stopped at 90
+    heights = [0.5, 0.55, 0.3, 0.6, 0.35, 0.65, 0.58, 0.45]
+    names = [f"trial_{i}" for i in range(len(heights))]
+    curves = {k: [((j + 1) * 30, 0.3 + a * (1 - math.exp(-(j + 1) * 30 / 150))) for j in range(20)]
+              for k, a in zip(names, heights)}
+    other = asha_study(tmp_path / "other")
+    searcher = make_searcher(other)
+    whole = drive(make_scheduler(other), searcher, _trials(searcher, curves), names, set())
+    assert any(d == STOP for *_, d in whole) and any(t == 600 for _, t, _ in whole)
+
+    study = asha_study(tmp_path / "study")
+    scheduler = make_scheduler(study)
+    at_start = pickle.dumps(scheduler)
+    searcher = make_searcher(study)
+    trials = _trials(searcher, curves)
+    done: set = set()
+    # the first leg: the trials up to the second one that runs its full budget, which is interrupted half-way
+    # (its evaluations are in the storage); the second leg restores the scheduler as Tune does and goes on
+    full = [k for k in names if (k, 600, "CONTINUE") in whole or (k, 600, STOP) in whole]
+    assert len(full) >= 2
+    cut = names.index(full[1])
+    first = drive(scheduler, searcher, trials, names[:cut], done)
+    saved = curves[full[1]]
+    curves[full[1]] = saved[:10]
+    first += drive(scheduler, searcher, trials, [full[1]], done)
+    curves[full[1]] = saved
+    done.discard(full[1])
+    restored = pickle.loads(at_start)  # what Tune restores
+    second = drive(restored, pickle.loads(pickle.dumps(searcher)), trials, names[cut:], done)
+    assert first + second == whole
+    assert any(d == STOP for *_, d in second)
 
 
 # --- a real trial paused and resumed through Tune ------------------------------------------------------------
