@@ -214,16 +214,17 @@ class _StoredEvidence:
         return {**self.__dict__, "synced": False}  # a restored scheduler reads the storage again
 
     def sync(self) -> int:
-        """Merge the study's stored evaluations into the rule's history (once per driver); how many."""
+        """Merge the study's stored evaluations into the scheduler (once per driver); how many were merged."""
         self.synced = True
         if self.evidence is None:
             return 0
-        n = 0
-        for key, points in self.evidence.history().items():
-            for t, v in points:
-                self.rule.record(key, t, v if self._mode == "max" else -v)
-                n += 1
-        return n
+        return sum(self.merge(key, points) for key, points in self.evidence.history().items())
+
+    def merge(self, key: str, points: list[tuple[float, float]]) -> int:
+        """Add one trial's stored (episodes, objective) points to the rule's history; how many."""
+        for t, v in points:
+            self.rule.record(key, t, v if self._mode == "max" else -v)
+        return len(points)
 
 
 class PlateauStopping(_StoredEvidence, FIFOScheduler):
@@ -256,7 +257,7 @@ class PlateauStopping(_StoredEvidence, FIFOScheduler):
 # --- ASHA with its rungs kept across a driver restart (scheduler.kind: asha) ------------------------------------
 
 
-class StoredASHA(AsyncHyperBandScheduler):
+class StoredASHA(_StoredEvidence, AsyncHyperBandScheduler):
     """Ray's ASHA whose rungs are rebuilt from the study's Optuna storage once per driver (``evidence``: a
     :class:`StudyEvidence`).
 
@@ -273,22 +274,15 @@ class StoredASHA(AsyncHyperBandScheduler):
         self.evidence = evidence
         self.synced = False
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "synced": False}  # a restored scheduler reads the storage again
-
-    def sync(self) -> int:
-        """Record the stored evaluations at the rungs (once per driver); how many rung entries were added."""
-        self.synced = True
-        if self.evidence is None:
-            return 0
+    def merge(self, key: str, points: list[tuple[float, float]]) -> int:
+        """Record a trial's first stored value at or past each rung (unless the rung has it); how many."""
+        bracket = self._trial_info.get(key, self._brackets[0])  # a finished trial: the first bracket
         n = 0
-        for key, points in self.evidence.history().items():
-            bracket = self._trial_info.get(key, self._brackets[0])  # a finished trial: the first bracket
-            for milestone, recorded in bracket._rungs:
-                first = next((v for t, v in points if t >= milestone), None)
-                if key not in recorded and first is not None and np.isfinite(first):
-                    recorded[key] = self._metric_op * first
-                    n += 1
+        for milestone, recorded in bracket._rungs:
+            first = next((v for t, v in points if t >= milestone), None)
+            if key not in recorded and first is not None and np.isfinite(first):
+                recorded[key] = self._metric_op * first
+                n += 1
         return n
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
