@@ -39,11 +39,11 @@ def _ranker(**kw) -> FreezeThawRule:
 
 
 def test_click_rank_pauses_the_unclicked_at_the_first_rung_until_enough_trials_clicked():
-    rule = _ranker()  # with no click seen the horizon is first_rung (0.4) x 30k = 12k
+    rule = _ranker()  # with no click seen the horizon is first_rung (0.3) x 30k = 9k
     decisions = {t: rule.observe("a", t, v, can_start_new=True) for t, v in zip(T, _curve(None, 0))
                  if "a" not in rule.paused}
-    assert rule.paused == {"a": 12000} and decisions[12000] == PAUSE
-    assert all(d == CONTINUE for t, d in decisions.items() if t < 12000)
+    assert rule.paused == {"a": 9000} and decisions[9000] == PAUSE
+    assert all(d == CONTINUE for t, d in decisions.items() if t < 9000)
     rule = _ranker()  # nothing fresh to run instead: it runs on
     for t, v in zip(T, _curve(None, 0)):
         assert rule.observe("b", t, v, can_start_new=False) == CONTINUE
