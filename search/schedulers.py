@@ -624,6 +624,11 @@ class FreezeThaw(_StoredEvidence, FIFOScheduler):
         number = trial.config.get(TRIAL_NUMBER_KEY)
         if isinstance(number, int):
             self.numbers[trial.trial_id] = number
+        if trial.status == Trial.PENDING and trial.trial_id in self.rule.paused:
+            # a restored study: Tune requeues every unfinished trial as PENDING and starts each PENDING trial it
+            # has resources for, whatever the scheduler says; one the storage holds paused goes back to PAUSED
+            # here (Tune files the trial under the status on_trial_add leaves) and waits for its turn
+            trial.set_status(Trial.PAUSED)
         if trial.status == Trial.PAUSED:  # restored paused
             self.rule.paused.setdefault(trial.trial_id, float((trial.last_result or {}).get(self._time_attr, 0)))
 

@@ -279,6 +279,8 @@ def _trials(searcher, curves):
 
 
 def test_a_resumed_freeze_thaw_scheduler_decides_as_an_uninterrupted_one(tmp_path):
+    from ray.tune.experiment import Trial
+
     from search.runner import make_scheduler, make_searcher
 
     curves, order = _results()
@@ -299,8 +301,13 @@ def test_a_resumed_freeze_thaw_scheduler_decides_as_an_uninterrupted_one(tmp_pat
     first = _drive(scheduler, searcher, trials, order[:half], seen)
     restored = pickle.loads(at_start)
     assert restored.rule.history == {} and restored.rule.paused == {}
-    for k in seen:  # Tune re-adds the restored trials (paused ones as PAUSED)
+    held = {k for k in seen if trials[k].status == Trial.PAUSED}
+    assert held, "a trial must be paused at the restart for this test to mean much"
+    for k in seen:  # Tune requeues the unfinished trials as PENDING (ray: _requeue_restored_trials) and starts
+        if k in held:  # every PENDING trial it has resources for; the scheduler keeps the paused ones PAUSED
+            trials[k].set_status(Trial.PENDING)
         restored.on_trial_add(_Controller(trials), trials[k])
+    assert {k for k in seen if trials[k].status == Trial.PAUSED} == held
     second = _drive(restored, pickle.loads(pickle.dumps(searcher)), trials, order[half:], seen)
     assert first + second == whole
     assert any(x[-1] == PAUSE for x in second) and any(x[-1] == "resumed" for x in second)
