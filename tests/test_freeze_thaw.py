@@ -206,10 +206,10 @@ def test_the_console_says_when_a_trial_is_paused_and_when_it_resumes(tmp_path):
 # --- resume: the evidence (curves and pauses) rebuilt from the Optuna storage ---------------------------------
 
 
-def _study(tmp_path):
+def _study(tmp_path, scheduler=None, max_concurrent=3):
     tmp_path.mkdir(parents=True, exist_ok=True)
-    f = search_yaml(tmp_path, scheduler={"kind": "freeze_thaw", "grace_episodes": 90},
-                    budget={"num_samples": 12, "max_concurrent": 3})
+    f = search_yaml(tmp_path, scheduler=scheduler or {"kind": "freeze_thaw", "grace_episodes": 90},
+                    budget={"num_samples": 12, "max_concurrent": max_concurrent})
     study = Study.create(load_search_config(f, ["overrides.train.episodes=600", "overrides.train.eval_every=30"]), [],
                          f"sqlite:///{tmp_path / 'm.db'}")
     study.local_dir.mkdir(parents=True, exist_ok=True)
@@ -331,13 +331,7 @@ def test_a_resumed_asha_stops_as_an_uninterrupted_one(tmp_path):
     from search.runner import make_scheduler, make_searcher
 
     def asha_study(path):
-        path.mkdir(parents=True, exist_ok=True)
-        f = search_yaml(path, scheduler={"kind": "asha", "grace_episodes": 90, "reduction_factor": 3},
-                        budget={"num_samples": 12, "max_concurrent": 1})
-        study = Study.create(load_search_config(f, ["overrides.train.episodes=600", "overrides.train.eval_every=30"]),
-                             [], f"sqlite:///{path / 'm.db'}")
-        study.local_dir.mkdir(parents=True, exist_ok=True)
-        return study
+        return _study(path, {"kind": "asha", "grace_episodes": 90, "reduction_factor": 3}, max_concurrent=1)
 
     def drive(scheduler, searcher, trials, order, done):
         """One trial at a time, in order, each to its end or its stop; what the scheduler decided."""
