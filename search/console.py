@@ -43,7 +43,9 @@ def trial_lines(study: Study, out: IO[str] | None = None, interrupted=None):
             self.progress = _Progress(study)
             self.out = out
             self.seen: set[str] = set()  # trials this driver saw run (a resumed study's earlier ones ended before)
-            self.paused: set[str] = set()  # trials the scheduler has PAUSED now (freeze_thaw)
+            # trials the scheduler has paused (freeze_thaw), until Tune runs them again: a paused trial the study
+            # ends (cap, time budget) is terminated as it is, and ends paused_at_end as in Optuna and MLflow
+            self.paused: set[str] = set()
             self.was_paused: set[str] = set()  # trials paused at some time in this driver
 
         def on_trial_start(self, iteration, trials, trial, **info):
@@ -61,7 +63,7 @@ def trial_lines(study: Study, out: IO[str] | None = None, interrupted=None):
             now = {t.trial_id: t for t in trials if t.status == "PAUSED"}
             for key in sorted(set(now) - self.paused):
                 self._print(f"{_name(now[key])}  {self.progress.paused(now[key])}")
-            self.paused = set(now)
+            self.paused = (self.paused | set(now)) - {t.trial_id for t in trials if t.status in ("PENDING", "RUNNING")}
             self.was_paused |= self.paused
 
         def on_trial_complete(self, iteration, trials, trial, **info):
@@ -79,8 +81,10 @@ def trial_lines(study: Study, out: IO[str] | None = None, interrupted=None):
 
         def _ended(self, trials, trial, error: bool, study_ended: bool = False) -> None:
             name = trial_label(trial.config, str(trial))
+            paused = trial.trial_id in self.paused or trial.status == "PAUSED"
+            self.paused.discard(trial.trial_id)
             line = self.progress.ended(trials, trial, name, error, time.monotonic() - self.started, study_ended,
-                                       paused=trial.trial_id in self.paused or trial.status == "PAUSED")
+                                       paused=paused)
             self._print(f"{name}  {line}")
 
         def _print(self, text: str) -> None:

@@ -201,6 +201,16 @@ def test_the_console_says_when_a_trial_is_paused_and_when_it_resumes(tmp_path):
     assert text[0].endswith("  started")
     assert f"paused at 240 episodes, {M} 0.2500 (checkpoint kept" in text[1]
     assert text[2].endswith("resumed at 240 episodes")
+    # paused again, then the study ends (its episode cap): Tune terminates the paused trial as it is, and a step
+    # may end between; its end line says paused_at_end, as Optuna and MLflow record it
+    trial.update_last_result({"episodes": 300, M: 0.3})
+    trial.set_status(Trial.PAUSED)
+    lines.on_step_end(4, [trial])
+    trial.set_status(Trial.TERMINATED)
+    lines.on_step_end(5, [trial])
+    lines.on_experiment_end([trial])
+    end = out.getvalue().splitlines()[-1]
+    assert "paused_at_end at 300 episodes" in end, end
 
 
 # --- resume: the evidence (curves and pauses) rebuilt from the Optuna storage ---------------------------------
