@@ -119,6 +119,9 @@ class FreezeThawConfig(Section):
     wait_slack: float = Field(1.0, gt=0)
     keep_quantile: float = Field(0.75, gt=0, le=1)
     first_rung: float = Field(0.3, gt=0, le=1)
+    # click_rank, before min_clicked trials clicked: while no trial clicked by the first horizon although this
+    # many trials got there unclicked, the horizon doubles (a task that clicks later than first_rung x budget).
+    escalate_after: int = Field(8, ge=1)
     # index: a running trial is paused when its index (chance of ending near the top per episode it still needs)
     # is below this share of the best alternative's (a paused trial, or a fresh one while samples are left).
     pause_ratio: float = Field(0.5, gt=0, le=1)

@@ -317,7 +317,10 @@ class FreezeThawRule:
 
     * a trial not clicked by the *horizon* is paused: the ``wait_quantile`` quantile of the click times of the
       study's other clicked trials, times ``wait_slack``; before ``min_clicked`` of them clicked, the horizon is
-      ``first_rung`` x the budget (0.3: chosen on the four recorded tables, README "Pause and resume");
+      ``first_rung`` x the budget (0.3: chosen on the four recorded tables, README "Pause and resume"), doubled
+      (again and again, up to the budget) while no trial clicked by it although ``escalate_after`` trials got
+      there: on a task that clicks later than ``first_rung`` x the budget a fixed first horizon would pause every
+      trial before its click until the episode cap ran out (README, "later clicks");
     * a trial that clicks later than the ``keep_quantile`` quantile of the others' click times is paused at its
       click (once ``min_clicked`` clicked); one that clicks earlier runs to the full budget.
 
@@ -355,6 +358,7 @@ class FreezeThawRule:
     wait_slack: float = 1.0
     keep_quantile: float = 0.75
     first_rung: float = 0.3
+    escalate_after: int = 8
     pause_ratio: float = 0.5
     margin: float = 0.02
     noise_factor: float = 3.0
@@ -506,9 +510,18 @@ class FreezeThawRule:
     def horizon(self, clicks: dict[Any, float], exclude: Any = None) -> float:
         """click_rank: the episodes by which a trial must have clicked (class doc)."""
         others = self._other_clicks(clicks, exclude)
-        if len(others) < self.min_clicked:
-            return self.first_rung * self.max_t
-        return float(np.quantile(others, self.wait_quantile)) * self.wait_slack
+        if len(others) >= self.min_clicked:
+            return float(np.quantile(others, self.wait_quantile)) * self.wait_slack
+        h = self.first_rung * self.max_t
+        while h < self.max_t:  # nothing clicked by h although escalate_after trials got there: a later-clicking task
+            if any(c <= h for c in others):
+                break
+            reached = sum(1 for k, hist in self.history.items()
+                          if k != exclude and hist and hist[-1][0] >= h and not clicks.get(k, math.inf) <= h)
+            if reached < self.escalate_after:
+                break
+            h = min(2.0 * h, self.max_t)
+        return h
 
     def _click_rank(self, key: Any, t: float, can_start_new: bool) -> str:
         if self.started[key] > 0 or not can_start_new:  # resumed, or nothing fresh to run instead: runs on
