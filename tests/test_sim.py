@@ -17,6 +17,8 @@ from search.bench import stats
 from search.bench.replay import BASELINE, load_table, trajectory
 from search.bench.sim import run_study_sim
 
+from .test_config import REPO
+
 TINY = Path(__file__).parent / "data" / "curves-tiny.jsonl"  # 6 recorded quickstart configs x 2 seeds
 
 
@@ -316,3 +318,26 @@ def test_trajectory_of_a_sim_run_is_monotone_in_budget():
     table = load_table(TINY)
     xs, ys = trajectory(table, run_study_sim(table, "tpe+plateau", 0, num_samples=6, cap=None))
     assert np.all(np.diff(xs) >= 0) and np.all(ys >= 0)
+
+
+def test_shift_curves_delays_every_series_and_keeps_the_table_loadable(tmp_path, capsys):
+    """scripts/shift_curves.py (the later-click stress tables of README "later clicks"): each curve holds its
+    first value for the first share of its evaluations, then its recorded values follow, cut at the budget."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("shift_curves", REPO / "scripts" / "shift_curves.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    tiny = Path(__file__).parent / "data" / "curves-tiny.jsonl"
+    out = tmp_path / "late.jsonl"
+    assert mod.main([str(tiny), "--by", "0.25", "--out", str(out)]) == 0
+    before, after = load_table(tiny), load_table(out)
+    assert after.header["name"].endswith("-shift25") and after.n_curves == before.n_curves
+    old = json.loads(tiny.read_text().splitlines()[1])
+    new = json.loads(out.read_text().splitlines()[1])
+    n, k = len(old["episodes"]), round(0.25 * len(old["episodes"]))
+    assert k > 0 and new["episodes"] == old["episodes"] and new["train_s"] == old["train_s"]
+    assert new["objective"][: k + 1] == [old["objective"][0]] * (k + 1)
+    assert new["objective"][k:] == old["objective"][: n - k]
+    assert mod.main([str(tiny), "--by", "1.5", "--out", str(out)]) == 2
+    assert "--by" in capsys.readouterr().err
