@@ -144,6 +144,14 @@ def cmd_status(args) -> int:
           + _counts(info["trial_outcomes"].values()))
     if info.get("paused"):
         print(f"paused (checkpoint kept, resumed when their turn comes): {', '.join(info['paused'])}")
+    sched, budget = info["scheduler"], info["budget"]
+    flat = {k: v for k, v in sched.items() if not isinstance(v, dict)}
+    for v in sched.values():
+        if isinstance(v, dict):
+            flat.update(v)
+    cap = f", episode cap {budget['max_episodes']}" if budget.get("max_episodes") else ""
+    print("scheduler " + ", ".join(f"{k} {v}" for k, v in flat.items())
+          + f"; budget {budget['num_samples']} samples{cap} (the study's snapshot: a resume keeps these)")
     if info["best"]:
         trial = str(info["best"]["trial"])
         print(f"best {info['metric']} {info['best']['value']:.4f}: {trial}")

@@ -382,6 +382,20 @@ def replay(path: str, tracking_uri: str | None = None) -> tuple[int, int]:
     return tracker.delivered_points, tracker.pending_points()
 
 
+def scheduler_settings(s) -> dict[str, Any]:
+    """A scheduler config's kind with the settings that kind uses (``status``: from the study's snapshot, which
+    a resumed study keeps whatever the YAML or the defaults say now)."""
+    d = s.to_dict()
+    out = {"kind": d["kind"]}
+    if d["kind"] != "none":
+        out["grace_episodes"] = d["grace_episodes"]
+    if d["kind"] == "asha":
+        out["reduction_factor"] = d["reduction_factor"]
+    if d["kind"] in ("plateau", "freeze_thaw"):
+        out[d["kind"]] = d[d["kind"]]
+    return out
+
+
 def status(path: str) -> dict[str, Any]:
     """Progress of a study from its snapshot and Tune state (works while it runs, after a crash, or when done)."""
     study = Study.load(path)
@@ -408,7 +422,9 @@ def status(path: str) -> dict[str, Any]:
     for o in by_trial.values():
         outcomes[o] = outcomes.get(o, 0) + 1
     link, command = mlflow_link(study)
-    return {"study": study.key, "path": study.path, "num_samples": study.search.config.budget.num_samples,
+    cfg = study.search.config
+    return {"study": study.key, "path": study.path, "num_samples": cfg.budget.num_samples,
+            "scheduler": scheduler_settings(cfg.scheduler), "budget": cfg.budget.to_dict(),
             "trials": len(ea.trials), "states": states, "outcomes": outcomes, "trial_outcomes": by_trial,
             "paused": sorted(n for n, o in by_trial.items() if o == "paused"),
             "metric": primary.metric,

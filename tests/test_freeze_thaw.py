@@ -177,6 +177,19 @@ def test_the_rule_is_strict_in_yaml(tmp_path):
     assert load_search_config(f, ["scheduler.freeze_thaw.escalate_after=3"]).config.scheduler.freeze_thaw.escalate_after == 3
 
 
+def test_status_shows_the_snapshot_scheduler_settings_of_its_kind(tmp_path):
+    from search.runner import scheduler_settings
+
+    f = search_yaml(tmp_path, scheduler={"kind": "freeze_thaw", "grace_episodes": 160,
+                                         "freeze_thaw": {"escalate_after": 5}})
+    shown = scheduler_settings(load_search_config(f).config.scheduler)
+    assert shown["kind"] == "freeze_thaw" and shown["grace_episodes"] == 160
+    assert shown["freeze_thaw"]["escalate_after"] == 5 and shown["freeze_thaw"]["first_rung"] == 0.3
+    assert "plateau" not in shown and "reduction_factor" not in shown
+    asha = scheduler_settings(load_search_config(f, ["scheduler.kind=asha"]).config.scheduler)
+    assert asha == {"kind": "asha", "grace_episodes": 160, "reduction_factor": 2}
+
+
 def test_paused_at_the_study_end_is_pruned_with_the_reason():
     o = decide(TrialReport(160, {M: 0.4}), StudyFacts(480, "freeze_thaw", cap_spent=True), paused=True)
     assert o.ending == Ending.PAUSED_AT_END and o.state.name == "PRUNED" and "episode cap" in o.reason

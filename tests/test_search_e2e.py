@@ -235,8 +235,12 @@ def test_ctrl_c_ends_a_leg_and_resume_finishes_the_study_without_duplicates(tmp_
     status = mann_search("status", str(study_dir), "--json")
     assert status.returncode == 0 and "changed since the study started" in status.stderr
     assert json.loads(status.stdout)["num_samples"] == 6
+    snapshot = json.loads(status.stdout)["scheduler"]  # the snapshot's scheduler, only the settings its kind uses
+    assert snapshot == {"kind": src["scheduler"]["kind"], "grace_episodes": src["scheduler"]["grace_episodes"],
+                        "reduction_factor": src["scheduler"]["reduction_factor"]}, snapshot
     plain = mann_search("status", str(study_dir))
     assert plain.returncode == 0 and f"as a MANN config: mann-search export {study_dir} --trial t" in plain.stdout
+    assert f"scheduler kind asha, grace_episodes {src['scheduler']['grace_episodes']}" in plain.stdout
     parents, children = study_runs(client, exp)
     assert len(parents) == 1
     ids = [c.data.tags["mann.trial_id"] for c in children]
