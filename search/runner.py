@@ -181,7 +181,8 @@ def build_tuner(study: Study, callback, trainable=None, search_alg=None, verbose
             scheduler=scheduler, trial_name_creator=_ray_trial_name,
             trial_dirname_creator=_ray_trial_dirname,
             num_samples=budget.num_samples, max_concurrent_trials=concurrent,
-            time_budget_s=budget.time_budget_s, reuse_actors=reuse_actors,
+            time_budget_s=budget.time_budget_s,
+            reuse_actors=search.config.resources.reuse_actors if reuse_actors is None else reuse_actors,
         ),
         run_config=_run_config(study, callback, verbose),
     )
