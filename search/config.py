@@ -164,9 +164,9 @@ class ResourcesConfig(Section):
     cpus_per_trial: Number = Field(1.0, gt=0)
     # Fractions share a GPU between trials (e.g. 0.25: four trials per GPU).
     gpus_per_trial: Number = Field(0.0, ge=0)
-    # A worker process runs trial after trial (and a resumed one) instead of a new process per trial start: the
-    # quickstart's `fit` 18-25 % shorter (README "Results"). false: Tune's default, a fresh process each time.
-    reuse_actors: bool = True
+    # true: a worker process runs trial after trial (and a resumed one) instead of a new process per trial start:
+    # the quickstart's `fit` 18-25 % shorter (README "Reusing worker processes"). false (default): a fresh process.
+    reuse_actors: bool = False
 
     @model_validator(mode="after")
     def _whole_gpus(self) -> "ResourcesConfig":
