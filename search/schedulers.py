@@ -516,8 +516,8 @@ class FreezeThawRule:
         while h < self.max_t:  # nothing clicked by h although escalate_after trials got there: a later-clicking task
             if any(c <= h for c in others):
                 break
-            reached = sum(1 for k, hist in self.history.items()
-                          if k != exclude and hist and hist[-1][0] >= h and not clicks.get(k, math.inf) <= h)
+            # (none of them clicked by h: the check above)
+            reached = sum(1 for k, hist in self.history.items() if k != exclude and hist and hist[-1][0] >= h)
             if reached < self.escalate_after:
                 break
             h = min(2.0 * h, self.max_t)
