@@ -30,7 +30,7 @@ from .searcher import StudySearch, close_open_trials, storage_url, trial_outcome
 from .space import make_sampler
 from .study import SearchError, Study
 from .tracking import StudyTracker, check_tracking_uri, redact, resolve_tracking_uri, ui_link
-from .trainable import run_trial
+from .trainable import KEEP_CHECKPOINTS, run_trial, trainable_class
 
 log = logging.getLogger("mann_search")
 
@@ -111,7 +111,7 @@ def _trainable(search: LoadedSearch):
 
     r = search.config.resources
     fn = tune.with_parameters(run_trial, search=search, threads=max(1, int(r.cpus_per_trial)))
-    return tune.with_resources(fn, {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
+    return trainable_class(tune.with_resources(fn, {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial}))
 
 
 class EpisodeBudget(Stopper):
@@ -149,7 +149,7 @@ def _run_config(study: Study, callback, verbose: int = 1):
         storage_path=storage,
         stop=EpisodeBudget(cap) if cap else None,
         failure_config=tune.FailureConfig(max_failures=study.search.config.budget.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
         callbacks=_callbacks(callback),
         verbose=verbose,
     )

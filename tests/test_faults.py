@@ -61,6 +61,18 @@ def _trial_results(storage) -> dict:
     return results
 
 
+def _two_full_trials(tmp_path, uri, exp, max_failures):
+    """`mann-search run` (its own process group) of two smoke trials trained to 3200 episodes, an evaluation and
+    checkpoint every 320, no scheduler, no selection; output to tmp_path/run.log."""
+    return subprocess.Popen(
+        [str(BIN / "mann-search"), "run", "configs/search/smoke.yaml", "--set", f"storage={tmp_path}",
+         "--set", f"mlflow.tracking_uri={uri}", "--set", f"mlflow.experiment={exp}",
+         "--set", "budget.num_samples=2", "--set", "overrides.train.episodes=3200",
+         "--set", "overrides.train.eval_every=320", "--set", "scheduler.kind=none",
+         "--set", "selection.enabled=false", "--set", f"budget.max_failures={max_failures}"],
+        cwd=REPO, stdout=open(tmp_path / "run.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def test_mlflow_down_and_back_then_down_for_good_loses_nothing(tmp_path, omniglot_dir):
     """One study through two MLflow faults: the server is down 5 s and back while trials train (the records of the
     outage are buffered and delivered), then down for good (the study completes, and `mann-search replay`
@@ -133,20 +145,14 @@ def test_trial_worker_killed_resumes_from_checkpoint_in_same_run(tmp_path, mlflo
     (FailureConfig), it continues in the same MLflow child run and ends at the full episode budget."""
 
     exp = "faults-worker"
-    proc = subprocess.Popen(
-        [str(BIN / "mann-search"), "run", "configs/search/smoke.yaml", "--set", f"storage={tmp_path}",
-         "--set", f"mlflow.tracking_uri={mlflow_server.uri}", "--set", f"mlflow.experiment={exp}",
-         "--set", "budget.num_samples=2", "--set", "overrides.train.episodes=3200",
-         "--set", "overrides.train.eval_every=320", "--set", "scheduler.kind=none",
-         "--set", "selection.enabled=false", "--set", "budget.max_failures=2"],
-        cwd=REPO, stdout=open(tmp_path / "run.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = _two_full_trials(tmp_path, mlflow_server.uri, exp, max_failures=2)
     killed = None
     try:
         client = client_for(mlflow_server.uri)
         wait_for(lambda: children_with(client, exp, lambda c: c.data.metrics.get("episodes", 0) >= 640), 240,
                  "a trial past its second checkpoint")
         # the trial actors of this study: Ray names their processes after the trainable
-        out = subprocess.run(["pgrep", "-f", "-s", str(os.getpgid(proc.pid)), "ImplicitFunc"],
+        out = subprocess.run(["pgrep", "-f", "-s", str(os.getpgid(proc.pid)), "MannTrial"],
                              capture_output=True, text=True).stdout.split()
         assert out, "no trial worker process found to kill"
         killed = int(out[0])
@@ -286,3 +292,100 @@ def test_worker_node_lost_trials_move_to_the_remaining_node(tmp_path, mlflow_ser
     assert len(children) == 4
     for c in children:
         assert c.info.status == "FINISHED" and c.data.metrics["episodes"] == total, c.data.tags
+
+
+def test_surviving_checkpoint_picks_the_newest_written_and_leaves_tune_something_to_delete(tmp_path):
+    """The choice behind the resume below, on a trial folder laid out by hand: the checkpoint Tune names is gone;
+    the newest checkpoint *written* wins (a resumed trial rewrites lower numbers, so not the highest number); the
+    named one and the one before it come back empty for Tune to delete; with nothing left, the trial starts over."""
+    import pyarrow.fs as pafs
+    from ray import tune
+
+    from mann.train import CHECKPOINT_NAME
+    from search.trainable import surviving_checkpoint
+
+    from ray.train._internal.session import _TrainingResult  # what Tune hands Trainable.restore
+
+    def Named(path):
+        return _TrainingResult(tune.Checkpoint(str(path), filesystem=pafs.LocalFileSystem()), {"episodes": 640.0})
+
+    trial = tmp_path / "t00_trial"
+    for index, mtime in ((3, 2_000), (4, 1_000), (5, None)):  # 4: a leftover older than the rewritten 3
+        (trial / f"checkpoint_{index:06d}").mkdir(parents=True)
+        if mtime is not None:
+            (trial / f"checkpoint_{index:06d}" / CHECKPOINT_NAME).write_bytes(b"x")
+            os.utime(trial / f"checkpoint_{index:06d}" / CHECKPOINT_NAME, (mtime, mtime))
+    named = Named(trial / "checkpoint_000002")
+    got = surviving_checkpoint(named)
+    assert got is not named and got.checkpoint.path == str(trial / "checkpoint_000003"), got
+    assert got.metrics == named.metrics
+    assert (trial / "checkpoint_000001").is_dir() and (trial / "checkpoint_000002").is_dir()
+    assert not (trial / "checkpoint_000000").exists()
+    present = Named(trial / "checkpoint_000004")
+    assert surviving_checkpoint(present) is present  # on storage: Tune's own choice stands
+    empty = tmp_path / "t01_trial"
+    empty.mkdir()
+    assert surviving_checkpoint(Named(empty / "checkpoint_000007")) is None
+    assert sorted(p.name for p in empty.iterdir()) == ["checkpoint_000006", "checkpoint_000007"]
+
+
+def _snapshot_latest_checkpoints(study_dir) -> dict:
+    """The checkpoint Tune's newest experiment snapshot names as each trial's latest: trial dir name -> path.
+    (Reads Tune's own state with its own decoder: what a resume would ask the trial to restore.)"""
+    import json
+
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    newest = max(study_dir.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    latest = {}
+    for _, run_metadata in json.loads(newest.read_text())["trial_data"]:
+        result = _TrainingRunMetadata.from_json_state(run_metadata).checkpoint_manager.latest_checkpoint_result
+        if result is not None:
+            path = result.checkpoint.path
+            latest[path.rstrip("/").rsplit("/", 2)[-2]] = path
+    return latest
+
+
+def test_driver_killed_after_pruning_resumes_from_surviving_checkpoint(tmp_path, mlflow_server, omniglot_dir):
+    """SIGKILL the driver mid-study, then delete the checkpoint its last experiment snapshot names for each
+    trial: the state a kill between Tune's pruning (`num_to_keep`) and its next snapshot leaves (CI hit it). Tune
+    alone then fails the trial for good ("does not exist on storage anymore"); `mann-search resume` must go on
+    from the trial's newest checkpoint still on storage, and finish every trial at its full budget."""
+    import shutil
+
+    exp = "faults-pruned"
+    proc = _two_full_trials(tmp_path, mlflow_server.uri, exp, max_failures=1)
+    try:
+        client = client_for(mlflow_server.uri)
+        wait_for(lambda: len(children_with(client, exp, lambda c: c.data.metrics.get("episodes", 0) >= 1280)) == 2,
+                 300, "both trials past their fourth checkpoint (older ones pruned)")
+        assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray, mid-study
+        proc.wait()
+    study_dir = next(tmp_path.glob("smoke-*"))
+    named = _snapshot_latest_checkpoints(study_dir)
+    assert len(named) == 2, named
+    for trial_dir, path in named.items():
+        shutil.rmtree(path, ignore_errors=True)  # what the pruning does to it (it may have done it already)
+        assert (study_dir / trial_dir).is_dir() and not os.path.exists(path)
+
+    resumed = mann_search("resume", str(study_dir))
+    said = resumed.stdout + resumed.stderr
+    (tmp_path / "resume.log").write_text(said)
+    assert resumed.returncode == 0, (resumed.stdout[-2000:], resumed.stderr[-3000:])
+    assert "does not exist on storage anymore" not in said, said[-3000:]
+    assert "resuming from" in said, said[-3000:]  # the worker's warning names the checkpoint it took
+    assert "Error handling checkpoint" not in said and "deleting path" not in said, said[-3000:]
+    _, children = study_runs(client, exp)
+    assert len(children) == 2, [c.data.tags.get("mlflow.runName") for c in children]
+    for c in children:
+        assert c.info.status == "FINISHED" and c.data.tags["mann.outcome"] == "completed", c.data.tags
+        assert c.data.metrics["episodes"] == 3200
+    # Tune's own record: each trial went on from a surviving checkpoint, not from episode 0 (which would report
+    # the first evaluation, 320 episodes, a second time)
+    records = _trial_results(tmp_path)
+    assert sorted(records) == sorted(named), (sorted(records), sorted(named))
+    for trial_dir, results in records.items():
+        episodes = [r["episodes"] for r in results]
+        assert episodes[-1] == 3200 and episodes.count(320.0) == 1, (trial_dir, episodes)

@@ -171,9 +171,9 @@ def test_end_to_end_on_postgres_driver_killed_db_restarted_then_resume(tmp_path,
     proc = start_study(tmp_path, pg, pg_mlflow.uri, exp, model)
     client = client_for(pg_mlflow.uri)
     try:
-        # a trial that completed its budget (FINISHED), as before early stops showed as KILLED: killing the
-        # driver right after an early stop hits a race in Tune (a checkpoint pruned by num_to_keep while the
-        # experiment state still names it; see the closing note of 2026-12-06), which is not what this tests
+        # a trial that completed its budget (FINISHED), so that the kill lands mid-study with results to keep
+        # (the pruning race a kill can hit, a snapshot naming a deleted checkpoint, is
+        # test_faults.py::test_driver_killed_after_pruning_resumes_from_surviving_checkpoint)
         wait_for(lambda: children_with(client, exp, lambda c: c.info.status == "FINISHED"), 600,
                  "a completed trial")
         assert proc.poll() is None, (tmp_path / f"{exp}.log").read_text()[-3000:]
