@@ -4,23 +4,30 @@
 # the first horizon's escalation (the default) and without it (escalate_after so large it never acts). Each table
 # takes its own shipped config's ASHA and reporting settings, freeze_thaw a grace of 15 % of the budget as on the
 # recorded tables. Figures: OUT/<table>-{new,old}.json (default OUT: docs/benchmark-later-clicks).
-# Usage: scripts/bench_later_clicks.sh [OUT] [REPEATS]
+# BY (default 0.3): the share of the evaluations to shift by; negative: earlier clicks (each curve advanced, its
+# last value held; escalation on only, as it never acts before the first horizon). Example, earlier clicks:
+#   scripts/bench_later_clicks.sh docs/benchmark-earlier-clicks 100 -0.3
+# Usage: scripts/bench_later_clicks.sh [OUT] [REPEATS] [BY]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-docs/benchmark-later-clicks}
 repeats=${2:-100}
+by=${3:-0.3}
+modes=(new old)
+[[ $by == -* ]] && modes=(new)
+tag=shift$(python3 -c "import sys; print(round(100 * float(sys.argv[1])))" "$by")
 mkdir -p "$out"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 for t in quickstart paper5x10 strings3x5 onehot5x5; do
-  .venv/bin/python scripts/shift_curves.py "results/curves/$t.jsonl" --by 0.3 --out "$tmp/$t-shift30.jsonl"
+  .venv/bin/python scripts/shift_curves.py "results/curves/$t.jsonl" --by "$by" --out "$tmp/$t-$tag.jsonl"
   grace=$(.venv/bin/python -c "import json, sys; h = json.loads(open(sys.argv[1]).readline()); \
-print(round(0.15 * h['search']['overrides']['train.episodes']))" "$tmp/$t-shift30.jsonl")
-  for mode in new old; do
+print(round(0.15 * h['search']['overrides']['train.episodes']))" "$tmp/$t-$tag.jsonl")
+  for mode in "${modes[@]}"; do
     extra=()
     [[ $mode == old ]] && extra=(--set scheduler.freeze_thaw.escalate_after=1000000)
-    echo "== $t-shift30, escalation $([[ $mode == new ]] && echo on || echo off)"
-    .venv/bin/mann-search benchmark --curves "$tmp/$t-shift30.jsonl" --config "configs/search/$t.yaml" \
+    echo "== $t-$tag, escalation $([[ $mode == new ]] && echo on || echo off)"
+    .venv/bin/mann-search benchmark --curves "$tmp/$t-$tag.jsonl" --config "configs/search/$t.yaml" \
       --set scheduler.kind=freeze_thaw --set scheduler.grace_episodes="$grace" "${extra[@]}" \
       --methods tpe+freeze_thaw --repeats "$repeats" --markdown --save "$out/$t-$mode.json" --plot "$tmp/$t-$mode.png"
   done

@@ -80,11 +80,13 @@ def test_mlflow_down_and_back_then_down_for_good_loses_nothing(tmp_path, omniglo
     logged exactly once."""
     server = MlflowServer(tmp_path / "mlflow").start()
     exp = "faults-outage"
+    # 16000 episodes a trial (about 6 s each on an idle machine, 3 rounds of 2): long enough to outlast the 5 s
+    # outage and to still run after two trials finished, with reused worker processes
     proc = subprocess.Popen(
         [str(BIN / "mann-search"), "run", "configs/search/smoke.yaml", "--set", f"storage={tmp_path / 'runs'}",
          "--set", f"mlflow.tracking_uri={server.uri}", "--set", f"mlflow.experiment={exp}",
-         "--set", "budget.num_samples=6", "--set", "overrides.train.episodes=3200", "--set", "scheduler.kind=none",
-         "--set", "overrides.train.eval_every=640", "--set", "selection.enabled=false"],
+         "--set", "budget.num_samples=6", "--set", "overrides.train.episodes=16000", "--set", "scheduler.kind=none",
+         "--set", "overrides.train.eval_every=3200", "--set", "selection.enabled=false"],
         cwd=REPO, stdout=open(tmp_path / "run.log", "w"), stderr=subprocess.STDOUT)
     try:
         client = client_for(server.uri)
@@ -112,7 +114,7 @@ def test_mlflow_down_and_back_then_down_for_good_loses_nothing(tmp_path, omniglo
         for c in children:
             assert c.info.status == "FINISHED"
             points = metric_points(client, c.info.run_id)
-            assert len(points) == len(set(points)) == int(c.data.metrics["episodes"]) // 640 == 5, points
+            assert len(points) == len(set(points)) == int(c.data.metrics["episodes"]) // 3200 == 5, points
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -339,5 +339,11 @@ def test_shift_curves_delays_every_series_and_keeps_the_table_loadable(tmp_path,
     assert k > 0 and new["episodes"] == old["episodes"] and new["train_s"] == old["train_s"]
     assert new["objective"][: k + 1] == [old["objective"][0]] * (k + 1)
     assert new["objective"][k:] == old["objective"][: n - k]
+    early = tmp_path / "early.jsonl"  # advanced: the first share dropped, the last value held to the budget
+    assert mod.main([str(tiny), "--by", "-0.25", "--out", str(early)]) == 0
+    assert load_table(early).header["name"].endswith("-shift-25")
+    new = json.loads(early.read_text().splitlines()[1])
+    assert new["episodes"] == old["episodes"] and new["objective"][: n - k] == old["objective"][k:]
+    assert new["objective"][n - k:] == [old["objective"][-1]] * k
     assert mod.main([str(tiny), "--by", "1.5", "--out", str(out)]) == 2
     assert "--by" in capsys.readouterr().err
