@@ -164,9 +164,10 @@ class ResourcesConfig(Section):
     cpus_per_trial: Number = Field(1.0, gt=0)
     # Fractions share a GPU between trials (e.g. 0.25: four trials per GPU).
     gpus_per_trial: Number = Field(0.0, ge=0)
-    # true: a worker process runs trial after trial (and a resumed one) instead of a new process per trial start:
-    # the quickstart's `fit` 18-25 % shorter (README "Reusing worker processes"). false (default): a fresh process.
-    reuse_actors: bool = False
+    # true (default): a worker process runs trial after trial (and a resumed one) instead of a new process per
+    # trial start: the quickstart's `fit` 18-25 % shorter (README "Reusing worker processes"). false: a fresh
+    # process for every start and resume (isolation, e.g. a library that leaks memory across trials).
+    reuse_actors: bool = True
 
     @model_validator(mode="after")
     def _whole_gpus(self) -> "ResourcesConfig":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,10 @@ import yaml
 from mann import metrics
 
 from . import plots
-from .protocol import BudgetWatch, TrialOutcome, TrialReport, decide, outcome_counts, sampled_point, trial_name
+from .protocol import (BudgetWatch, Ending, TrialOutcome, TrialReport, decide, outcome_counts, sampled_point,
+                       trial_name)
 from .ray_cluster import ray_job_id
-from .searcher import storage_url
+from .searcher import LOST_REASON, storage_url
 from .study import Study, git_commit, versions
 from .tracking import StudyTracker, redact
 
@@ -127,6 +129,7 @@ def make_callback(tracker: StudyTracker, study: Study, fresh: bool, interrupted=
             for t in trials:  # ended by the study (cap, time budget, driver end) without a complete event
                 if t.trial_id not in self.outcomes and t.trial_id in tracker.trials:
                     self._finish(trials, t, None, study_ended=True)
+            end_lost_runs(tracker, {t.trial_id for t in trials})
             finish_study(tracker, study, trials, self.outcomes)
             tracker.flush()
 
@@ -136,6 +139,7 @@ def make_callback(tracker: StudyTracker, study: Study, fresh: bool, interrupted=
     return MlflowLineage()
 
 
+log = logging.getLogger(__name__)
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its worker logs
 
 
@@ -196,6 +200,21 @@ def finish_trial(tracker: StudyTracker, study: Study, trial, outcome: TrialOutco
         checkpoint = candidate if candidate.is_file() else None
     tracker.trial_finished(trial.trial_id, outcome.ending.value, outcome.reason, checkpoint, files, figures,
                            outcome.mlflow_status)
+
+
+def end_lost_runs(tracker: StudyTracker, tune_trials: set[str]) -> int:
+    """End the study's trial runs that MLflow still has as RUNNING and no Tune trial of this study owns: trials
+    lost with a killed driver (asked after Tune's last snapshot; the searcher asked their configurations again,
+    ``search.searcher.LOST_REASON``). Returns how many; MLflow unreachable: none, with a warning."""
+    try:
+        lost = {trial: run for trial, run in tracker.open_trial_runs().items() if trial not in tune_trials}
+    except Exception as exc:  # the study's record goes on; the runs stay RUNNING until a later leg
+        log.warning("mlflow: could not look for runs of trials lost with a killed driver: %s", exc)
+        return 0
+    outcome = TrialOutcome(Ending.FAILED, LOST_REASON, 0)
+    for trial in sorted(lost):
+        tracker.trial_finished(trial, outcome.ending.value, outcome.reason, None, status=outcome.mlflow_status)
+    return len(lost)
 
 
 def finish_study(tracker: StudyTracker, study: Study, trials, outcomes: dict[str, TrialOutcome]) -> None:

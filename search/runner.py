@@ -26,7 +26,7 @@ from .lineage import make_callback
 from .ray_cluster import check_ray_address, connect_ray
 from .schedulers import StudyEvidence
 from .protocol import sampled_point, trial_dirname, trial_name
-from .searcher import StudySearch, close_open_trials, storage_url, trial_outcomes, warm_sources, warm_start
+from .searcher import LostTrials, StudySearch, close_open_trials, storage_url, trial_outcomes, warm_sources, warm_start
 from .space import make_sampler
 from .study import SearchError, Study
 from .tracking import StudyTracker, check_tracking_uri, redact, resolve_tracking_uri, ui_link
@@ -310,6 +310,8 @@ def _fit(study: Study, fresh: bool, verbose: bool = False) -> StudyOutcome:
     tracker = tracker_for(study)
     stop = Interruption()
     callbacks = [stop, make_callback(tracker, study, fresh, stop.event), trial_lines(study, interrupted=stop.event)]
+    if not fresh:  # before Tune asks for new trials: the ones a killed driver lost are asked again
+        callbacks.insert(0, LostTrials(study))
     print_start(study, fresh)
     level = 1 if verbose else 0  # Ray's own reporter (trial tables, configs, results) only when asked for
     tuner = build_tuner(study, callbacks, verbose=level) if fresh else restore_tuner(study, callbacks, level)

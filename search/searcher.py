@@ -24,6 +24,7 @@ import weakref
 from typing import Any
 
 import optuna
+from ray.tune import Callback
 from ray.tune.search import Searcher
 
 from mann.config import ConfigError
@@ -40,6 +41,10 @@ log = logging.getLogger("mann_search")
 STORAGE_ENV = "MANN_OPTUNA_STORAGE"
 PAUSED_ATTR = "mann.paused_at"  # set by the freeze_thaw scheduler while it has a trial paused (search/schedulers.py)
 TUNE_TRIAL_ATTR = "tune_trial_id"
+REASKED_ATTR = "mann.reasked_from"  # on a trial asked again for one lost with a killed driver: that trial's number
+# A trial asked (and maybe trained) after Tune's last experiment snapshot is unknown to a resumed study
+LOST_REASON = ("lost with the driver: asked after Tune's last experiment snapshot, so the resumed study has no "
+               "trial of it; its configuration is asked again")
 NAME_ATTR = "name"
 
 
@@ -102,6 +107,51 @@ class OptunaStudy:
 
     def running(self) -> set[int]:
         return {t.number for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
+
+
+def reask_lost(ot: OptunaStudy, numbers) -> list[int]:
+    """Trials lost with a killed driver (RUNNING in the storage, no trial of the resumed Tune study): each is told
+    FAIL (:data:`LOST_REASON`), so the study holds no phantom running trial, and its configuration is enqueued
+    (:data:`REASKED_ATTR` on the new trial): Tune asks for as many new trials as its snapshot lacks, so the next
+    one trains that configuration again, from the start, instead of a new sample. Returns the numbers told."""
+    trials = {t.number: t for t in ot.study.get_trials(deepcopy=False)}
+    told = []
+    for number in sorted(numbers):
+        ot.tell(number, None, TrialOutcome(Ending.FAILED, LOST_REASON, 0))
+        told.append(number)
+        if trials[number].params:
+            ot.study.enqueue_trial(trials[number].params, user_attrs={REASKED_ATTR: number})
+        log.warning("optuna: trial %s was lost with the driver (asked after Tune's last snapshot); %s", number,
+                    "its configuration is asked again" if trials[number].params else "it had no configuration yet")
+    return told
+
+
+class LostTrials(Callback):
+    """A Tune callback for a resumed study: at its first step, before Tune asks for new trials, the Optuna trials
+    still RUNNING whose Tune trial is not in the restored study are lost (:func:`reask_lost`). Tune's snapshot of
+    its trials and the searcher's can disagree: a trial the searcher gave Tune after Tune's last snapshot is in
+    the searcher's but not Tune's (seen with reused worker processes, where a new trial starts and reports at
+    once)."""
+
+    def __init__(self, study: Study):
+        self.study = study
+        self.done = False
+
+    def on_step_begin(self, iteration, trials, **info):
+        if self.done:
+            return
+        self.done = True
+        try:
+            ot = OptunaStudy(self.study)
+            tune_ids = {t.trial_id for t in trials}
+            reask_lost(ot, [t.number for t in ot.study.get_trials(deepcopy=False)
+                            if t.state == optuna.trial.TrialState.RUNNING
+                            and t.user_attrs.get(TUNE_TRIAL_ATTR) not in tune_ids])
+        except Exception as exc:  # the storage down: close_open_trials ends them at the study's end
+            log.error("optuna: could not look for trials lost with the driver: %s", exc)
+
+    def __reduce__(self):  # Tune pickles callbacks into its state; a resumed driver makes its own
+        return (Callback, ())
 
 
 class StudySearch(Searcher):
@@ -224,9 +274,9 @@ class StudySearch(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         """After a driver restart: trials asked after the searcher's last checkpoint are found again by their
         ``tune_trial_id`` attribute, trials the storage already has as finished (told after that checkpoint) are
-        not reported to again, and trials the storage has as RUNNING that no Tune trial owns (asked just before
-        the driver died, before the attribute was set) are marked FAIL, so the Optuna study holds no phantom
-        running trial."""
+        not reported to again, and trials the storage has as RUNNING that the searcher never gave Tune (asked
+        just before the driver died) are lost (:func:`reask_lost`). (Trials the searcher gave Tune after Tune's
+        last snapshot: :class:`LostTrials`.)"""
         with open(checkpoint_path, "rb") as f:
             self.__setstate__(pickle.load(f))
         trials = self.optuna.study.get_trials(deepcopy=False)
@@ -235,10 +285,7 @@ class StudySearch(Searcher):
         for trial_id, number in self.numbers.items():
             if number in stored and number not in running:
                 self.finished.add(trial_id)  # told after the searcher's last checkpoint
-        owned = set(self.numbers.values())
-        for number in running - owned:
-            self.optuna.tell(number, None, TrialOutcome(Ending.FAILED, "asked just before the driver stopped; "
-                                                        "no Tune trial ran it", 0))
+        reask_lost(self.optuna, running - set(self.numbers.values()))
 
 
 def close_open_trials(study: Study, started: float, last_results: list[dict[str, Any] | None] = ()) -> int:

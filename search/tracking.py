@@ -231,6 +231,13 @@ class StudyTracker:
         self._runs[trial] = found
         return found
 
+    def open_trial_runs(self) -> dict[str, str]:
+        """Trial id -> run id of the study's trial runs that MLflow has as RUNNING (read now, not queued)."""
+        filt = (f"tags.`{STUDY_TAG}` = '{self.study}' and tags.`{ROLE_TAG}` = 'trial' "
+                f"and attributes.status = 'RUNNING'")
+        runs = self.client.search_runs([self.experiment_id()], filter_string=filt, max_results=10000)
+        return {r.data.tags[TRIAL_TAG]: r.info.run_id for r in runs if r.data.tags.get(TRIAL_TAG)}
+
     def known_run_id(self, trial: str | None) -> str | None:
         """The run id of a trial (None: the study's parent run) if it was found or created, else None."""
         return self._runs.get(trial)

@@ -185,12 +185,12 @@ def test_searcher_on_tune_tells_an_end_when_tune_saves_the_state_that_records_it
     tuner = build_tuner(study, [])
     searcher = tuner._local_tuner._tune_config.search_alg
     assert isinstance(searcher, StudySearch) and searcher.tell_on_save and not make_searcher(study).tell_on_save
-    # resources.reuse_actors (default false; true: a worker process runs trial after trial) reaches Tune
-    assert tuner._local_tuner._tune_config.reuse_actors is False
-    on = Study.create(load_search_config(f, ["resources.reuse_actors=true", f"storage={tmp_path / 'on'}"]), [],
-                      f"sqlite:///{tmp_path / 'o.db'}")
-    on.local_dir.mkdir(parents=True, exist_ok=True)
-    assert build_tuner(on, [])._local_tuner._tune_config.reuse_actors is True
+    # resources.reuse_actors (default true: a worker process runs trial after trial) reaches Tune
+    assert tuner._local_tuner._tune_config.reuse_actors is True
+    off = Study.create(load_search_config(f, ["resources.reuse_actors=false", f"storage={tmp_path / 'off'}"]), [],
+                       f"sqlite:///{tmp_path / 'o.db'}")
+    off.local_dir.mkdir(parents=True, exist_ok=True)
+    assert build_tuner(off, [])._local_tuner._tune_config.reuse_actors is False
 
     def state():
         t = optuna.load_study(study_name=study.key, storage=storage_url(study)).get_trials()[0]
