@@ -179,6 +179,30 @@ def test_trial_worker_killed_resumes_from_checkpoint_in_same_run(tmp_path, mlflo
         assert episodes[-1] == 3200 and episodes.count(320.0) == 1, episodes
 
 
+def test_runs_of_trials_lost_with_the_driver_end_failed_with_the_reason(tmp_path, mlflow_server):
+    """At a resumed study's end, a trial run MLflow still has as RUNNING that no Tune trial owns (lost with a
+    killed driver) ends FAILED with the reason, its metrics kept; runs of Tune's trials are left to their ends."""
+    from search.lineage import end_lost_runs
+    from search.searcher import LOST_REASON
+    from search.tracking import StudyTracker
+
+    exp = "lost-runs"
+    tracker = StudyTracker(mlflow_server.uri, exp, "lost-study", tmp_path / "staging")
+    for trial in ("kept", "lost"):
+        tracker.trial_started(trial, trial, {"model.memory.slots": 8})
+    tracker.trial_result("lost", {"episodes": 320.0, "val/acc_2plus": 0.4}, step=320)
+    assert tracker.flush(force=True)
+    assert end_lost_runs(tracker, {"kept"}) == 1
+    assert tracker.flush(force=True)
+    _, children = study_runs(client_for(mlflow_server.uri), exp)
+    by = {c.data.tags["mann.trial_id"]: c for c in children}
+    assert by["lost"].info.status == "FAILED" and by["lost"].data.tags["mann.outcome"] == "failed"
+    assert by["lost"].data.tags["mann.failure_reason"] == LOST_REASON
+    assert by["lost"].data.metrics["episodes"] == 320.0
+    assert by["kept"].info.status == "RUNNING" and "mann.outcome" not in by["kept"].data.tags
+    assert end_lost_runs(tracker, {"kept"}) == 0  # ended once
+
+
 def test_no_credentials_in_mlflow_params_or_tags(tmp_path, monkeypatch):
     from search.tracking import StudyTracker, redact
 

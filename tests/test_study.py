@@ -168,6 +168,51 @@ def test_searcher_restored_from_an_older_checkpoint_leaves_trials_the_storage_fi
     assert b.state == optuna.trial.TrialState.COMPLETE and b.value == 0.7
 
 
+def test_trials_lost_with_the_driver_are_failed_and_their_configurations_asked_again(tmp_path):
+    """A killed driver's resumed study: Tune's snapshot has trial "a", the searcher's also "b" (given to Tune after
+    Tune's snapshot), and Optuna a trial asked but never given to Tune. At the resumed study's first step both
+    lost ones are told FAIL with the reason, and the next trials asked train their configurations again."""
+    import optuna
+
+    from search.runner import make_searcher
+    from search.protocol import TRIAL_NUMBER_KEY, sampled_point
+    from search.searcher import LOST_REASON, REASKED_ATTR, LostTrials, storage_url
+    from search.space import suggest
+
+    f = search_yaml(tmp_path)
+    study = Study.create(load_search_config(f, []), [], f"sqlite:///{tmp_path / 'm.db'}")
+    study.local_dir.mkdir(parents=True, exist_ok=True)
+    metric = study.search.config.objectives[0].metric
+    full = study.search.max_episodes
+    searcher = make_searcher(study)
+    searcher.suggest("a")
+    b = searcher.suggest("b")
+    searcher.on_trial_result("b", {metric: 0.3, metrics.EPISODES: full // 3})  # "b" trained, then was lost
+    asked = searcher.optuna.study.ask()  # the driver died between ask and handing it to Tune
+    point = suggest(asked, study.search)
+
+    class Trial:  # Tune's restored trial, as the callback sees it
+        trial_id = "a"
+
+    callback = LostTrials(study)
+    callback.on_step_begin(0, [Trial()])
+    callback.on_step_begin(1, [Trial()])  # only at the first step
+    trials = {t.number: t for t in optuna.load_study(study_name=study.key, storage=storage_url(study)).get_trials()}
+    lost = [searcher.numbers["b"], asked.number]
+    for number in lost:
+        assert trials[number].state == optuna.trial.TrialState.FAIL
+        assert trials[number].user_attrs["outcome.reason"] == LOST_REASON
+    assert trials[searcher.numbers["a"]].state == optuna.trial.TrialState.RUNNING  # Tune still has it
+    waiting = sorted((t for t in trials.values() if t.state == optuna.trial.TrialState.WAITING),
+                     key=lambda t: t.number)
+    assert [t.user_attrs[REASKED_ATTR] for t in waiting] == sorted(lost)
+    again = make_searcher(study)
+    first, second = again.suggest("c"), again.suggest("d")
+    assert sampled_point(first) == sampled_point(b) and first[TRIAL_NUMBER_KEY] != b[TRIAL_NUMBER_KEY]
+    assert sampled_point(second) == point  # the configurations, as new Optuna trials
+
+
+
 def test_searcher_on_tune_tells_an_end_when_tune_saves_the_state_that_records_it(tmp_path):
     """On Tune (``tell_on_save``, set by build_tuner) a trial's end reaches Optuna when Tune saves the searcher,
     right after the experiment state that records the end. A driver killed before that resumes the trial in Tune
