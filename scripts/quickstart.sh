@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: install (once) and run the quickstart search (16 trials, ~10 min on 2 CPUs).
+# The main job on a fresh machine: install (once) and run the quickstart search (TPE + freeze_thaw under a 240k-episode
+# cap, about 2 min on 2 CPUs).
 # Omniglot is read from MANN_DATA_DIR (default: ../shared/data/omniglot beside this repository).
 # Usage: scripts/quickstart.sh [--set key=value ...]
 set -euo pipefail

@@ -16,12 +16,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mann.metrics import EPISODES
 from mann.train import CHECKPOINT_NAME, Callback, EvalReport, TrainingDiverged, train
 
 from .config import LoadedSearch
-from mann.metrics import EPISODES
 from .protocol import TrialReport, sampled_point
-
 
 log = logging.getLogger(__name__)
 
