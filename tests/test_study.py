@@ -134,6 +134,13 @@ def test_trial_names_say_the_number_and_the_sampled_values():
     assert len(trial_name({**{f"p.k{i}": "v" * 40 for i in range(20)}, TRIAL_NUMBER_KEY: 1})) == NAME_LIMIT
 
 
+def _sqlite_study(tmp_path) -> Study:
+    """A study of the test search config with its Optuna study in SQLite under ``tmp_path``, its folder made."""
+    study = Study.create(load_search_config(search_yaml(tmp_path), []), [], f"sqlite:///{tmp_path / 'm.db'}")
+    study.local_dir.mkdir(parents=True, exist_ok=True)
+    return study
+
+
 def test_searcher_restored_from_an_older_checkpoint_leaves_trials_the_storage_finished(tmp_path):
     """The driver dies after telling Optuna a trial ended but before the searcher's next checkpoint: the restored
     searcher neither reports to that trial again (Optuna would refuse) nor changes its state."""
@@ -142,9 +149,7 @@ def test_searcher_restored_from_an_older_checkpoint_leaves_trials_the_storage_fi
     from search.runner import make_searcher
     from search.searcher import storage_url
 
-    f = search_yaml(tmp_path)
-    study = Study.create(load_search_config(f, []), [], f"sqlite:///{tmp_path / 'm.db'}")
-    study.local_dir.mkdir(parents=True, exist_ok=True)
+    study = _sqlite_study(tmp_path)
     metric = study.search.config.objectives[0].metric
     full = study.search.max_episodes
     searcher = make_searcher(study)
@@ -179,9 +184,7 @@ def test_trials_lost_with_the_driver_are_failed_and_their_configurations_asked_a
     from search.searcher import LOST_REASON, REASKED_ATTR, LostTrials, storage_url
     from search.space import suggest
 
-    f = search_yaml(tmp_path)
-    study = Study.create(load_search_config(f, []), [], f"sqlite:///{tmp_path / 'm.db'}")
-    study.local_dir.mkdir(parents=True, exist_ok=True)
+    study = _sqlite_study(tmp_path)
     metric = study.search.config.objectives[0].metric
     full = study.search.max_episodes
     searcher = make_searcher(study)
@@ -222,9 +225,7 @@ def test_searcher_on_tune_tells_an_end_when_tune_saves_the_state_that_records_it
     from search.runner import build_tuner, make_searcher
     from search.searcher import StudySearch, storage_url
 
-    f = search_yaml(tmp_path)
-    study = Study.create(load_search_config(f, []), [], f"sqlite:///{tmp_path / 'm.db'}")
-    study.local_dir.mkdir(parents=True, exist_ok=True)
+    study = _sqlite_study(tmp_path)
     metric = study.search.config.objectives[0].metric
     full = study.search.max_episodes
     tuner = build_tuner(study, [])
@@ -232,8 +233,9 @@ def test_searcher_on_tune_tells_an_end_when_tune_saves_the_state_that_records_it
     assert isinstance(searcher, StudySearch) and searcher.tell_on_save and not make_searcher(study).tell_on_save
     # resources.reuse_actors (default true: a worker process runs trial after trial) reaches Tune
     assert tuner._local_tuner._tune_config.reuse_actors is True
-    off = Study.create(load_search_config(f, ["resources.reuse_actors=false", f"storage={tmp_path / 'off'}"]), [],
-                       f"sqlite:///{tmp_path / 'o.db'}")
+    off = Study.create(load_search_config(search_yaml(tmp_path), ["resources.reuse_actors=false",
+                                                                  f"storage={tmp_path / 'off'}"]),
+                       [], f"sqlite:///{tmp_path / 'o.db'}")
     off.local_dir.mkdir(parents=True, exist_ok=True)
     assert build_tuner(off, [])._local_tuner._tune_config.reuse_actors is False
 
