@@ -72,9 +72,10 @@ def surviving_checkpoint(result):
     under the snapshot's numbering, over older ones, so a higher number is not always newer); else None (the
     trial starts over).
 
-    When the named checkpoint is gone, the driver's record of the trial still lists it and the one before it, and
-    deletes both as the trial writes new ones; Tune fails a trial whose checkpoint it cannot delete because it is
-    missing. So the missing ones among those two get an empty directory back, for Tune to delete."""
+    The driver's record of the trial lists the named checkpoint and the one before it, and deletes them as the
+    trial writes new ones; Tune fails a trial whose checkpoint it cannot delete because it is missing. Either can
+    be gone after a killed driver (pruned after the snapshot), so the missing ones get an empty directory back, for
+    Tune to delete."""
     import pyarrow.fs as pafs
     from ray import tune
 
@@ -82,9 +83,17 @@ def surviving_checkpoint(result):
     if ckpt is None:
         return result
     fs, path = ckpt.filesystem, ckpt.path.rstrip("/")
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
-        return result
+    present = fs.get_file_info(path).type != pafs.FileType.NotFound
     parent, name = path.rsplit("/", 1)
+    named = _CHECKPOINT_DIR.fullmatch(name)
+    if named:
+        index, width = int(named.group(1)), len(named.group(1))
+        for listed in range(max(0, index - KEEP_CHECKPOINTS + 1), index + 1):
+            placeholder = f"{parent}/checkpoint_{listed:0{width}d}"
+            if fs.get_file_info(placeholder).type == pafs.FileType.NotFound:
+                fs.create_dir(placeholder)
+    if present:
+        return result
     newest, newest_time = None, None
     for entry in fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True)):
         if entry.type != pafs.FileType.Directory or not _CHECKPOINT_DIR.fullmatch(entry.base_name):
@@ -95,13 +104,6 @@ def surviving_checkpoint(result):
         when = (info.mtime_ns or 0, entry.base_name)
         if newest_time is None or when > newest_time:
             newest, newest_time = entry.path, when
-    named = _CHECKPOINT_DIR.fullmatch(name)
-    if named:
-        index, width = int(named.group(1)), len(named.group(1))
-        for listed in range(max(0, index - KEEP_CHECKPOINTS + 1), index + 1):
-            placeholder = f"{parent}/checkpoint_{listed:0{width}d}"
-            if fs.get_file_info(placeholder).type == pafs.FileType.NotFound:
-                fs.create_dir(placeholder)
     if newest is None:
         log.warning("trial checkpoint %s is gone and no other checkpoint of the trial is on storage: the trial "
                     "starts over", path)

@@ -349,6 +349,11 @@ def test_surviving_checkpoint_picks_the_newest_written_and_leaves_tune_something
     assert not (trial / "checkpoint_000000").exists()
     present = Named(trial / "checkpoint_000004")
     assert surviving_checkpoint(present) is present  # on storage: Tune's own choice stands
+    kept = tmp_path / "t02_trial"  # the named one kept, the one before it pruned after the snapshot
+    (kept / "checkpoint_000009").mkdir(parents=True)
+    (kept / "checkpoint_000009" / CHECKPOINT_NAME).write_bytes(b"x")
+    named_kept = Named(kept / "checkpoint_000009")
+    assert surviving_checkpoint(named_kept) is named_kept and (kept / "checkpoint_000008").is_dir()
     empty = tmp_path / "t01_trial"
     empty.mkdir()
     assert surviving_checkpoint(Named(empty / "checkpoint_000007")) is None

@@ -64,20 +64,25 @@ def check_study(pg, mlflow_uri: str, tmp_path, exp: str, model: str, samples: in
     State = optuna.trial.TrialState
     client = client_for(mlflow_uri)
     parents, children = study_runs(client, exp)
-    # a trial asked after Tune's last snapshot is lost with a killed driver: its run ends FAILED with the reason
-    # and its configuration is trained again by a new trial (search.searcher.reask_lost)
-    lost = [c for c in children if c.data.tags.get("mann.failure_reason") == LOST_REASON]
+    # a trial asked after Tune's last snapshot is lost with a killed driver: Optuna has it FAIL with the reason and
+    # its configuration is trained again by a new trial (search.searcher.reask_lost); its run ends FAILED with the
+    # reason if it was still running, else keeps the end the killed driver gave it
+    sdir = study_dir(tmp_path, exp)
+    key, ot = optuna_trials(pg, sdir)
+    lost_ids = {t.user_attrs.get("tune_trial_id"): t for t in ot if t.user_attrs.get("outcome.reason") == LOST_REASON}
+    lost = [c for c in children if c.data.tags["mann.trial_id"] in lost_ids]
     children = [c for c in children if c not in lost]
     assert len(parents) == 1 and len(children) == samples, (len(parents), len(children), len(lost))
     parent = parents[0]
-    sdir = study_dir(tmp_path, exp)
-    key, ot = optuna_trials(pg, sdir)
     reasked = {t.user_attrs[REASKED_ATTR]: t for t in ot if REASKED_ATTR in t.user_attrs}
     for c in lost:
-        assert c.info.status == "FAILED" and c.data.tags["mann.outcome"] == "failed"
-        number = next(t.number for t in ot if t.user_attrs.get("tune_trial_id") == c.data.tags["mann.trial_id"])
+        if c.data.tags.get("mann.failure_reason") == LOST_REASON:
+            assert c.info.status == "FAILED" and c.data.tags["mann.outcome"] == "failed"
+        else:
+            assert c.info.status != "RUNNING" and c.data.tags.get("mann.outcome"), c.data.tags
+        number = lost_ids[c.data.tags["mann.trial_id"]].number
         assert number in reasked, (number, sorted(reasked))  # its configuration trained again
-        assert reasked[number].params == next(t.params for t in ot if t.number == number)
+        assert reasked[number].params == lost_ids[c.data.tags["mann.trial_id"]].params
     assert parent.data.tags["mann.optuna.study_name"] == key
     assert parent.data.tags["mann.optuna.storage"] == pg.url("optuna")  # no credentials in it
     tune_ids = [t.user_attrs["tune_trial_id"] for t in ot if "tune_trial_id" in t.user_attrs]
