@@ -293,7 +293,9 @@ def close_open_trials(study: Study, started: float, last_results: list[dict[str,
     cap, the time budget or the driver's end stop trials without a trial-complete event, and a trial asked but
     never started has none). Each is judged from its last report: Tune's ``last_results`` where it has them
     (Tune does not show the searcher a result it stops a trial on), else its last intermediate value;
-    ``started``: ``time.monotonic()`` when this driver started. Returns how many were told."""
+    ``started``: ``time.monotonic()`` when this driver started. A trial still WAITING (a lost trial's
+    configuration enqueued by :func:`reask_lost` that the study never started) ends ``study_ended`` at 0 episodes
+    rather than waiting forever. Returns how many were told."""
     ot = OptunaStudy(study)
     watch = BudgetWatch.of(study.search)
     watch.started = started
@@ -318,7 +320,11 @@ def close_open_trials(study: Study, started: float, last_results: list[dict[str,
             # the trial-complete event: Optuna gets the evaluation MLflow has
             ot.trial(number).report(value, report.episodes)
         ot.tell(number, report, decide(report, watch.facts(study_ended=True), paused=number in paused))
-    return len(running)
+    waiting = [t.number for t in trials if t.state == optuna.trial.TrialState.WAITING]
+    for _ in waiting:  # enqueued (a lost trial's configuration asked again) and never started: the study ended
+        number = ot.study.ask().number  # first (Optuna has no tell for a WAITING trial), in enqueue order
+        ot.tell(number, None, decide(None, watch.facts(study_ended=True)))
+    return len(running) + len(waiting)
 
 
 WARM_ATTR = "mann.warm_start_from"  # a trial copied from an earlier study (its key), never run in this one

@@ -4,6 +4,7 @@ characters, and the one private Ray API behind one function (no Ray cluster need
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import yaml
@@ -181,7 +182,7 @@ def test_trials_lost_with_the_driver_are_failed_and_their_configurations_asked_a
 
     from search.runner import make_searcher
     from search.protocol import TRIAL_NUMBER_KEY, sampled_point
-    from search.searcher import LOST_REASON, REASKED_ATTR, LostTrials, storage_url
+    from search.searcher import LOST_REASON, REASKED_ATTR, LostTrials, close_open_trials, reask_lost, storage_url
     from search.space import suggest
 
     study = _sqlite_study(tmp_path)
@@ -213,6 +214,16 @@ def test_trials_lost_with_the_driver_are_failed_and_their_configurations_asked_a
     first, second = again.suggest("c"), again.suggest("d")
     assert sampled_point(first) == sampled_point(b) and first[TRIAL_NUMBER_KEY] != b[TRIAL_NUMBER_KEY]
     assert sampled_point(second) == point  # the configurations, as new Optuna trials
+
+    # Asked again once more (a third loss) and the study ends before it starts: it does not stay WAITING
+    reask_lost(again.optuna, [again.numbers["d"]])
+    close_open_trials(study, time.monotonic())
+    trials = optuna.load_study(study_name=study.key, storage=storage_url(study)).get_trials()
+    assert not [t for t in trials if t.state in (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)]
+    last = max(trials, key=lambda t: t.number)
+    assert last.state == optuna.trial.TrialState.PRUNED and last.user_attrs["outcome"] == "study_ended"
+    assert last.system_attrs["fixed_params"] == {k: v for k, v in trials[asked.number].params.items()}
+    assert trials[again.numbers["c"]].user_attrs["outcome"] == "study_ended"  # running "c" closed the usual way
 
 
 
