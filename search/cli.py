@@ -242,7 +242,8 @@ def cmd_benchmark(args) -> int:
     log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
     out = benchmark_tables(args.curves, repeats=repeats, methods=args.methods, compress=args.compress,
                            plot=args.plot, per_table=per_table, parallel=args.parallel, progress=log,
-                           engine=args.engine, n_boot=args.n_boot)
+                           engine=args.engine, n_boot=args.n_boot, num_samples=args.num_samples,
+                           max_concurrent=args.max_concurrent)
     out["command"] = " ".join(["mann-search", "benchmark", *sys.argv[2:]])
     if args.save:
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
@@ -255,8 +256,8 @@ def cmd_benchmark(args) -> int:
         return 0
     for name, t in out["tables"].items():
         print(f"{name}: {t['curves']} curves of {t['configs']} configurations, {t['repeats']} repeats, {t['engine']} "
-              f"engine, {t['wall_s']:.0f} s; budgets as fractions of {t['full_study_episodes']:.0f} episodes (the "
-              f"baseline's full study); target: {t['target_regret']:.2f} points; default: {t['default']}")
+              f"engine, {t['wall_s']:.0f} s; {_shape(t)}budgets as fractions of {t['full_study_episodes']:.0f} "
+              f"episodes (the baseline's full study); target: {t['target_regret']:.2f} points; default: {t['default']}")
         head = ["method", "regret@0.25", "@0.5", "@1.0", "speed-up [95 %]", "reached", "killed", "paused"]
         rows = [[m, *(f"{v['regret_at'][f]['median']:.2f}" for f in ("0.25", "0.5", "1.0")),
                  f"{_ci(v['speedup']['median'])} [{_ci(v['speedup']['ci95'][0])}, {_ci(v['speedup']['ci95'][1])}]",
@@ -287,12 +288,18 @@ def _ci(v) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
+def _shape(t: dict) -> str:
+    shape = t.get("study_shape")
+    return (f"baseline study: {shape['num_samples']} trials, {shape['max_concurrent'] or 'unlimited'} at once; "
+            if shape else "")
+
+
 def benchmark_markdown(out: dict) -> str:
     """The benchmark's figures as Markdown tables (README and docs/benchmark.md are pasted from this)."""
     lines = []
     for name, t in out["tables"].items():
         lines += [f"**{name}** ({t['curves']} curves of {t['configs']} configurations; {t['repeats']} repeats, "
-                  f"{t['engine']} engine, {t['wall_s']:.0f} s; budget unit: the baseline's full study, "
+                  f"{t['engine']} engine, {t['wall_s']:.0f} s; {_shape(t)}budget unit: the baseline's full study, "
                   f"{t['full_study_episodes']:.0f} episodes; episode cap {t['episode_cap']}; target: "
                   f"{t['target_regret']:.2f} points)", "",
                   "| method | regret @0.25 | @0.5 | @1.0 | speed-up [95 % CI] | reached | stopped: top-quartile share "
@@ -393,6 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                     help="override the shipped config (e.g. scheduler.plateau.click_slack=2): its scheduler settings "
                          "are the ones the methods of that scheduler kind use")
+    be.add_argument("--num-samples", type=positive_int, default=None,
+                    help="the baseline's trials per study (default: as the table's recorded search); every other "
+                         "method gets 4x as many under the baseline's largest spend")
+    be.add_argument("--max-concurrent", type=positive_int, default=None,
+                    help="trials at once in every study (default: as the table's recorded search), e.g. 32 for "
+                         "cluster.yaml's shape")
     be.add_argument("--plot", help="where the plot goes (default: beside the table, <table>.benchmark.png)")
     be.add_argument("--compress", type=float, default=0.005, help="replayed seconds per recorded training second")
     be.add_argument("--parallel", type=positive_int, default=3, help="studies at once (threads, one Ray)")

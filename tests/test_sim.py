@@ -246,6 +246,24 @@ def test_each_table_is_benchmarked_with_its_own_shipped_config(tmp_path, capsys)
     assert "| method | speed-up, geometric mean [95 % CI] |" in md  # across the two tables
 
 
+def test_benchmark_study_shape_from_the_command_line(tmp_path, capsys):
+    """--num-samples / --max-concurrent replace the table's recorded study shape (a cluster's many trials at
+    once); a bad value is refused naming the option."""
+    from search.cli import main
+
+    assert main(["benchmark", "--curves", str(TINY), "--repeats", "3", "--json", "--plot", str(tmp_path / "p.png"),
+                 "--n-boot", "50", "--methods", "tpe+asha", "--num-samples", "5", "--max-concurrent", "4"]) == 0
+    t = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tables"]["tiny"]
+    assert t["study_shape"] == {"num_samples": 5, "max_concurrent": 4}
+    assert t["methods"][BASELINE]["trials_per_study"] == 5  # the baseline: exactly its samples
+    assert 5 <= t["methods"]["tpe+asha"]["trials_per_study"] <= 20  # the others: up to 4x under the cap
+    recorded = load_table(TINY).search.config.budget
+    assert (recorded.num_samples, recorded.max_concurrent) != (5, 4)
+    with pytest.raises(SystemExit):
+        main(["benchmark", "--curves", str(TINY), "--max-concurrent", "0"])
+    assert "--max-concurrent" in capsys.readouterr().err
+
+
 def test_oracle_screen_hand_computed():
     """Three configurations of the tiny table, one curve each: the best is the only one at target 0. The oracle
     draws configurations uniformly and stops at the first good one: P(first draw good) = 1/3, P(one bad draw

@@ -30,6 +30,7 @@ Optuna storage: a SQLite file per study in /dev/shm (Ray's OptunaSearch for the 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -37,7 +38,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,17 @@ def load_table(path: str | Path) -> Table:
         value.append(float(np.mean(f)))
     return Table(header, search, [points[k] for k in keys], [by_key[k] for k in keys], np.array(value),
                  np.stack([coordinates(search, points[k]) for k in keys]), float(np.quantile(finals, 0.75)), sign)
+
+
+def with_shape(table: Table, num_samples: int | None = None, max_concurrent: int | None = None) -> Table:
+    """The table with another study shape for the baseline (``budget.num_samples``, ``budget.max_concurrent`` of
+    its recorded search; ``None``: as recorded): how a method does with a cluster's many concurrent trials."""
+    budget = {k: v for k, v in (("num_samples", num_samples), ("max_concurrent", max_concurrent)) if v is not None}
+    if not budget:
+        return table
+    header = copy.deepcopy(table.header)
+    header["search"].setdefault("budget", {}).update(budget)
+    return replace(table, header=header, search=search_from_header(header))
 
 
 def _last(row: dict[str, Any]) -> float:
@@ -464,17 +476,19 @@ ENGINES = ("sim", "tune")
 def benchmark(curves: str | Path, repeats: int = 100, methods: list[str] | None = None, compress: float = 0.005,
               plot: str | Path | None = None, shipped: SearchConfig | None = None, every: int = 1,
               parallel: int = 3, progress=print, engine: str = "sim", n_boot: int = 2000,
-              keep_runs: bool = False, table: Table | None = None) -> dict[str, Any]:
+              keep_runs: bool = False, table: Table | None = None, num_samples: int | None = None,
+              max_concurrent: int | None = None) -> dict[str, Any]:
     """Run every method ``repeats`` times on the table with ``engine`` ("sim": :mod:`search.bench.sim`;
     "tune": real Tuners, ``parallel`` at once in one Ray instance); the table's summary (see module doc and
-    ``docs/benchmark.md``). ``keep_runs``: the studies too (under ``"_runs"``, not JSON)."""
+    ``docs/benchmark.md``). ``num_samples``/``max_concurrent``: the baseline's study shape (:func:`with_shape`;
+    default: the table's recorded search). ``keep_runs``: the studies too (under ``"_runs"``, not JSON)."""
     import optuna
 
     from .sim import SIM_ONLY
 
     if engine not in ENGINES:
         raise ConfigError(f"--engine: {engine!r}; known: {list(ENGINES)}")
-    table = table if table is not None else load_table(curves)
+    table = with_shape(table if table is not None else load_table(curves), num_samples, max_concurrent)
     known = list(METHODS) + (list(SIM_ONLY) if engine == "sim" else [])
     methods = list(methods or known)
     unknown = [m for m in methods if m not in known]
@@ -513,6 +527,7 @@ def score(table: Table, runs: dict[str, list[Run]], shipped: SearchConfig | None
     out: dict[str, Any] = {
         "curves": table.n_curves, "configs": len(table.points), "baseline": BASELINE,
         "default": _method_of(shipped or table.search.config), "full_study_episodes": full, "episode_cap": cap,
+        "study_shape": {"num_samples": num_samples, "max_concurrent": table.search.config.budget.max_concurrent},
         "full_run_episodes": max_t, "table_best": table.best * table.sign, "target_regret": round(target, 3),
         "normalisation_points": round(scale, 3), "mapping_loo": round(table.mapping_loo(), 3), "methods": {}}
     oracle = bound.oracle_screen(table, target)
