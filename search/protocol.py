@@ -40,12 +40,15 @@ FAILURE_KEY = "failure"
 
 
 TRIAL_NUMBER_KEY = "trial_number"  # in a Tune trial's config: its Optuna trial number (not a MANN setting)
+# ... and, for a trial that trains again the configuration of one lost with a killed driver, the lost trial's
+# newest checkpoint (a path or URI), which it resumes from (search.searcher.reask_lost)
+RESUME_KEY = "resume_from"
 NAME_LIMIT = 250  # MLflow's run name limit
 
 
 def sampled_point(config: dict[str, Any]) -> dict[str, Any]:
     """A Tune trial's config without the study's bookkeeping: the sampled MANN settings by dotted path."""
-    return {k: v for k, v in config.items() if k != TRIAL_NUMBER_KEY}
+    return {k: v for k, v in config.items() if k not in (TRIAL_NUMBER_KEY, RESUME_KEY)}
 
 
 def trial_label(config: dict[str, Any], fallback: str = "trial") -> str:

@@ -30,7 +30,7 @@ from ray.tune.search import Searcher
 from mann.config import ConfigError
 
 from .config import base_value
-from .protocol import TRIAL_NUMBER_KEY, BudgetWatch, Ending, TrialOutcome, TrialReport, decide, trial_name
+from .protocol import RESUME_KEY, TRIAL_NUMBER_KEY, BudgetWatch, Ending, TrialOutcome, TrialReport, decide, trial_name
 from .space import suggest
 from .storage import open_storage as open_rdb_storage
 from .study import SearchError, Study
@@ -42,6 +42,7 @@ STORAGE_ENV = "MANN_OPTUNA_STORAGE"
 PAUSED_ATTR = "mann.paused_at"  # set by the freeze_thaw scheduler while it has a trial paused (search/schedulers.py)
 TUNE_TRIAL_ATTR = "tune_trial_id"
 REASKED_ATTR = "mann.reasked_from"  # on a trial asked again for one lost with a killed driver: that trial's number
+RESUME_ATTR = "mann.resume_from"  # ... and the lost trial's newest checkpoint, if it left one (its config's RESUME_KEY)
 # A trial asked (and maybe trained) after Tune's last experiment snapshot is unknown to a resumed study
 LOST_REASON = ("lost with the driver: asked after Tune's last experiment snapshot, so the resumed study has no "
                "trial of it; its configuration is asked again")
@@ -109,20 +110,26 @@ class OptunaStudy:
         return {t.number for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
 
 
-def reask_lost(ot: OptunaStudy, numbers) -> list[int]:
+def reask_lost(ot: OptunaStudy, numbers, checkpoints: dict[int, str] | None = None) -> list[int]:
     """Trials lost with a killed driver (RUNNING in the storage, no trial of the resumed Tune study): each is told
     FAIL (:data:`LOST_REASON`), so the study holds no phantom running trial, and its configuration is enqueued
     (:data:`REASKED_ATTR` on the new trial): Tune asks for as many new trials as its snapshot lacks, so the next
-    one trains that configuration again, from the start, instead of a new sample. Returns the numbers told."""
+    one trains that configuration again instead of a new sample, from the lost trial's newest checkpoint where
+    ``checkpoints`` has one (:data:`RESUME_ATTR`, its config's ``RESUME_KEY``), else from the start. Returns the
+    numbers told."""
     trials = {t.number: t for t in ot.study.get_trials(deepcopy=False)}
+    checkpoints = checkpoints or {}
     told = []
     for number in sorted(numbers):
         ot.tell(number, None, TrialOutcome(Ending.FAILED, LOST_REASON, 0))
         told.append(number)
+        resume = checkpoints.get(number)
         if trials[number].params:
-            ot.study.enqueue_trial(trials[number].params, user_attrs={REASKED_ATTR: number})
+            ot.study.enqueue_trial(trials[number].params,
+                                   user_attrs={REASKED_ATTR: number, **({RESUME_ATTR: resume} if resume else {})})
         log.warning("optuna: trial %s was lost with the driver (asked after Tune's last snapshot); %s", number,
-                    "its configuration is asked again" if trials[number].params else "it had no configuration yet")
+                    ("its configuration is asked again" + (f", from its checkpoint {resume}" if resume else ""))
+                    if trials[number].params else "it had no configuration yet")
     return told
 
 
@@ -144,11 +151,27 @@ class LostTrials(Callback):
         try:
             ot = OptunaStudy(self.study)
             tune_ids = {t.trial_id for t in trials}
-            reask_lost(ot, [t.number for t in ot.study.get_trials(deepcopy=False)
-                            if t.state == optuna.trial.TrialState.RUNNING
-                            and t.user_attrs.get(TUNE_TRIAL_ATTR) not in tune_ids])
+            lost = [t for t in ot.study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING
+                    and t.user_attrs.get(TUNE_TRIAL_ATTR) not in tune_ids]
+            reask_lost(ot, [t.number for t in lost], self.checkpoints(lost))
         except Exception as exc:  # the storage down: close_open_trials ends them at the study's end
             log.error("optuna: could not look for trials lost with the driver: %s", exc)
+
+    def checkpoints(self, lost) -> dict[int, str]:
+        """The newest checkpoint each lost trial left in the study's folder (trained after Tune's snapshot)."""
+        from .trainable import lost_checkpoint
+
+        out = {}
+        for t in lost:
+            tune_id = t.user_attrs.get(TUNE_TRIAL_ATTR)
+            try:
+                found = lost_checkpoint(self.study.path, tune_id) if tune_id else None
+            except Exception as exc:  # storage unreadable: the configuration is trained from the start
+                log.warning("could not look for trial %s's checkpoints: %s", t.number, exc)
+                found = None
+            if found:
+                out[t.number] = found
+        return out
 
     def __reduce__(self):  # Tune pickles callbacks into its state; a resumed driver makes its own
         return (Callback, ())
@@ -219,6 +242,9 @@ class StudySearch(Searcher):
         ot = self.optuna.study.ask()
         point = suggest(ot, self.study.search)
         config = {**point, TRIAL_NUMBER_KEY: ot.number}
+        resume = ot.user_attrs.get(RESUME_ATTR)  # a lost trial's configuration, asked again with its checkpoint
+        if resume:
+            config[RESUME_KEY] = resume
         ot.set_user_attr(TUNE_TRIAL_ATTR, trial_id)
         ot.set_user_attr(NAME_ATTR, trial_name(config))
         self.numbers[trial_id] = ot.number

@@ -1,8 +1,9 @@
 """The Tune function trainable: a sampled point -> MANN config -> ``mann.train.train`` -> ``tune.report``.
 
 The only Ray calls made inside a trial are here: ``tune.get_checkpoint`` at the start (a retried trial resumes
-from its last checkpoint) and ``tune.report`` at every evaluation; ``trainable_class`` makes Tune's trainable of
-``run_trial``, restoring from the newest checkpoint still on storage.
+from its last checkpoint; a trial that trains again the configuration of one lost with a killed driver resumes
+from that trial's newest checkpoint, ``RESUME_KEY`` in its config) and ``tune.report`` at every evaluation;
+``trainable_class`` makes Tune's trainable of ``run_trial``, restoring from the newest checkpoint still on storage.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from mann.metrics import EPISODES
 from mann.train import CHECKPOINT_NAME, Callback, EvalReport, TrainingDiverged, train
 
 from .config import LoadedSearch
-from .protocol import TrialReport, sampled_point
+from .protocol import RESUME_KEY, TrialReport, sampled_point
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +95,7 @@ def surviving_checkpoint(result):
                 fs.create_dir(placeholder)
     if present:
         return result
-    newest, newest_time = None, None
-    for entry in fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True)):
-        if entry.type != pafs.FileType.Directory or not _CHECKPOINT_DIR.fullmatch(entry.base_name):
-            continue
-        info = fs.get_file_info(f"{entry.path}/{CHECKPOINT_NAME}")
-        if info.type != pafs.FileType.File:
-            continue
-        when = (info.mtime_ns or 0, entry.base_name)
-        if newest_time is None or when > newest_time:
-            newest, newest_time = entry.path, when
+    newest = newest_checkpoint(fs, parent)
     if newest is None:
         log.warning("trial checkpoint %s is gone and no other checkpoint of the trial is on storage: the trial "
                     "starts over", path)
@@ -112,6 +104,61 @@ def surviving_checkpoint(result):
                 path, newest)
     return type(result)(checkpoint=tune.Checkpoint(newest, filesystem=fs),
                         metrics=dict(getattr(result, "metrics", {}) or {}))
+
+
+def newest_checkpoint(fs, trial_dir: str) -> str | None:
+    """The newest ``checkpoint_*`` directory under a trial's folder (on pyarrow filesystem ``fs``) that holds a
+    checkpoint file, by the file's modification time (see :func:`surviving_checkpoint`); None if there is none."""
+    import pyarrow.fs as pafs
+
+    newest, newest_time = None, None
+    for entry in fs.get_file_info(pafs.FileSelector(trial_dir, allow_not_found=True)):
+        if entry.type != pafs.FileType.Directory or not _CHECKPOINT_DIR.fullmatch(entry.base_name):
+            continue
+        info = fs.get_file_info(f"{entry.path}/{CHECKPOINT_NAME}")
+        if info.type != pafs.FileType.File:
+            continue
+        when = (info.mtime_ns or 0, entry.base_name)
+        if newest_time is None or when > newest_time:
+            newest, newest_time = entry.path, when
+    return newest
+
+
+def lost_checkpoint(experiment: str, tune_trial_id: str) -> str | None:
+    """The newest checkpoint of a Tune trial the resumed study does not know (lost with a killed driver): its
+    folder in the experiment folder ``experiment`` (a path or URI) ends with ``_<tune_trial_id>`` (the runner's
+    trial folder names). A path, or a URI for a remote experiment folder; None when it left no checkpoint."""
+    import pyarrow.fs as pafs
+
+    if "://" in experiment:
+        fs, root = pafs.FileSystem.from_uri(experiment)
+        scheme = experiment.split("://", 1)[0]
+    else:
+        fs, root, scheme = pafs.LocalFileSystem(), str(Path(experiment).resolve()), None
+    for entry in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        if entry.type == pafs.FileType.Directory and entry.base_name.endswith(f"_{tune_trial_id}"):
+            found = newest_checkpoint(fs, entry.path)
+            if found is not None:
+                return f"{scheme}://{found}" if scheme else found
+    return None
+
+
+def _lost_trial_checkpoint(uri: str, work: Path) -> Path | None:
+    """Copy the checkpoint file of the lost trial this trial trains again (``RESUME_KEY``) into ``work``; None,
+    with a warning, when it cannot be read (the trial then starts over)."""
+    from ray import tune
+
+    from mann.train import load_checkpoint
+
+    try:
+        with tune.Checkpoint(uri).as_directory() as d:
+            shutil.copy2(Path(d) / CHECKPOINT_NAME, work / CHECKPOINT_NAME)
+        load_checkpoint(work / CHECKPOINT_NAME)
+    except Exception as exc:
+        log.warning("the lost trial's checkpoint %s cannot be read (%s): this trial starts over", uri, exc)
+        (work / CHECKPOINT_NAME).unlink(missing_ok=True)
+        return None
+    return work / CHECKPOINT_NAME
 
 
 def worst(mode: str) -> float:
@@ -135,7 +182,8 @@ class _TuneReport(Callback):
 def _report_again(checkpoint: Path, seen_up_to: float, reporter: _TuneReport) -> None:
     """Report the evaluations a checkpoint's history holds after ``seen_up_to`` episodes, the last one with the
     checkpoint: after a resume from a checkpoint newer than the one Tune named, the driver never received them
-    (or received them before it was killed: MLflow logs a metric point once either way)."""
+    (or received them before it was killed: MLflow logs a metric point once either way); a trial that resumes a
+    lost trial's checkpoint reports them all (from 0), as its own."""
     from ray import tune
 
     from mann.train import load_checkpoint
@@ -167,12 +215,16 @@ def run_trial(config: dict[str, Any], search: LoadedSearch, threads: int) -> Non
                 if (Path(d) / CHECKPOINT_NAME).exists():
                     shutil.copy2(Path(d) / CHECKPOINT_NAME, work / CHECKPOINT_NAME)
                     resume = work / CHECKPOINT_NAME
+        replay_from = _resumed_past.pop() if resume is not None and _resumed_past else None
+        if resume is None and config.get(RESUME_KEY):  # trains again a lost trial's configuration: from its end
+            resume = _lost_trial_checkpoint(str(config[RESUME_KEY]), work)
+            replay_from = 0.0 if resume is not None else None
         from mann.model import build_model
 
         params = sum(p.numel() for p in build_model(cfg.model, cfg.task, cfg.data.image_size).parameters())
         reporter = _TuneReport(work, {"model/parameters": float(params)})
-        if resume is not None and _resumed_past:
-            _report_again(resume, _resumed_past.pop(), reporter)
+        if replay_from is not None:
+            _report_again(resume, replay_from, reporter)
         try:
             train(cfg, callbacks=[reporter], out_dir=work, resume_from=resume)
         except TrainingDiverged as exc:

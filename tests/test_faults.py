@@ -420,3 +420,79 @@ def test_driver_killed_after_pruning_resumes_from_surviving_checkpoint(tmp_path,
     for trial_dir, results in records.items():
         episodes = [r["episodes"] for r in results]
         assert episodes[-1] == 3200 and episodes.count(320.0) == 1, (trial_dir, episodes)
+
+
+def test_a_lost_trials_configuration_is_trained_again_from_its_checkpoint(tmp_path, omniglot_dir, monkeypatch):
+    """A trial the driver gave Tune after Tune's last snapshot trained to its first evaluation and wrote a
+    checkpoint, then the driver was killed. On resume its configuration is asked again (``LostTrials``) with that
+    checkpoint, and the new trial (real Ray, real training) resumes from it: it reports the checkpoint's own
+    history (the first evaluation, marked in the file so that a fresh evaluation cannot pass for it) and goes on
+    to the end exactly as the same configuration trained without interruption."""
+    import optuna
+
+    import search  # noqa: F401  (before Ray: token auth)
+    import ray
+    from ray import tune
+
+    from mann.train import CHECKPOINT_NAME, Callback, load_checkpoint, save_checkpoint, train
+    from search.config import load_search_config
+    from search.protocol import RESUME_KEY, TRIAL_NUMBER_KEY, sampled_point, trial_dirname
+    from search.ray_cluster import connect_ray
+    from search.runner import build_tuner, make_searcher
+    from search.searcher import LOST_REASON, RESUME_ATTR, LostTrials, OptunaStudy
+    from search.study import Study
+
+    from .test_study import search_yaml
+
+    monkeypatch.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    search = load_search_config(search_yaml(tmp_path), [
+        "budget.num_samples=1", "budget.max_concurrent=1", "budget.max_failures=0", "selection.enabled=false",
+        "overrides.train.episodes=320", "overrides.train.eval_episodes=16"])
+    study = Study.create(search, [], None, path=str(tmp_path / "tune" / "lost"))
+    study.local_dir.mkdir(parents=True, exist_ok=True)
+    config = make_searcher(study).suggest("lost0001")  # the lost trial, as the searcher gave it to Tune
+    folder = study.local_dir / f"{trial_dirname(config)}_lost0001"
+
+    class Collect(Callback):  # the uninterrupted run; its checkpoint at the first evaluation is the lost one's
+        def __init__(self):
+            self.rows = []
+
+        def on_eval(self, report):
+            self.rows.append((report.episodes, {k: v for k, v in report.metrics().items() if k.startswith("val/")}))
+            if len(self.rows) == 1:
+                payload = load_checkpoint(tmp_path / "plain" / CHECKPOINT_NAME)
+                payload["history"][-1]["val/acc_2plus"] = 0.123456  # what only the checkpoint says
+                save_checkpoint(folder / "checkpoint_000000" / CHECKPOINT_NAME, payload)
+
+    plain = Collect()
+    train(search.trial_config(sampled_point(config), threads=1), callbacks=[plain], out_dir=tmp_path / "plain")
+    assert [e for e, _ in plain.rows] == [160, 320]
+
+    LostTrials(study).on_step_begin(0, [])  # the resumed study: Tune knows no trial
+    trials = OptunaStudy(study).study.get_trials()
+    assert trials[0].state == optuna.trial.TrialState.FAIL and trials[0].user_attrs["outcome.reason"] == LOST_REASON
+    assert trials[1].user_attrs[RESUME_ATTR] == str(folder / "checkpoint_000000")
+
+    results = []
+
+    class Watch(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            results.append((trial.config, int(result["episodes"]),
+                            {k: result[k] for k in result if k.startswith("val/")}))
+
+    started = connect_ray(num_cpus=1) == "local"
+    try:
+        grid = build_tuner(study, Watch(), verbose=0).fit()
+    finally:
+        if started:
+            ray.shutdown()
+    assert not any(r.error for r in grid)
+    assert {c[TRIAL_NUMBER_KEY] for c, _, _ in results} == {1}
+    assert results[0][0][RESUME_KEY] == str(folder / "checkpoint_000000")
+    assert sampled_point(results[0][0]) == sampled_point(config)
+    assert [e for _, e, _ in results] == [160, 320]
+    assert results[0][2]["val/acc_2plus"] == 0.123456  # reported from the checkpoint: not trained again
+    for key, value in plain.rows[1][1].items():  # then trained on from it as if never interrupted
+        assert results[1][2][key] == pytest.approx(value, abs=1e-6), key
+    again = OptunaStudy(study).study.get_trials()[1]
+    assert again.state == optuna.trial.TrialState.COMPLETE and sorted(again.intermediate_values) == [160, 320]
