@@ -7,14 +7,17 @@
 # BY (default 0.3): the share of the evaluations to shift by; negative: earlier clicks (each curve advanced, its
 # last value held; escalation on only, as it never acts before the first horizon). Example, earlier clicks:
 #   scripts/bench_later_clicks.sh docs/benchmark-earlier-clicks 100 -0.3
+# BENCH_ARGS: more benchmark arguments, e.g. cluster.yaml's study shape, escalation on only (MODES=new):
+#   MODES=new BENCH_ARGS="--num-samples 64 --max-concurrent 32" scripts/bench_later_clicks.sh OUT 100 0.3
 # Usage: scripts/bench_later_clicks.sh [OUT] [REPEATS] [BY]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-docs/benchmark-later-clicks}
 repeats=${2:-100}
 by=${3:-0.3}
-modes=(new old)
+read -r -a modes <<< "${MODES:-new old}"
 [[ $by == -* ]] && modes=(new)
+read -r -a bench_args <<< "${BENCH_ARGS:-}"
 tag=shift$(python3 -c "import sys; print(round(100 * float(sys.argv[1])))" "$by")
 mkdir -p "$out"
 tmp=$(mktemp -d)
@@ -28,7 +31,7 @@ print(round(0.15 * h['search']['overrides']['train.episodes']))" "$tmp/$t-$tag.j
     [[ $mode == old ]] && extra=(--set scheduler.freeze_thaw.escalate_after=1000000)
     echo "== $t-$tag, escalation $([[ $mode == new ]] && echo on || echo off)"
     .venv/bin/mann-search benchmark --curves "$tmp/$t-$tag.jsonl" --config "configs/search/$t.yaml" \
-      --set scheduler.kind=freeze_thaw --set scheduler.grace_episodes="$grace" "${extra[@]}" \
+      --set scheduler.kind=freeze_thaw --set scheduler.grace_episodes="$grace" "${extra[@]}" "${bench_args[@]}" \
       --methods tpe+freeze_thaw --repeats "$repeats" --markdown --save "$out/$t-$mode.json" --plot "$tmp/$t-$mode.png"
   done
 done

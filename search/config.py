@@ -122,6 +122,10 @@ class FreezeThawConfig(Section):
     # click_rank, before min_clicked trials clicked: while no trial clicked by the first horizon although this
     # many trials got there unclicked, the horizon doubles (a task that clicks later than first_rung x budget).
     escalate_after: int = Field(8, ge=1)
+    # click_rank: every probe_every-th trial (by Optuna trial number) is a probe, never paused before its click:
+    # the clicks a study sees come from the trials it let run, so a horizon set from them alone can only shorten
+    # and would hide a task's late clicks; the probes show them. 0: no probes.
+    probe_every: int = Field(8, ge=0)
     # index: a running trial is paused when its index (chance of ending near the top per episode it still needs)
     # is below this share of the best alternative's (a paused trial, or a fresh one while samples are left).
     pause_ratio: float = Field(0.5, gt=0, le=1)

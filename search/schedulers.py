@@ -322,7 +322,11 @@ class FreezeThawRule:
       there: on a task that clicks later than ``first_rung`` x the budget a fixed first horizon would pause every
       trial before its click until the episode cap ran out (README, "later clicks");
     * a trial that clicks later than the ``keep_quantile`` quantile of the others' click times is paused at its
-      click (once ``min_clicked`` clicked); one that clicks earlier runs to the full budget.
+      click (once ``min_clicked`` clicked); one that clicks earlier runs to the full budget;
+    * a *probe* (``probes``: every ``probe_every``-th trial, by Optuna trial number, marked by
+      :class:`FreezeThaw`) is never paused before its click: the clicks a study sees come from the trials it let
+      run, so a horizon set from them alone only shortens and hides a task's late clicks (at 32 trials at once
+      the first clicks seen are all early ones); the probes keep measuring them.
 
     Fresh trials take free slots first; once the searcher has no samples left, paused trials resume, the earliest
     click first (then the best latest value), and a resumed trial runs to its end. Nothing is paused before
@@ -359,6 +363,7 @@ class FreezeThawRule:
     keep_quantile: float = 0.75
     first_rung: float = 0.3
     escalate_after: int = 8
+    probe_every: int = 8
     pause_ratio: float = 0.5
     margin: float = 0.02
     noise_factor: float = 3.0
@@ -368,6 +373,7 @@ class FreezeThawRule:
     history: dict[Any, list[tuple[float, float]]] = field(default_factory=dict)
     paused: dict[Any, float] = field(default_factory=dict)  # trial -> episodes when paused
     started: dict[Any, float] = field(default_factory=dict)  # trial -> episodes when it last (re)started
+    probes: set = field(default_factory=set)  # trials never paused before their click (click_rank)
     pauses: int = 0
     resumes: int = 0
 
@@ -532,7 +538,7 @@ class FreezeThawRule:
             others = self._other_clicks(clicks, key)
             if len(others) < self.min_clicked or own <= float(np.quantile(others, self.keep_quantile)):
                 return CONTINUE
-        elif t < self.horizon(clicks, exclude=key):
+        elif key in self.probes or t < self.horizon(clicks, exclude=key):
             return CONTINUE
         self.pause(key, t)
         return PAUSE
@@ -637,6 +643,9 @@ class FreezeThaw(_StoredEvidence, FIFOScheduler):
         number = trial.config.get(TRIAL_NUMBER_KEY)
         if isinstance(number, int):
             self.numbers[trial.trial_id] = number
+            every = self.rule.probe_every
+            if every and number % every == every - 1:  # by number: the same probes after a resume
+                self.rule.probes.add(trial.trial_id)
         if trial.status == Trial.PENDING and trial.trial_id in self.rule.paused:
             # a restored study: Tune requeues every unfinished trial as PENDING and starts each PENDING trial it
             # has resources for, whatever the scheduler says; one the storage holds paused goes back to PAUSED

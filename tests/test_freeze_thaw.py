@@ -72,6 +72,32 @@ def test_click_rank_horizon_and_keep_follow_the_studys_click_times():
         assert rule.observe("late", t, v, True) == CONTINUE
 
 
+def test_a_probe_is_not_paused_before_its_click_and_the_scheduler_marks_every_nth_trial_by_number():
+    from ray.tune.experiment import Trial
+
+    from search.schedulers import FreezeThaw
+
+    rule = _ranker(click_fraction=0.5)
+    _references(rule, [_curve(c, 0.8) for c in (0, 3000, 6000, 9000)])  # clicks 3k..12k: horizon 11.1k
+    rule.probes.add("probe")
+    for t, v in zip(T, _curve(None, 0)):  # never clicks: a probe runs to the end, the same curve is paused
+        assert rule.observe("probe", t, v, True) == CONTINUE
+    assert next(t for t, v in zip(T, _curve(None, 0)) if rule.observe("plain", t, v, True) == PAUSE) == 12000
+    rule.probes.add("late probe")  # a probe that clicks late is judged by its click as any trial
+    late = [(t, rule.observe("late probe", t, v, True)) for t, v in zip(T, _curve(15000, 0.8))
+            if "late probe" not in rule.paused]
+    assert late[-1] == (18000, PAUSE) and all(d == CONTINUE for _, d in late[:-1])
+
+    sched = FreezeThaw("episodes", M, "max", max_t=30000, max_concurrent=2, num_samples=64, probe_every=8)
+    for n in range(20):
+        trial = Trial("run_trial", config={TRIAL_NUMBER_KEY: n}, trial_id=f"id{n}", stub=True)
+        sched.on_trial_add(None, trial)
+    assert sched.rule.probes == {"id7", "id15"}
+    none = FreezeThaw("episodes", M, "max", max_t=30000, max_concurrent=2, num_samples=64, probe_every=0)
+    none.on_trial_add(None, Trial("run_trial", config={TRIAL_NUMBER_KEY: 7}, trial_id="id7", stub=True))
+    assert not none.rule.probes
+
+
 def test_click_rank_first_horizon_doubles_while_trials_get_there_and_none_clicked_by_it():
     """A task that clicks later than first_rung x the budget: with a fixed first horizon every trial would be
     paused before its click until the episode cap ran out (regret 9.9 against ASHA's 4.8 on the quickstart table
