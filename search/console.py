@@ -16,7 +16,7 @@ from typing import IO, Any
 
 from mann import metrics
 
-from .protocol import BudgetWatch, TrialReport, decide, trial_label, trial_name
+from .protocol import TRIAL_NUMBER_KEY, BudgetWatch, TrialReport, decide, is_probe, trial_label, trial_name
 from .study import Study
 from .tracking import ui_link
 
@@ -52,6 +52,8 @@ def trial_lines(study: Study, out: IO[str] | None = None, interrupted=None):
             self.seen.add(trial.trial_id)
             if trial.trial_id in self.was_paused and trial.status != "PAUSED":
                 self._print(f"{_name(trial)}  resumed at {_episodes(trial)} episodes")
+            elif is_probe(study.search.config.scheduler, trial.config.get(TRIAL_NUMBER_KEY)):
+                self._print(f"{_name(trial)}  started (a probe: not paused before its click)")
             else:
                 self._print(f"{_name(trial)}  started")
 

@@ -13,8 +13,8 @@ import yaml
 from mann import metrics
 
 from . import plots
-from .protocol import (BudgetWatch, Ending, TrialOutcome, TrialReport, decide, outcome_counts, sampled_point,
-                       trial_name)
+from .protocol import (TRIAL_NUMBER_KEY, BudgetWatch, Ending, TrialOutcome, TrialReport, decide, is_probe,
+                       outcome_counts, sampled_point, trial_name)
 from .ray_cluster import ray_job_id
 from .searcher import LOST_REASON, storage_url
 from .study import Study, git_commit, versions
@@ -48,6 +48,8 @@ def make_callback(tracker: StudyTracker, study: Study, fresh: bool, interrupted=
         def on_trial_start(self, iteration, trials, trial, **info):
             tracker.trial_started(trial.trial_id, trial_name(trial.config, str(trial)),
                                   {**sampled_point(trial.config), **study.search.fixed_params()})
+            if is_probe(study.search.config.scheduler, trial.config.get(TRIAL_NUMBER_KEY)):
+                tracker.trial_tags(trial.trial_id, {"mann.probe": "true"})  # freeze_thaw runs it to its click
             tracker.flush()
 
         def on_trial_result(self, iteration, trials, trial, result, **info):

@@ -51,6 +51,20 @@ def sampled_point(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in (TRIAL_NUMBER_KEY, RESUME_KEY)}
 
 
+def probe_number(every: int, number) -> bool:
+    """Whether Optuna trial ``number`` is a freeze_thaw probe with ``probe_every`` ``every`` (every ``every``-th
+    trial by number, so the same trials after a resume; 0: none)."""
+    return bool(every) and isinstance(number, int) and number % every == every - 1
+
+
+def is_probe(scheduler, number) -> bool:
+    """:func:`probe_number` for a study's scheduler settings (a ``search.config.SchedulerConfig``): only
+    freeze_thaw's click_rank policy has probes. The console and MLflow ask this; the scheduler asks
+    :func:`probe_number`."""
+    ft = scheduler.freeze_thaw
+    return scheduler.kind == "freeze_thaw" and ft.policy == "click_rank" and probe_number(ft.probe_every, number)
+
+
 def trial_label(config: dict[str, Any], fallback: str = "trial") -> str:
     """``t07``: the Optuna trial number (``fallback`` for a trial no study searcher numbered); what
     ``mann-search export --trial`` takes."""

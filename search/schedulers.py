@@ -45,7 +45,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 from ray.tune.search import Searcher
 
-from .protocol import DIVERGED_KEY, TRIAL_NUMBER_KEY
+from .protocol import DIVERGED_KEY, TRIAL_NUMBER_KEY, probe_number
 
 CONTINUE, STOP = "CONTINUE", "STOP"
 
@@ -643,8 +643,7 @@ class FreezeThaw(_StoredEvidence, FIFOScheduler):
         number = trial.config.get(TRIAL_NUMBER_KEY)
         if isinstance(number, int):
             self.numbers[trial.trial_id] = number
-            every = self.rule.probe_every
-            if every and number % every == every - 1:  # by number: the same probes after a resume
+            if probe_number(self.rule.probe_every, number):
                 self.rule.probes.add(trial.trial_id)
         if trial.status == Trial.PENDING and trial.trial_id in self.rule.paused:
             # a restored study: Tune requeues every unfinished trial as PENDING and starts each PENDING trial it

@@ -288,6 +288,48 @@ def test_the_console_says_when_a_trial_is_paused_and_when_it_resumes(tmp_path):
     assert "paused_at_end at 300 episodes" in end, end
 
 
+def test_a_probe_says_so_on_the_console_and_in_mlflow_and_a_paused_run_is_tagged(tmp_path, mlflow_server):
+    """Trial 7 of a freeze_thaw study (probe_every 8) is a probe: its start line says so and its MLflow run has
+    ``mann.probe``; trial 3 is not. A paused trial's run is tagged ``mann.paused`` (with where), and ``false``
+    again once it runs."""
+    import io
+
+    import mlflow
+    from ray.tune.experiment import Trial
+
+    from search.console import trial_lines
+    from search.lineage import make_callback
+    from search.tracking import StudyTracker
+
+    study = _study(tmp_path)
+    out = io.StringIO()
+    lines = trial_lines(study, out=out)
+    tracker = StudyTracker(mlflow_server.uri, "probe-tags", study.key, tmp_path / "staging")
+    lineage = make_callback(tracker, study, fresh=True)
+    lineage.setup()
+    probe, plain = (Trial("replay", config={TRIAL_NUMBER_KEY: n}, trial_id=f"t{n}", stub=True) for n in (7, 3))
+    for trial in (probe, plain):
+        trial.set_status(Trial.RUNNING)
+        lines.on_trial_start(0, [probe, plain], trial)
+        lineage.on_trial_start(0, [probe, plain], trial)
+    text = out.getvalue().splitlines()
+    assert text[0].endswith("started (a probe: not paused before its click)") and text[1].endswith("  started")
+    plain.update_last_result({"episodes": 240, M: 0.25})
+    plain.set_status(Trial.PAUSED)
+    lineage.on_step_end(1, [probe, plain])
+    assert tracker.flush(force=True)
+    client = mlflow.MlflowClient(mlflow_server.uri)
+    (exp,) = [e for e in client.search_experiments() if e.name == "probe-tags"]
+    runs = {r.info.run_name.split(" ")[0]: r for r in client.search_runs([exp.experiment_id])
+            if r.data.tags.get("mann.role") == "trial"}
+    assert runs["t07"].data.tags.get("mann.probe") == "true" and "mann.probe" not in runs["t03"].data.tags
+    assert runs["t03"].data.tags.get("mann.paused") == "true" and runs["t03"].data.tags.get("mann.paused_at") == "240"
+    plain.set_status(Trial.RUNNING)
+    lineage.on_step_end(2, [probe, plain])
+    assert tracker.flush(force=True)
+    assert client.get_run(runs["t03"].info.run_id).data.tags.get("mann.paused") == "false"
+
+
 # --- resume: the evidence (curves and pauses) rebuilt from the Optuna storage ---------------------------------
 
 
