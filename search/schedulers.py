@@ -709,7 +709,7 @@ class FreezeThaw(_StoredEvidence, FIFOScheduler):
 
     def debug_string(self) -> str:
         r = self.rule
-        return f"FreezeThaw: {len(r.paused)} paused now, {r.pauses} pauses, {r.resumes} resumes"
+        return f"FreezeThaw: {len(r.paused)} paused now, {r.pauses} pauses, {r.resumes} resumes, {len(r.probes)} probes"
 
 
 class SlotLimiter(Searcher):
