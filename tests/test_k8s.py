@@ -613,9 +613,9 @@ def test_rayjob_entrypoint_runs_on_a_two_node_local_cluster(rendered, tmp_path, 
     study = next(r for r in runs if r.data.tags.get("mann.role") == "study")
     assert study.data.tags.get("mann.ray_job_id")
     for trial in (r for r in runs if r.data.tags.get("mann.role") == "trial"):
-        outcome = trial.data.tags.get("mann.outcome")  # ASHA may stop one at its 16-episode rung: KILLED
-        assert outcome in ("completed", "early_stopped"), trial.data.tags
-        assert trial.info.status == ("FINISHED" if outcome == "completed" else "KILLED"), trial.data.tags
+        outcome = trial.data.tags.get("mann.outcome")  # freeze_thaw pauses, never stops; both samples start at
+        assert outcome == "completed", trial.data.tags  # once, so nothing runs instead: both train to the end
+        assert trial.info.status == "FINISHED", trial.data.tags
         assert "val/acc_2plus" in trial.data.metrics
         # cluster.yaml's space and the paper's task, not a test config
         assert 32 <= int(trial.data.params["model.memory.slots"]) <= 256
