@@ -143,6 +143,15 @@ def lost_checkpoint(experiment: str, tune_trial_id: str) -> str | None:
     return None
 
 
+def _copy_checkpoint(checkpoint, work: Path) -> Path | None:
+    """Copy a Tune checkpoint's checkpoint file into ``work``; its path there, or None when it holds none."""
+    with checkpoint.as_directory() as d:
+        if not (Path(d) / CHECKPOINT_NAME).exists():
+            return None
+        shutil.copy2(Path(d) / CHECKPOINT_NAME, work / CHECKPOINT_NAME)
+    return work / CHECKPOINT_NAME
+
+
 def _lost_trial_checkpoint(uri: str, work: Path) -> Path | None:
     """Copy the checkpoint file of the lost trial this trial trains again (``RESUME_KEY``) into ``work``; None,
     with a warning, when it cannot be read (the trial then starts over)."""
@@ -151,14 +160,15 @@ def _lost_trial_checkpoint(uri: str, work: Path) -> Path | None:
     from mann.train import load_checkpoint
 
     try:
-        with tune.Checkpoint(uri).as_directory() as d:
-            shutil.copy2(Path(d) / CHECKPOINT_NAME, work / CHECKPOINT_NAME)
-        load_checkpoint(work / CHECKPOINT_NAME)
+        copied = _copy_checkpoint(tune.Checkpoint(uri), work)
+        if copied is None:
+            raise FileNotFoundError(f"no {CHECKPOINT_NAME} in it")
+        load_checkpoint(copied)
     except Exception as exc:
         log.warning("the lost trial's checkpoint %s cannot be read (%s): this trial starts over", uri, exc)
         (work / CHECKPOINT_NAME).unlink(missing_ok=True)
         return None
-    return work / CHECKPOINT_NAME
+    return copied
 
 
 def worst(mode: str) -> float:
@@ -208,13 +218,8 @@ def run_trial(config: dict[str, Any], search: LoadedSearch, threads: int) -> Non
     cfg = search.trial_config(sampled_point(config), threads)
     work = Path(tempfile.mkdtemp(prefix="mann-trial-"))
     try:
-        resume = None
         ckpt = tune.get_checkpoint()
-        if ckpt is not None:
-            with ckpt.as_directory() as d:
-                if (Path(d) / CHECKPOINT_NAME).exists():
-                    shutil.copy2(Path(d) / CHECKPOINT_NAME, work / CHECKPOINT_NAME)
-                    resume = work / CHECKPOINT_NAME
+        resume = _copy_checkpoint(ckpt, work) if ckpt is not None else None
         replay_from = _resumed_past.pop() if resume is not None and _resumed_past else None
         if resume is None and config.get(RESUME_KEY):  # trains again a lost trial's configuration: from its end
             resume = _lost_trial_checkpoint(str(config[RESUME_KEY]), work)
