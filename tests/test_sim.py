@@ -264,6 +264,40 @@ def test_benchmark_study_shape_from_the_command_line(tmp_path, capsys):
     assert "--max-concurrent" in capsys.readouterr().err
 
 
+def test_benchmark_set_reaches_a_scheduler_the_shipped_config_does_not_run():
+    """``--set scheduler.freeze_thaw.*`` / ``scheduler.plateau.*`` reach those methods on a table whose shipped
+    config runs ASHA (they were silently dropped: the methods took the table's recorded search, ASHA, and the
+    defaults); ASHA keeps the shipped settings, and without --set the defaults hold."""
+    from dataclasses import replace
+
+    from search.bench.replay import method_study
+    from search.config import FreezeThawConfig, load_search_config
+
+    table = load_table(TINY)
+    shipped = load_search_config(REPO / "configs/search/paper5x10.yaml",
+                                 ["scheduler.freeze_thaw.probe_every=3", "scheduler.freeze_thaw.first_rung=0.4",
+                                  "scheduler.plateau.click_slack=2"]).config
+    assert shipped.scheduler.kind == "asha"
+
+    def scheduler_of(method, shipped):
+        search, _, _ = method_study(table, method, 0, 4, None, shipped, optuna_storage="sqlite://", path="/nonexistent/x")
+        return search.config.scheduler
+
+    ft = scheduler_of("tpe+freeze_thaw", shipped)
+    assert ft.kind == "freeze_thaw" and ft.freeze_thaw.probe_every == 3 and ft.freeze_thaw.first_rung == 0.4
+    assert ft.grace_episodes == round(0.15 * table.search.max_episodes)
+    assert scheduler_of("tpe+plateau", shipped).plateau.click_slack == 2
+    assert scheduler_of("tpe+asha", shipped).grace_episodes == shipped.scheduler.grace_episodes
+    # without --set, or without a shipped config: today's defaults, not a section the table's header recorded
+    # (the defaults of the day it was recorded: three recorded tables say min_clicked 2)
+    header = json.loads(json.dumps(table.header))
+    header["search"]["scheduler"]["freeze_thaw"] = {"min_clicked": 2}
+    table = replace(table, header=header)
+    plain = scheduler_of("tpe+freeze_thaw", load_search_config(REPO / "configs/search/paper5x10.yaml").config)
+    assert plain.freeze_thaw.to_dict() == FreezeThawConfig().to_dict()
+    assert scheduler_of("tpe+freeze_thaw", None).freeze_thaw.to_dict() == FreezeThawConfig().to_dict()
+
+
 def test_oracle_screen_hand_computed():
     """Three configurations of the tiny table, one curve each: the best is the only one at target 0. The oracle
     draws configurations uniformly and stops at the first good one: P(first draw good) = 1/3, P(one bad draw

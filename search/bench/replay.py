@@ -20,9 +20,11 @@ search path (the Tuner, searcher, sampler and scheduler that ``mann-search run``
   its largest spend is the episode cap (``budget.max_episodes``) every other method then gets, with up to
   ``4 x num_samples`` trials to spend it on, so early stopping buys more trials, as in a capped study.
 * **Methods.** Each is the table's recorded search config with a few overrides (``METHODS``): sampler and
-  scheduler kind; ASHA and median stopping keep the recorded settings, the plateau rule takes the shipped
-  config's when it uses it (else a grace of 15 % of the budget). Trials report every ``every``-th recorded
-  evaluation (the CLI matches the shipped config's ``eval_every``).
+  scheduler kind; ASHA and median stopping keep the recorded settings, the plateau rule and freeze_thaw take the
+  shipped config's when it uses them (else a grace of 15 % of the budget and the shipped config's
+  ``scheduler.plateau`` / ``scheduler.freeze_thaw`` section, never the table's recorded one: that holds the
+  defaults of the day it was recorded). Trials report every ``every``-th recorded evaluation (the CLI matches the
+  shipped config's ``eval_every``).
 
 One Ray instance runs every study (``parallel`` at once, each its own Tuner in a thread); no MLflow callback;
 Optuna storage: a SQLite file per study in /dev/shm (Ray's OptunaSearch for the baseline: in memory).
@@ -49,6 +51,7 @@ from mann.config import ConfigError
 from search import (BudgetWatch, DefineByRun, Ending, LoadedSearch, SearchConfig, Study, TrialOutcome, TrialReport,
                     build_tuner, connect_ray, decide, make_sampler, make_searcher, sampled_point)
 
+from ..config import SchedulerConfig
 from . import bound, stats
 from .curves import read_table
 
@@ -290,12 +293,18 @@ def _recorder(run: Run, table: Table, search: LoadedSearch, salt: int):
 
 def scheduler_overrides(table: Table, kind: str, shipped: SearchConfig | None) -> dict[str, Any]:
     """A method's scheduler settings: the shipped config's when it uses that kind, else the table's recorded
-    search's (ASHA and median as recorded); the plateau rule without either waits 15 % of the budget."""
+    search's (ASHA and median as recorded); the plateau rule and freeze_thaw without either wait 15 % of the budget
+    and take the shipped config's section of their kind (``scheduler.plateau`` / ``scheduler.freeze_thaw``: its
+    defaults, or what ``--set`` put there; without a shipped config, today's defaults), never the table's recorded
+    one: that holds the defaults of the day the table was recorded."""
     for cfg in (shipped, table.search.config):
         if cfg is not None and cfg.scheduler.kind == kind:
             return {"scheduler": cfg.scheduler.to_dict()}
     if kind in ("plateau", "freeze_thaw"):
-        return {"scheduler.grace_episodes": max(1, round(0.15 * table.search.max_episodes))}
+        out: dict[str, Any] = {"scheduler.grace_episodes": max(1, round(0.15 * table.search.max_episodes))}
+        own = shipped.scheduler if shipped is not None else SchedulerConfig()
+        out[f"scheduler.{kind}"] = getattr(own, kind).to_dict()
+        return out
     return {}
 
 
