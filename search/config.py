@@ -126,6 +126,11 @@ class FreezeThawConfig(Section):
     # the clicks a study sees come from the trials it let run, so a horizon set from them alone can only shorten
     # and would hide a task's late clicks; the probes show them. 0: no probes.
     probe_every: int = Field(8, ge=0)
+    # click_rank: a trial that clicks while fewer than min_clicked others have cannot be ranked yet; with defer_at
+    # > 0 it is paused at defer_at x the budget instead of running to the end on no evidence, and resumes ahead of
+    # fresh trials once the study's clicks rank it among the kept. 0 (the default): it runs on. Ahead on tables
+    # that click early, behind on tables that click late (README "Deferring the first clickers").
+    defer_at: float = Field(0.0, ge=0, lt=1)
     # index: a running trial is paused when its index (chance of ending near the top per episode it still needs)
     # is below this share of the best alternative's (a paused trial, or a fresh one while samples are left).
     pause_ratio: float = Field(0.5, gt=0, le=1)

@@ -328,9 +328,13 @@ class FreezeThawRule:
       run, so a horizon set from them alone only shortens and hides a task's late clicks (at 32 trials at once
       the first clicks seen are all early ones); the probes keep measuring them.
 
-    Fresh trials take free slots first; once the searcher has no samples left, paused trials resume, the earliest
-    click first (then the best latest value), and a resumed trial runs to its end. Nothing is paused before
-    ``grace`` episodes.
+    * a trial that clicks while fewer than ``min_clicked`` others have cannot be ranked: it runs to the end, or,
+      with ``defer_at`` > 0, is *deferred*: paused at ``defer_at`` x the budget, and resumed ahead of fresh trials
+      once the others' clicks rank it among the kept (its click at or before their ``keep_quantile``).
+
+    Fresh trials take free slots first (but for deferred trials that now rank among the kept); once the searcher
+    has no samples left, paused trials resume, the earliest click first (then the best latest value), and a
+    resumed trial runs to its end. Nothing is paused before ``grace`` episodes.
 
     **index** (the rule before 2026-12-06): each trial, and a fresh one, gets an index, the *chance of ending near
     the top per episode it still needs*:
@@ -364,6 +368,7 @@ class FreezeThawRule:
     first_rung: float = 0.3
     escalate_after: int = 8
     probe_every: int = 8
+    defer_at: float = 0.0
     pause_ratio: float = 0.5
     margin: float = 0.02
     noise_factor: float = 3.0
@@ -536,12 +541,32 @@ class FreezeThawRule:
         own = clicks.get(key, math.inf)
         if math.isfinite(own):
             others = self._other_clicks(clicks, key)
-            if len(others) < self.min_clicked or own <= float(np.quantile(others, self.keep_quantile)):
+            if len(others) < self.min_clicked:  # nothing to rank it by yet: it runs on, or is deferred
+                if not (self.defer_at > 0 and t >= self.defer_at * self.max_t):
+                    return CONTINUE
+            elif own <= float(np.quantile(others, self.keep_quantile)):
                 return CONTINUE
         elif key in self.probes or t < self.horizon(clicks, exclude=key):
             return CONTINUE
         self.pause(key, t)
         return PAUSE
+
+    def ranked_in(self, clicks: dict[Any, float] | None = None) -> list[Any]:
+        """click_rank with ``defer_at``: the deferred trials (paused after their click) whose click now ranks
+        among the kept; they resume ahead of fresh trials. Rebuilt from the pauses and curves alone, so a resumed
+        driver sees the same."""
+        if self.defer_at <= 0 or not self.paused:
+            return []
+        clicks = self.clicks() if clicks is None else clicks
+        out = []
+        for k in sorted(self.paused, key=str):
+            own = clicks.get(k, math.inf)
+            if not own < self.paused[k]:  # unclicked, or paused at its click (a late clicker): not deferred
+                continue
+            others = self._other_clicks(clicks, k)
+            if len(others) >= self.min_clicked and own <= float(np.quantile(others, self.keep_quantile)):
+                out.append(k)
+        return out
 
     def pause(self, key: Any, t: float) -> None:
         self.paused[key] = float(t)
@@ -555,8 +580,10 @@ class FreezeThawRule:
 
     def wants_fresh(self) -> bool:
         """Whether a free slot should go to a fresh trial rather than a paused one."""
-        if not self.paused or self.policy == "click_rank":
+        if not self.paused:
             return True
+        if self.policy == "click_rank":
+            return not self.ranked_in()
         if not self.ready():
             return True
         return self.best_alternative(None, True)[0] is None
@@ -567,8 +594,9 @@ class FreezeThawRule:
         keys = sorted((k for k in self.paused if among is None or k in among), key=str)
         if not keys:
             return None
-        if self.policy == "click_rank":  # the earliest click first, then the best latest value
+        if self.policy == "click_rank":  # deferred trials ranked in first; the earliest click, the best latest value
             clicks = self.clicks()
+            keys = [k for k in self.ranked_in(clicks) if k in keys] or keys
             return min(keys, key=lambda k: (clicks.get(k, math.inf),
                                             -self.history[k][-1][1] if k in self.history else math.inf))
         if not self.ready():

@@ -131,6 +131,29 @@ def test_click_rank_first_horizon_doubles_while_trials_get_there_and_none_clicke
     assert rule.clicks()["early"] <= 9000 and rule.horizon(rule.clicks(), exclude="x") == 9000
 
 
+def test_click_rank_defers_a_trial_that_clicks_before_it_can_be_ranked_and_resumes_it_once_it_ranks_in():
+    """defer_at: a trial that clicks while fewer than min_clicked others have is paused at defer_at x the budget
+    instead of running to the end on no evidence; once the others' clicks rank it among the kept it resumes ahead
+    of fresh trials (a late clicker paused at its click does not); without defer_at it runs to the end."""
+    first = _curve(0, 0.8)  # clicks at 3k (half-way at click_fraction 0.5)
+    plain = _ranker(click_fraction=0.5)
+    assert all(plain.observe("first", t, v, True) == CONTINUE for t, v in zip(T, first))
+
+    rule = _ranker(click_fraction=0.5, defer_at=0.5)  # deferred at 15k
+    decisions = [(t, rule.observe("first", t, v, True)) for t, v in zip(T, first) if "first" not in rule.paused]
+    assert decisions[-1] == (15000, PAUSE) and all(d == CONTINUE for _, d in decisions[:-1])
+    assert rule.ranked_in() == [] and rule.wants_fresh()  # no other click yet: fresh trials take the slots
+    _references(rule, [_curve(c, 0.8) for c in (3000, 6000, 9000)])  # clicks at 6k, 9k, 12k: three of four
+    assert rule.ranked_in() == [] and rule.wants_fresh()
+    late = [(t, rule.observe("late", t, v, True)) for t, v in zip(T, _curve(7500, 0.8)) if "late" not in rule.paused]
+    assert late[-1] == (10500, PAUSE)  # a fourth click, later than the kept ones (9.75k): paused at its click
+    assert rule.ranked_in() == ["first"] and not rule.wants_fresh() and rule.next_paused() == "first"
+    rule.resume("first")
+    assert rule.ranked_in() == [] and rule.wants_fresh()  # the late clicker waits, as before
+    for t, v in zip(T[10:], first[10:]):  # the resumed trial runs to the end
+        assert rule.observe("first", t, v, True) == CONTINUE
+
+
 def _references(rule: FreezeThawRule, curves: list[list[float]]) -> None:
     for k, c in enumerate(curves):
         for t, v in zip(T, c):

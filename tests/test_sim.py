@@ -182,6 +182,36 @@ def test_oracle_reference_pauses_at_the_click_every_trial_not_at_the_target():
     assert any(good[r[0][2]] for r in rows.values()) and any(not good[r[0][2]] for r in rows.values())
 
 
+def test_freeze_thaw_defer_at_resumes_a_deferred_trial_ahead_of_fresh_ones_through_the_tune_scheduler():
+    """defer_at through FreezeThaw and the SlotLimiter on simulated time: a trial that clicked before it could be
+    ranked is paused after its click and, once it ranks among the kept, resumed while the searcher still has
+    samples (before its last trial starts), and runs its curve to the end; without defer_at no paused trial
+    resumes before the searcher's samples are all started."""
+    from search.schedulers import FreezeThaw
+
+    table = load_table(TINY)
+    metric, max_t = table.search.config.objectives[0].metric, table.search.max_episodes
+
+    def study(seed, defer_at):
+        made = []
+        run = run_study_sim(table, "tpe+freeze_thaw", seed, num_samples=12, cap=None, scheduler=lambda study: made.append(
+            FreezeThaw("episodes", metric, "max", max_t=max_t, max_concurrent=2, num_samples=12, grace=0.1 * max_t,
+                       defer_at=defer_at, probe_every=0)) or made[-1])
+        _follows_recorded_curves(table, run)
+        rule, rows = made[0].rule, _by_trial(run)
+        last_fresh = next(i for i, x in enumerate(run.results) if x[0] == run.started[-1])
+        early = []  # (trial, its click before its pause) for each trial resumed before the last fresh trial
+        for trial, t0 in rule.started.items():
+            if t0 > 0 and next(i for i, x in enumerate(run.results) if x[0] == trial and x[1] > t0) < last_fresh:
+                early.append((trial, rule.clicks()[trial] < t0))
+                assert rows[trial][-1][0] >= max_t  # resumed: runs its curve to the end
+        return early
+
+    deferred = [e for seed in range(3) for e in study(seed, 0.3)]
+    assert deferred and all(clicked_before_pause for _, clicked_before_pause in deferred)
+    assert not any(study(seed, 0.0) for seed in range(3))
+
+
 def test_sim_benchmark_json_schema_over_two_tables(tmp_path, capsys):
     from search.cli import main
 
