@@ -275,6 +275,29 @@ def cmd_benchmark(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .bench.replay import compare_saved
+
+    out = compare_saved(args.a, args.b, args.method, n_boot=args.n_boot)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"{args.method}: B's speed-up over A (A's median episodes to the target over B's), paired by study")
+    head = ["table", "A speed-up", "A reached", "B speed-up", "B reached", "B over A [95 %, paired]"]
+    rows = [[name, _ci(t["a"]["speedup"]), f"{t['a']['reached'] * 100:.0f} %", _ci(t["b"]["speedup"]),
+             f"{t['b']['reached'] * 100:.0f} %",
+             f"{_ci(t['b_over_a']['median'])} [{_ci(t['b_over_a']['ci95'][0])}, {_ci(t['b_over_a']['ci95'][1])}]"]
+            for name, t in out["tables"].items()]
+    for line in table(head, rows, right=set(range(1, 6))):
+        print(line)
+    g = out["across_tables"]
+    print(f"across {len(rows)} tables: B over A, geometric mean {_ci(g['b_over_a_geomean'])} "
+          f"[{_ci(g['ci95'][0])}, {_ci(g['ci95'][1])}]")
+    if out["only_in_one"]:
+        print(f"not compared (in one run only): {', '.join(out['only_in_one'])}")
+    return 0
+
+
 def oracle_line(t: dict) -> str:
     """One table's oracle-screen bound in a sentence (search.bench.bound)."""
     o = t["oracle_screen"]
@@ -412,6 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--report-every", type=positive_int, default=None,
                     help="report every k-th recorded evaluation (default: the shipped config's eval_every)")
     be.set_defaults(fn=cmd_benchmark)
+    co = sub.add_parser("compare", help="two saved benchmark runs of one method (e.g. a setting against the "
+                                         "defaults), paired study by study")
+    co.add_argument("--a", nargs="+", required=True, metavar="JSON",
+                    help="run A: files written by `mann-search benchmark --save` (or folders of them)")
+    co.add_argument("--b", nargs="+", required=True, metavar="JSON", help="run B, the same way")
+    co.add_argument("--method", default="tpe+freeze_thaw", help="the method to compare (default: tpe+freeze_thaw)")
+    co.add_argument("--n-boot", type=positive_int, default=2000, help="bootstrap resamples of each interval")
+    co.add_argument("--json", action="store_true", help="print one JSON object")
+    co.set_defaults(fn=cmd_compare)
     return p
 
 

@@ -386,6 +386,67 @@ def test_speedup_to_target_and_geometric_mean():
     assert list(stats.value_at(xs, ys, np.array([50.0, 100.0, 250.0, 1e6]), 9.0)) == [9.0, 5.0, 2.0, 0.5]
 
 
+def test_paired_ratio_of_two_variants_cancels_what_their_seeds_share():
+    """B's speed-up over A, paired study by study: where B is A halved on every study the ratio is exactly 2 in
+    every resample (an unpaired interval would be wide); never reaching the target counts as in speedup()."""
+    rng = np.random.default_rng(0)
+    a = rng.uniform(1e4, 1e5, 40)  # studies that differ a lot by seed
+    r, lo, hi = stats.paired_ratio_ci(a, a / 2, n_boot=500)
+    assert r == pytest.approx(2.0) and lo == pytest.approx(2.0) and hi == pytest.approx(2.0)
+    _, ulo, uhi = stats.speedup_ci(a, a / 2, n_boot=500)  # the same figures resampled independently
+    assert uhi - ulo > 0.5
+    inf = np.full(3, math.inf)
+    assert stats.paired_ratio_ci([1.0, 2.0, 3.0], inf, n_boot=50)[0] == 0.0  # B never reaches it
+    assert stats.paired_ratio_ci(inf, [1.0, 2.0, 3.0], n_boot=50)[0] == math.inf
+    assert stats.paired_ratio_ci(inf, inf, n_boot=50) == (1.0, 1.0, 1.0)  # neither does: level
+    g, glo, ghi = stats.paired_geomean_ci([(a, a / 2), (a, a / 8)], n_boot=500)
+    assert g == pytest.approx(4.0) and glo == pytest.approx(4.0) and ghi == pytest.approx(4.0)
+    with pytest.raises(ValueError):
+        stats.paired_ratio_ci([1.0, 2.0], [1.0], n_boot=10)
+
+
+def test_compare_two_saved_runs_from_the_command_line(tmp_path, capsys):
+    """`mann-search compare`: two saved runs of freeze_thaw on the tiny table (the defaults, and defer_at), paired
+    by study: the ratio is A's median episodes to the target over B's, a run against itself is 1 exactly, and a
+    file that cannot be paired is refused naming it."""
+    from search.cli import main
+
+    def bench(name, *extra):
+        assert main(["benchmark", "--curves", str(TINY), "--repeats", "6", "--json", "--n-boot", "50", "--methods",
+                     "tpe+freeze_thaw", "--config", str(REPO / "configs/search/quickstart.yaml"), "--plot",
+                     str(tmp_path / f"{name}.png"), "--save", str(tmp_path / f"{name}.json"), *extra]) == 0
+        capsys.readouterr()
+        return tmp_path / f"{name}.json"
+
+    a, b = bench("a"), bench("b", "--set", "scheduler.freeze_thaw.defer_at=0.3")
+    assert main(["compare", "--a", str(a), "--b", str(b), "--json", "--n-boot", "200"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    t = out["tables"]["tiny"]
+
+    def med(f):
+        v = json.loads(f.read_text())["tables"]["tiny"]["methods"]["tpe+freeze_thaw"]["episodes_to_target_by_study"]
+        assert len(v) == 6
+        return float(np.median([math.inf if x is None else x for x in v]))
+
+    expected = stats.paired_ratio_ci(*[[math.inf if x is None else x for x in json.loads(f.read_text())["tables"]
+                                        ["tiny"]["methods"]["tpe+freeze_thaw"]["episodes_to_target_by_study"]]
+                                       for f in (a, b)], n_boot=10)[0]
+    assert t["b_over_a"]["median"] == pytest.approx(expected, abs=1e-3)
+    if math.isfinite(med(a)) and math.isfinite(med(b)):
+        assert expected == pytest.approx(med(a) / med(b))
+    assert main(["compare", "--a", str(a), "--b", str(a), "--json"]) == 0
+    same = json.loads(capsys.readouterr().out)
+    assert same["tables"]["tiny"]["b_over_a"] == {"median": 1.0, "ci95": [1.0, 1.0]}
+    assert same["across_tables"] == {"b_over_a_geomean": 1.0, "ci95": [1.0, 1.0]}
+    old = json.loads(a.read_text())  # saved before per-study figures existed
+    old["tables"]["tiny"]["methods"]["tpe+freeze_thaw"].pop("episodes_to_target_by_study")
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert main(["compare", "--a", str(tmp_path / "old.json"), "--b", str(b)]) != 0
+    assert "old.json" in capsys.readouterr().err
+    assert main(["compare", "--a", str(a), "--b", str(tmp_path / "a.png")]) != 0
+    assert "a.png" in capsys.readouterr().err
+
+
 def test_mean_band_contains_the_mean_and_narrows_with_more_repetitions():
     rng = np.random.default_rng(0)
     few, many = rng.normal(size=(10, 3)), rng.normal(size=(400, 3))

@@ -560,6 +560,8 @@ def score(table: Table, runs: dict[str, list[Run]], shipped: SearchConfig | None
                                                                     stats.finite_or_none(hi)]},
             "reached": round(reached, 3),
             "episodes_to_target": stats.finite_or_none(float(np.median(to_target[m])), 0),
+            # per study, seed order (null: never reached): `mann-search compare` pairs two runs' studies by it
+            "episodes_to_target_by_study": [stats.finite_or_none(float(x), 0) for x in to_target[m]],
             "kill_before_click": {"stopped": round(k4[1] / k4[0], 4) if k4[0] else 0.0,
                                   "paused_never_resumed": round(k4[3] / k4[2], 4) if k4[2] else 0.0,
                                   "stopped_trials": int(k4[0]), "paused_trials": int(k4[2])},
@@ -615,6 +617,70 @@ def benchmark_tables(tables: list[str | Path], per_table: list[dict[str, Any]] |
         for v in t["methods"].values():
             v.pop("_to_target")
     out["wall_s"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def _saved_tables(paths: list[str | Path]) -> dict[str, dict[str, Any]]:
+    """The tables of saved benchmark JSON files (``--save``; a folder: every ``*.json`` in it, as
+    ``scripts/bench_later_clicks.sh`` writes them), by table name."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        found = sorted(p.glob("*.json")) if p.is_dir() else [p]
+        if not found:
+            raise ConfigError(f"{p}: no benchmark JSON files in this folder")
+        files += found
+    out: dict[str, dict[str, Any]] = {}
+    for f in files:
+        try:
+            saved = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{f}: not a saved benchmark ({e})") from None
+        if not isinstance(saved, dict) or not isinstance(saved.get("tables"), dict):
+            raise ConfigError(f"{f}: not a saved benchmark (no 'tables'; write one with `mann-search benchmark "
+                              f"... --save FILE`)")
+        for name, t in saved["tables"].items():
+            if name in out:
+                raise ConfigError(f"{f}: table {name!r} is in two of the files on one side")
+            out[name] = {**t, "_file": str(f)}
+    return out
+
+
+def compare_saved(a: list[str | Path], b: list[str | Path], method: str, n_boot: int = 2000) -> dict[str, Any]:
+    """Two saved benchmark runs of ``method`` (A: e.g. the defaults; B: a variant, ``--set``), paired study by
+    study on each table both hold: per table B's speed-up over A (A's median episodes to the benchmark's target
+    over B's) with a paired bootstrap interval, and across tables the geometric mean with a stratified one. Both
+    runs must share the tables' target and repeats (the same baseline studies: same seeds, same install)."""
+    ta, tb = _saved_tables(a), _saved_tables(b)
+    common = [n for n in ta if n in tb]
+    if not common:
+        raise ConfigError(f"no table in both runs (A: {sorted(ta)}; B: {sorted(tb)})")
+    out: dict[str, Any] = {"method": method, "tables": {}, "only_in_one": sorted(set(ta) ^ set(tb))}
+    pairs = []
+    for k, name in enumerate(common):
+        x, y = ta[name], tb[name]
+        for t in (x, y):
+            if method not in t["methods"]:
+                raise ConfigError(f"{t['_file']}: table {name!r} has no {method!r} (it has {sorted(t['methods'])})")
+            if "episodes_to_target_by_study" not in t["methods"][method]:
+                raise ConfigError(f"{t['_file']}: no per-study figures (saved before 2026-12-07); run the benchmark "
+                                  f"again to compare")
+        if x["target_regret"] != y["target_regret"] or x.get("repeats") != y.get("repeats"):
+            raise ConfigError(f"table {name!r}: the runs are not paired (target {x['target_regret']} against "
+                              f"{y['target_regret']}, repeats {x.get('repeats')} against {y.get('repeats')}): "
+                              f"run both with the same repeats on the same install")
+        ea, eb = ([math.inf if v is None else float(v) for v in t["methods"][method]["episodes_to_target_by_study"]]
+                  for t in (x, y))
+        r, lo, hi = stats.paired_ratio_ci(ea, eb, n_boot, seed=7 + k)
+        pairs.append((ea, eb))
+        out["tables"][name] = {"a": {"speedup": x["methods"][method]["speedup"]["median"],
+                                     "reached": x["methods"][method]["reached"], "file": x["_file"]},
+                               "b": {"speedup": y["methods"][method]["speedup"]["median"],
+                                     "reached": y["methods"][method]["reached"], "file": y["_file"]},
+                               "b_over_a": {"median": stats.finite_or_none(r),
+                                            "ci95": [stats.finite_or_none(lo), stats.finite_or_none(hi)]}}
+    g, lo, hi = stats.paired_geomean_ci(pairs, n_boot, seed=3)
+    out["across_tables"] = {"b_over_a_geomean": stats.finite_or_none(g),
+                            "ci95": [stats.finite_or_none(lo), stats.finite_or_none(hi)]}
     return out
 
 
