@@ -541,11 +541,10 @@ class FreezeThawRule:
         own = clicks.get(key, math.inf)
         if math.isfinite(own):
             others = self._other_clicks(clicks, key)
-            if len(others) < self.min_clicked:  # nothing to rank it by yet: it runs on, or is deferred
-                if not (self.defer_at > 0 and t >= self.defer_at * self.max_t):
-                    return CONTINUE
-            elif own <= float(np.quantile(others, self.keep_quantile)):
+            if self._kept(own, others):
                 return CONTINUE
+            if len(others) < self.min_clicked and not (self.defer_at > 0 and t >= self.defer_at * self.max_t):
+                return CONTINUE  # nothing to rank it by yet: it runs on, unless deferred
         elif key in self.probes or t < self.horizon(clicks, exclude=key):
             return CONTINUE
         self.pause(key, t)
@@ -561,12 +560,15 @@ class FreezeThawRule:
         out = []
         for k in sorted(self.paused, key=str):
             own = clicks.get(k, math.inf)
-            if not own < self.paused[k]:  # unclicked, or paused at its click (a late clicker): not deferred
-                continue
-            others = self._other_clicks(clicks, k)
-            if len(others) >= self.min_clicked and own <= float(np.quantile(others, self.keep_quantile)):
+            # deferred: paused after its click (not unclicked, nor a late clicker paused at its click)
+            if own < self.paused[k] and self._kept(own, self._other_clicks(clicks, k)):
                 out.append(k)
         return out
+
+    def _kept(self, own: float, others: list[float]) -> bool:
+        """click_rank: a click at or before the ``keep_quantile`` of the others' (``min_clicked`` of them at
+        least) runs on."""
+        return len(others) >= self.min_clicked and own <= float(np.quantile(others, self.keep_quantile))
 
     def pause(self, key: Any, t: float) -> None:
         self.paused[key] = float(t)

@@ -99,17 +99,22 @@ def geomean_ci(pairs: list[tuple[np.ndarray, np.ndarray]], n_boot: int = 2000,
     method's episodes to the target per repetition) and its 95 % interval (a stratified bootstrap: every table's
     repetitions resampled within the table; a table at 0 makes the mean 0)."""
     rng = np.random.default_rng(seed)
-    logs = []
+    reps = []
     for tb, tm in pairs:
         tb, tm = np.asarray(tb, dtype=float), np.asarray(tm, dtype=float)
-        s = _speedups(tb, tm, resample_index(len(tb), n_boot, rng), resample_index(len(tm), n_boot, rng))
-        with np.errstate(divide="ignore"):
-            logs.append(np.log(s))
+        reps.append(_speedups(tb, tm, resample_index(len(tb), n_boot, rng), resample_index(len(tm), n_boot, rng)))
+    lo, hi = _geomean_interval(reps, undefined=0.0)  # inf and 0 in one resample: a table the method never reaches
+    return geomean([speedup(tb, tm) for tb, tm in pairs]), float(lo), float(hi)
+
+
+def _geomean_interval(replicates: list[np.ndarray], undefined: float) -> tuple[float, float]:
+    """The percentile interval of the geometric mean across tables of per-table bootstrap replicates (``undefined``
+    where one resample holds both 0 and inf)."""
+    with np.errstate(divide="ignore"):
+        logs = [np.log(r) for r in replicates]
     with np.errstate(invalid="ignore"):
         g = np.exp(np.mean(logs, axis=0))
-    g = np.nan_to_num(g, nan=0.0, posinf=np.inf)  # nan (inf + -inf): a table the method never reaches
-    lo, hi = interval(g)
-    return geomean([speedup(tb, tm) for tb, tm in pairs]), float(lo), float(hi)
+    return interval(np.nan_to_num(g, nan=undefined, posinf=np.inf))
 
 
 def _ratios(ta: np.ndarray, tb: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -138,18 +143,14 @@ def paired_geomean_ci(pairs: list[tuple[np.ndarray, np.ndarray]], n_boot: int = 
     """Across tables: the geometric mean of :func:`paired_ratio_ci`'s ratios and its stratified paired 95 %
     interval (each table's repetitions resampled within the table, the same for both variants)."""
     rng = np.random.default_rng(seed)
-    logs, point = [], []
+    reps, point = [], []
     for ta, tb in pairs:
         ta, tb = np.asarray(ta, dtype=float), np.asarray(tb, dtype=float)
-        with np.errstate(divide="ignore"):
-            logs.append(np.log(_ratios(ta, tb, resample_index(len(ta), n_boot, rng))))
+        reps.append(_ratios(ta, tb, resample_index(len(ta), n_boot, rng)))
         point.append(float(_ratios(ta, tb, np.arange(len(ta)))))
-    with np.errstate(invalid="ignore"):
-        g = np.nan_to_num(np.exp(np.mean(logs, axis=0)), nan=1.0, posinf=np.inf)
-    lo, hi = interval(g)
+    lo, hi = _geomean_interval(reps, undefined=1.0)
     with np.errstate(divide="ignore"):
-        g0 = float(np.exp(np.mean(np.log(point))))
-    return g0, float(lo), float(hi)
+        return float(np.exp(np.mean(np.log(point)))), float(lo), float(hi)
 
 
 def log_grid(lo: float, hi: float, n: int = 100) -> np.ndarray:
