@@ -212,6 +212,10 @@ def cmd_curves_signals(args) -> int:
     return 0
 
 
+# What ``mann-search benchmark --set`` may change: the shipped config's settings the benchmark reads.
+BENCHMARK_SET = ("scheduler.", "sampler.n_startup_trials", "sampler.constant_liar", "overrides.train.eval_every")
+
+
 def cmd_benchmark(args) -> int:
     from mann.config import ConfigError
 
@@ -237,6 +241,12 @@ def cmd_benchmark(args) -> int:
             every = max(1, round(loaded.base.train.eval_every / recorded)) if loaded else 1
         return {"shipped": loaded.config if loaded else None, "every": every, "shipped_file": shipped}
 
+    for item in args.set:
+        key = item.split("=", 1)[0].strip()
+        if not key.startswith(BENCHMARK_SET):
+            raise ConfigError(f"--set {key}: the benchmark does not read it. It takes the shipped config's "
+                              f"{', '.join(BENCHMARK_SET)} (the methods fix the sampler kind, each repetition's "
+                              "index is its seed, --num-samples / --max-concurrent give the study's shape)")
     per_table = [shipped_of(p) for p in args.curves]
     repeats = args.repeats or (100 if args.engine == "sim" else 20)
     log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
@@ -422,7 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "configs/search/<table name>.yaml)")
     be.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                     help="override the shipped config (e.g. scheduler.plateau.click_slack=2): its scheduler settings "
-                         "are the ones the methods of that scheduler kind use")
+                         "are the ones the methods of that scheduler kind use; its sampler.n_startup_trials and "
+                         "sampler.constant_liar every method's; train.eval_every how often studies report; any "
+                         "other key is refused")
     be.add_argument("--num-samples", type=positive_int, default=None,
                     help="the baseline's trials per study (default: as the table's recorded search); every other "
                          "method gets 4x as many under the baseline's largest spend")

@@ -81,8 +81,14 @@ class Objective(Section):
 class SamplerConfig(Section):
     kind: Literal["tpe", "cmaes", "random", "qmc", "nsga2"] = "tpe"
     seed: int = 0
-    # Random trials before the model-based sampler takes over (TPE, CMA-ES).
+    # Random trials before the model-based sampler takes over (TPE, CMA-ES). Optuna counts finished trials only:
+    # under freeze_thaw a paused trial is unfinished (RUNNING), so TPE stays random longer (README, "What TPE
+    # sees of a paused trial").
     n_startup_trials: int = Field(4, ge=0)
+    # TPE: model the running trials (paused ones included) as bad until they end (Optuna's constant liar), so the
+    # trials a study holds open repel new samples. Optuna 5's default, set here so an Optuna 4 install (default
+    # off) samples the same.
+    constant_liar: bool = True
 
 
 class PlateauConfig(Section):

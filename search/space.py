@@ -111,7 +111,8 @@ class DefineByRun:
 def make_sampler(loaded: LoadedSearch) -> optuna.samplers.BaseSampler:
     s = loaded.config.sampler
     if s.kind == "tpe":
-        return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+        return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials,
+                                          constant_liar=s.constant_liar)
     if s.kind == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
     if s.kind == "random":

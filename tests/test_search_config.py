@@ -123,3 +123,29 @@ def test_set_overrides_reach_dotted_maps():
     assert loaded.base_tree["train"]["episodes"] == 320 and loaded.config.budget.num_samples == 2
     with pytest.raises(ConfigError, match=r"--set budgte.num_samples: unknown key 'budgte'"):
         load_search_config(SEARCH / "smoke.yaml", ["budgte.num_samples=2"])
+
+
+def test_tpe_counts_open_trials_as_bad_unless_told_not_to():
+    """A paused trial stays RUNNING for long: TPE's constant liar (``sampler.constant_liar``, on by default, as in
+    Optuna 5 and pinned for an Optuna 4 install) models it as bad, so new samples move away from the trials a
+    study holds open; off, TPE leaves them out and samples beside its best finished trial."""
+    from search.space import make_sampler
+
+    def spread(sets):
+        sampler = make_sampler(load_search_config(SEARCH / "smoke.yaml", ["sampler.n_startup_trials=0", *sets]))
+        study = optuna.create_study(direction="maximize", sampler=sampler)
+        dist = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
+        for x, v in ((0.1, 0.0), (0.5, 0.0), (0.9, 1.0)):  # the best finished trial at 0.9
+            study.add_trial(optuna.trial.create_trial(params={"x": x}, distributions=dist, value=v))
+        for i in range(12):  # open (paused) trials crowding the best one
+            t = study.ask(dist)
+            study._storage.set_trial_param(t._trial_id, "x", 0.85 + 0.01 * (i % 11), dist["x"])
+        xs = []
+        for _ in range(20):
+            t = study.ask(dist)
+            xs.append(t.params["x"])
+            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        return sum(abs(x - 0.9) for x in xs) / len(xs)
+
+    liar, ft, off = spread([]), spread(["scheduler.kind=freeze_thaw"]), spread(["sampler.constant_liar=false"])
+    assert liar > 2 * off and ft == pytest.approx(liar)

@@ -328,6 +328,37 @@ def test_benchmark_set_reaches_a_scheduler_the_shipped_config_does_not_run():
     assert scheduler_of("tpe+freeze_thaw", None).freeze_thaw.to_dict() == FreezeThawConfig().to_dict()
 
 
+def test_benchmark_set_reaches_every_methods_sampler_settings_and_refuses_what_it_does_not_read(capsys):
+    """``--set sampler.n_startup_trials`` / ``sampler.constant_liar`` reach every method's sampler (the baseline's
+    too; they were silently dropped: the methods took the table's recorded sampler); the sampler's kind stays the
+    method's and its seed the repetition's; a key the benchmark does not read is refused by name."""
+    from search.bench.replay import method_study
+    from search.cli import main
+    from search.config import load_search_config
+    from search.space import make_sampler
+
+    table = load_table(TINY)
+
+    def sampler_of(method, sets):
+        shipped = load_search_config(REPO / "configs/search/quickstart.yaml", sets).config
+        search, _, _ = method_study(table, method, 7, 4, None, shipped, optuna_storage="sqlite://", path="/nonexistent/x")
+        return search.config.sampler, make_sampler(search)
+
+    cfg, sampler = sampler_of("tpe+freeze_thaw", [])
+    assert cfg.kind == "tpe" and cfg.seed == 7 and cfg.n_startup_trials == 6 and sampler._constant_liar
+    cfg, sampler = sampler_of("tpe+freeze_thaw", ["sampler.constant_liar=false", "sampler.n_startup_trials=9"])
+    assert not sampler._constant_liar and cfg.n_startup_trials == 9
+    cfg, sampler = sampler_of(BASELINE, ["sampler.n_startup_trials=9", "sampler.kind=random"])
+    assert cfg.kind == "tpe" and cfg.n_startup_trials == 9 and sampler._constant_liar
+    assert sampler_of("random", [])[0].kind == "random"
+    for key, hint in (("budget.num_samples=3", "--num-samples"), ("sampler.kind=random", "sampler kind"),
+                      ("sampler.seed=3", "seed")):
+        assert main(["benchmark", "--curves", str(TINY), "--config", str(REPO / "configs/search/quickstart.yaml"),
+                     "--set", key]) == 2
+        err = capsys.readouterr().err
+        assert f"--set {key.split('=')[0]}" in err and hint in err
+
+
 def test_oracle_screen_hand_computed():
     """Three configurations of the tiny table, one curve each: the best is the only one at target 0. The oracle
     draws configurations uniformly and stops at the first good one: P(first draw good) = 1/3, P(one bad draw

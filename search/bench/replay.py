@@ -308,6 +308,18 @@ def scheduler_overrides(table: Table, kind: str, shipped: SearchConfig | None) -
     return {}
 
 
+# The shipped config's sampler settings every method takes (its kind is the method's, its seed the repetition's).
+SAMPLER_SETTINGS = ("n_startup_trials", "constant_liar")
+
+
+def sampler_overrides(shipped: SearchConfig | None) -> dict[str, Any]:
+    """Every method's sampler settings beyond its kind and seed: the shipped config's (what ``--set sampler.*``
+    changed; the baseline's too), else the table's recorded search's."""
+    if shipped is None:
+        return {}
+    return {f"sampler.{k}": getattr(shipped.sampler, k) for k in SAMPLER_SETTINGS}
+
+
 def method_study(table: Table, method: str, repeat: int, num_samples: int, cap: int | None,
                  shipped: SearchConfig | None, optuna_storage: str, path: str) -> tuple[LoadedSearch, Study, str]:
     """A method's study on the table: the table's recorded search with the method's overrides, seed ``repeat``,
@@ -317,7 +329,8 @@ def method_study(table: Table, method: str, repeat: int, num_samples: int, cap: 
     overrides, flavour = SIM_ONLY[method][0] if method in SIM_ONLY else METHODS[method][0], \
         "study" if method in SIM_ONLY else METHODS[method][1]
     search = search_from_header(table.header, {
-        **overrides, **scheduler_overrides(table, overrides["scheduler.kind"], shipped), "sampler.seed": repeat,
+        **sampler_overrides(shipped), **overrides, **scheduler_overrides(table, overrides["scheduler.kind"], shipped),
+        "sampler.seed": repeat,
         "budget.num_samples": num_samples, "budget.max_episodes": cap,
         "budget.time_budget_s": None, "budget.max_failures": 0, "resources.cpus_per_trial": 1,
         "resources.gpus_per_trial": 0, "storage": str(Path(path).parent), "optuna.storage": optuna_storage})
