@@ -5,9 +5,11 @@ the configuration and the seed. ASHA compares trials at fixed rungs, so a good c
 yet by a rung looks like a bad one and is stopped. This rule stops a trial only when the curves of this very study
 say it cannot catch up; it places no rung in advance:
 
-* **plateau and click.** The study's plateau is the median over trials of their first three evaluations' median.
-  A trial has *clicked* once it has covered ``click_fraction`` of the way from the plateau to the best value
-  seen (the incumbent).
+* **plateau and click.** The study's plateau is the median over trials of the median of their evaluations in
+  the *plateau span*: from the first at or past 10 % of the budget to the first at or past 30 % (``PLATEAU_SPAN``;
+  the first three evaluations at the shipped configs' interval of 10 %, and the same stretch of a curve at any
+  other interval). A trial has *clicked* once it has covered ``click_fraction`` of the way from the plateau to
+  the best value seen (the incumbent).
 * **late clickers lose.** A trial that has not clicked by episode t is stopped when the trials that ran the full
   budget say late clickers end lower: the best of those not clicked by ``t / click_slack`` (at least
   ``min_refs`` of them) ended ``margin`` below the best of those clicked by then (at least ``min_clicked``).
@@ -48,6 +50,8 @@ from ray.tune.search import Searcher
 from .protocol import DIVERGED_KEY, TRIAL_NUMBER_KEY, probe_number
 
 CONTINUE, STOP = "CONTINUE", "STOP"
+# The stretch of a curve that gives the study's plateau, as fractions of the budget (PlateauRule.early).
+PLATEAU_SPAN = (0.1, 0.3)
 
 
 @dataclass
@@ -66,8 +70,23 @@ class PlateauRule:
     # --- what the study has seen ---------------------------------------------------------------------------
 
     def plateau(self) -> float:
-        """The median over trials of their first three evaluations' median: where curves sit before a click."""
-        return float(np.median([np.median([v for _, v in h[:3]]) for h in self.history.values()]))
+        """The median over trials of their :meth:`early` values' median: where curves sit before a click."""
+        return float(np.median([np.median(self.early(h)) for h in self.history.values()]))
+
+    def early(self, h: list[tuple[float, float]]) -> list[float]:
+        """A curve's values in the plateau span (module doc): from its first evaluation at or past
+        ``PLATEAU_SPAN[0]`` x the budget to its first at or past ``PLATEAU_SPAN[1]`` x it, both included (a curve
+        that has not reached the span yet: its first three values). By episodes, not by count: the first three
+        evaluations, the rule before 2026-12-07, meant 5-15 % of the budget to a study that evaluates every 5 %
+        and 10-30 % to one that evaluates every 10 %; on the pre-click rise that moved the click level, and
+        freeze_thaw's speed-up fell from 1.33 to 1.02 across the four recorded tables when their studies reported
+        every recorded evaluation (README "Pause and resume")."""
+        lo, hi = (f * self.max_t for f in PLATEAU_SPAN)
+        i0 = next((i for i, (t, _) in enumerate(h) if t >= lo), None)
+        if i0 is None:
+            return [v for _, v in h[:3]]
+        i1 = next((i for i, (t, _) in enumerate(h) if t >= hi), len(h) - 1)
+        return [v for _, v in h[i0:i1 + 1]]
 
     def incumbent(self) -> float:
         return max(v for h in self.history.values() for _, v in h)
@@ -339,7 +358,7 @@ class FreezeThawRule:
     **index** (the rule before 2026-12-06): each trial, and a fresh one, gets an index, the *chance of ending near
     the top per episode it still needs*:
 
-    * **click** (as :class:`PlateauRule`): plateau = median of the trials' first three evaluations' median; a
+    * **click** (as :class:`PlateauRule`): plateau = median of the trials' plateau-span medians; a
       trial has clicked once it reached ``click_fraction`` of the way from the plateau to the incumbent.
     * **time to click, censored**: a Kaplan-Meier survival S(t) of the episodes to click pooled over the study's
       trials (a trial not clicked yet is censored at its episodes); past the last observed time S decays at the

@@ -202,3 +202,29 @@ def test_plateau_rule_stops_on_a_gap_above_the_noise_only():
     assert rule.gap() > 0.03
     decision, t = _feed(rule, "flat", _curve(None, 0))
     assert t > t_clean and rule.stopped.get("flat") != "late"
+
+
+def test_plateau_and_clicks_do_not_depend_on_how_often_the_study_evaluates():
+    """The plateau is read from the same stretch of a curve (10-30 % of the budget) whether a study evaluates
+    every 5 % or every 10 % of it: on curves that rise a little before their click (as MANN's do: chance, then a
+    guessing level, then the click) the first three evaluations, the rule before, gave the 5 % study a lower
+    plateau and so earlier clicks."""
+
+    def curve(click, top, every):
+        ts = list(range(every, 30001, every))
+        pre = lambda t: 0.33 + 0.12 * min(1.0, t / 4500)  # chance, rising to a guessing level by 4.5k  # noqa: E731
+        return [(t, pre(t) + (top - 0.45) * min(1.0, max(0.0, (t - click) / 6000)) if click is not None else pre(t))
+                for t in ts]
+
+    clicks = {}
+    for every in (1500, 3000):
+        rule = PlateauRule(max_t=30000)
+        for k, (c, top) in enumerate([(6000, 0.8), (12000, 0.75), (None, 0), (None, 0), (18000, 0.7)]):
+            for t, v in curve(c, top, every):
+                rule.record(k, t, v)
+        level = rule.click_level()
+        clicks[every] = (rule.plateau(), {k: rule.click_time(k, level) for k in rule.history})
+    assert clicks[1500][0] == pytest.approx(clicks[3000][0]) == pytest.approx(0.45)
+    # the same clicks, each seen at the first evaluation of its grid at or past it
+    fine = {k: math.ceil(c / 3000) * 3000 if math.isfinite(c) else c for k, c in clicks[1500][1].items()}
+    assert fine == clicks[3000][1] and sum(map(math.isfinite, fine.values())) == 3

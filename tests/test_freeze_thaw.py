@@ -50,11 +50,11 @@ def test_click_rank_pauses_the_unclicked_at_the_first_rung_until_enough_trials_c
 
 
 def test_click_rank_horizon_and_keep_follow_the_studys_click_times():
-    rule = _ranker(click_fraction=0.5)
+    rule = _background(_ranker(click_fraction=0.5))
     # references clicking at 3k, 6k, 9k, 12k (their curves cross half-way 3k after they start rising)
     _references(rule, [_curve(c, 0.8) for c in (0, 3000, 6000, 9000)])
     clicks = rule.clicks()
-    assert sorted(clicks.values()) == [3000, 6000, 9000, 12000]
+    assert sorted(c for c in clicks.values() if math.isfinite(c)) == [3000, 6000, 9000, 12000]
     # horizon: the 0.9 quantile of 3k..12k (linear interpolation) = 11.1k, x wait_slack 1
     assert rule.horizon(clicks, exclude="x") == pytest.approx(11100)
     paused_at = next(t for t, v in zip(T, _curve(None, 0)) if rule.observe("flat", t, v, True) == PAUSE)
@@ -136,10 +136,10 @@ def test_click_rank_defers_a_trial_that_clicks_before_it_can_be_ranked_and_resum
     instead of running to the end on no evidence; once the others' clicks rank it among the kept it resumes ahead
     of fresh trials (a late clicker paused at its click does not); without defer_at it runs to the end."""
     first = _curve(0, 0.8)  # clicks at 3k (half-way at click_fraction 0.5)
-    plain = _ranker(click_fraction=0.5)
+    plain = _background(_ranker(click_fraction=0.5))
     assert all(plain.observe("first", t, v, True) == CONTINUE for t, v in zip(T, first))
 
-    rule = _ranker(click_fraction=0.5, defer_at=0.5)  # deferred at 15k
+    rule = _background(_ranker(click_fraction=0.5, defer_at=0.5))  # deferred at 15k
     decisions = [(t, rule.observe("first", t, v, True)) for t, v in zip(T, first) if "first" not in rule.paused]
     assert decisions[-1] == (15000, PAUSE) and all(d == CONTINUE for _, d in decisions[:-1])
     assert rule.ranked_in() == [] and rule.wants_fresh()  # no other click yet: fresh trials take the slots
@@ -158,6 +158,15 @@ def _references(rule: FreezeThawRule, curves: list[list[float]]) -> None:
     for k, c in enumerate(curves):
         for t, v in zip(T, c):
             rule.record(f"ref{k}", t, v)
+
+
+def _background(rule: FreezeThawRule, n: int = 3) -> FreezeThawRule:
+    """Trials flat at the plateau (0.45) all along, as most of a real study's are between 10 and 30 % of the
+    budget, where the study's plateau is read: the few early clickers of these tests do not move it."""
+    for k in range(n):
+        for t, v in zip(T, _curve(None, 0)):
+            rule.record(f"flat{k}", t, v)
+    return rule
 
 
 def test_nothing_is_paused_before_clicks_are_seen_nor_without_an_alternative():

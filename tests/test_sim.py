@@ -193,23 +193,34 @@ def test_freeze_thaw_defer_at_resumes_a_deferred_trial_ahead_of_fresh_ones_throu
     metric, max_t = table.search.config.objectives[0].metric, table.search.max_episodes
 
     def study(seed, defer_at):
-        made = []
-        run = run_study_sim(table, "tpe+freeze_thaw", seed, num_samples=12, cap=None, scheduler=lambda study: made.append(
-            FreezeThaw("episodes", metric, "max", max_t=max_t, max_concurrent=2, num_samples=12, grace=0.1 * max_t,
-                       defer_at=defer_at, probe_every=0)) or made[-1])
+        made, clicked_when_resumed = [], {}
+
+        def scheduler(study):
+            made.append(FreezeThaw("episodes", metric, "max", max_t=max_t, max_concurrent=2, num_samples=12,
+                                   grace=0.1 * max_t, defer_at=defer_at, probe_every=0, min_clicked=3))
+            rule, resume = made[-1].rule, made[-1].rule.resume
+
+            def resumed(key):  # whether it had clicked before its pause, as the rule saw it then
+                clicked_when_resumed[key] = rule.clicks().get(key, math.inf) < rule.paused.get(key, -math.inf)
+                resume(key)
+
+            rule.resume = resumed
+            return made[-1]
+
+        run = run_study_sim(table, "tpe+freeze_thaw", seed, num_samples=12, cap=None, scheduler=scheduler)
         _follows_recorded_curves(table, run)
         rule, rows = made[0].rule, _by_trial(run)
         last_fresh = next(i for i, x in enumerate(run.results) if x[0] == run.started[-1])
         early = []  # (trial, its click before its pause) for each trial resumed before the last fresh trial
         for trial, t0 in rule.started.items():
             if t0 > 0 and next(i for i, x in enumerate(run.results) if x[0] == trial and x[1] > t0) < last_fresh:
-                early.append((trial, rule.clicks()[trial] < t0))
+                early.append((trial, clicked_when_resumed[trial]))
                 assert rows[trial][-1][0] >= max_t  # resumed: runs its curve to the end
         return early
 
-    deferred = [e for seed in range(3) for e in study(seed, 0.3)]
+    deferred = [e for seed in range(4) for e in study(seed, 0.3)]
     assert deferred and all(clicked_before_pause for _, clicked_before_pause in deferred)
-    assert not any(study(seed, 0.0) for seed in range(3))
+    assert not any(study(seed, 0.0) for seed in range(4))
 
 
 def test_sim_benchmark_json_schema_over_two_tables(tmp_path, capsys):
