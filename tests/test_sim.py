@@ -58,6 +58,36 @@ def test_sim_engine_replays_the_table_through_the_real_searcher_and_scheduler():
     assert [r[1:] for r in other.results] != [r[1:] for r in run.results]
 
 
+def test_replayed_results_carry_the_recorded_losses_as_the_trainable_reports_them():
+    """Beside the objective, a replayed evaluation reports the losses its table recorded under the trainable's
+    names (``train/loss``, ``val/loss``), so a scheduler sees what it would see in a real study."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    class Seen(FIFOScheduler):
+        rows: list = []
+
+        def on_trial_result(self, tune_controller, trial, result):
+            self.rows.append(dict(result))
+            return FIFOScheduler.CONTINUE
+
+    def rows(table):
+        seen = Seen()
+        seen.rows = []
+        run = run_study_sim(table, "tpe", 0, num_samples=2, cap=None, scheduler=lambda study: seen)
+        curve_of = {t: table.curves[cfg][c] for t, _, _, cfg, c in run.results}
+        assert seen.rows and all(r["trial_id"] in curve_of for r in seen.rows)
+        return [(r, curve_of[r["trial_id"]]) for r in seen.rows]
+
+    table = load_table(REPO / "results/curves/quickstart.jsonl")  # recorded with its losses
+    metric = table.search.config.primary.metric
+    for r, curve in rows(table):
+        i = [int(e) for e in curve["episodes"]].index(int(r["episodes"]))
+        assert r[metric] == curve["objective"][i]
+        assert r["train/loss"] == curve["train_loss"][i] and r["val/loss"] == curve["val_loss"][i]
+    # a table recorded without them (the tiny one): the objective alone
+    assert all("train/loss" not in r and "val/loss" not in r for r, _ in rows(load_table(TINY)))
+
+
 def test_sim_engine_keeps_concurrency_and_the_episode_cap():
     table = load_table(TINY)
     cap = 100_000

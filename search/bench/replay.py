@@ -187,6 +187,24 @@ def pick_seed(n: int, point: dict[str, Any], salt: int) -> int:
     return int.from_bytes(h[:4], "little") % n
 
 
+# The recorded columns a replayed evaluation reports beside the objective, under the names the trainable uses.
+RECORDED_SIGNALS = {"train_loss": "train/loss", "val_loss": "val/loss"}
+
+
+def recorded_values(curve: dict[str, Any], i: int, metric: str) -> dict[str, float]:
+    """What evaluation ``i`` of a recorded curve reports, as the trainable reported it: the objective under
+    ``metric`` and the losses the table recorded (a scheduler may read them; missing or non-finite ones left
+    out)."""
+    out = {}
+    for column, name in RECORDED_SIGNALS.items():
+        col = curve.get(column) or []
+        v = col[i] if i < len(col) else None
+        if _finite(v):
+            out[name] = float(v)
+    out[metric] = float(curve["objective"][i])
+    return out
+
+
 def replay_trial(config: dict[str, Any], table: Table, compress: float, salt: int, every: int = 1,
                  checkpoints: bool = False) -> None:
     """Tune entry point: serve the recorded curve of the configuration nearest to ``config`` (every ``every``-th
@@ -213,7 +231,7 @@ def replay_trial(config: dict[str, Any], table: Table, compress: float, salt: in
             tune.report(TrialReport(int(episodes), {metric: 0.0 if table.sign > 0 else 1e9}, diverged=True,
                                     failure="the recorded curve diverged").to_result())
             return
-        result = TrialReport(int(episodes), {metric: float(value)}).to_result()
+        result = TrialReport(int(episodes), recorded_values(curve, i, metric)).to_result()
         if not checkpoints:
             tune.report(result)
             continue

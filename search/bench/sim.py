@@ -45,7 +45,7 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from search import BudgetWatch, TrialReport, decide
 
-from .replay import Run, Table, method_searcher, method_study
+from .replay import Run, Table, method_searcher, method_study, recorded_values
 
 PAUSE = TrialScheduler.PAUSE
 STOP = TrialScheduler.STOP
@@ -205,7 +205,7 @@ class SimStudy:
             report = TrialReport(episodes, {self.metric: 0.0 if self.table.sign > 0 else 1e9}, diverged=True,
                                  failure="the recorded curve diverged")
         else:
-            report = TrialReport(episodes, {self.metric: float(value)})
+            report = TrialReport(episodes, recorded_values(curve, i, self.metric))
         result = {**report.to_result(), "training_iteration": live.iteration, "trial_id": tid, "done": False}
         self.watch.observe(tid, report)
         self.cap_spent = bool(self.cap) and self.watch.episodes >= self.cap
