@@ -212,15 +212,11 @@ def cmd_curves_signals(args) -> int:
     return 0
 
 
-# What ``mann-search benchmark --set`` may change: the shipped config's settings the benchmark reads.
-BENCHMARK_SET = ("scheduler.", "sampler.n_startup_trials", "sampler.constant_liar", "overrides.train.eval_every")
-
-
 def cmd_benchmark(args) -> int:
     from mann.config import ConfigError
 
     from .bench.curves import read_header
-    from .bench.replay import benchmark_tables
+    from .bench.replay import BENCHMARK_SET, benchmark_tables
     from .config import load_search_config
 
     def shipped_of(path: str):

@@ -64,7 +64,9 @@ def test_replayed_results_carry_the_recorded_losses_as_the_trainable_reports_the
     from ray.tune.schedulers import FIFOScheduler
 
     class Seen(FIFOScheduler):
-        rows: list = []
+        def __init__(self):
+            super().__init__()
+            self.rows = []
 
         def on_trial_result(self, tune_controller, trial, result):
             self.rows.append(dict(result))
@@ -72,7 +74,6 @@ def test_replayed_results_carry_the_recorded_losses_as_the_trainable_reports_the
 
     def rows(table):
         seen = Seen()
-        seen.rows = []
         run = run_study_sim(table, "tpe", 0, num_samples=2, cap=None, scheduler=lambda study: seen)
         curve_of = {t: table.curves[cfg][c] for t, _, _, cfg, c in run.results}
         assert seen.rows and all(r["trial_id"] in curve_of for r in seen.rows)

@@ -328,6 +328,8 @@ def scheduler_overrides(table: Table, kind: str, shipped: SearchConfig | None) -
 
 # The shipped config's sampler settings every method takes (its kind is the method's, its seed the repetition's).
 SAMPLER_SETTINGS = ("n_startup_trials", "constant_liar")
+# What `mann-search benchmark --set` may change: the shipped config's settings the benchmark reads (key prefixes).
+BENCHMARK_SET = ("scheduler.", *(f"sampler.{k}" for k in SAMPLER_SETTINGS), "overrides.train.eval_every")
 
 
 def sampler_overrides(shipped: SearchConfig | None) -> dict[str, Any]:
