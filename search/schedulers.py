@@ -54,6 +54,24 @@ CONTINUE, STOP = "CONTINUE", "STOP"
 PLATEAU_SPAN = (0.1, 0.3)
 
 
+def plateau_span(h: list[tuple[float, float]], max_t: float) -> list[float]:
+    """A curve's values in the plateau span (module doc), from its (episodes, value) points in order: from its
+    first evaluation at or past ``PLATEAU_SPAN[0]`` x ``max_t`` to its first at or past ``PLATEAU_SPAN[1]`` x it,
+    both included (a curve that has not reached the span yet: its first three values). The schedulers and the
+    instruments over recorded tables (``search.bench``: the click of ``curves signals``, the oracle) all take a
+    curve's plateau from here. By episodes, not by count: the first three evaluations, the rule before
+    2026-12-07, meant 5-15 % of the budget to a study that evaluates every 5 % and 10-30 % to one that evaluates
+    every 10 %; on the pre-click rise that moved the click level, and freeze_thaw's speed-up fell from 1.33 to
+    1.02 across the four recorded tables when their studies reported every recorded evaluation (README "Pause
+    and resume")."""
+    lo, hi = (f * max_t for f in PLATEAU_SPAN)
+    i0 = next((i for i, (t, _) in enumerate(h) if t >= lo), None)
+    if i0 is None:
+        return [v for _, v in h[:3]]
+    i1 = next((i for i, (t, _) in enumerate(h) if t >= hi), len(h) - 1)
+    return [v for _, v in h[i0:i1 + 1]]
+
+
 @dataclass
 class PlateauRule:
     max_t: float
@@ -74,19 +92,8 @@ class PlateauRule:
         return float(np.median([np.median(self.early(h)) for h in self.history.values()]))
 
     def early(self, h: list[tuple[float, float]]) -> list[float]:
-        """A curve's values in the plateau span (module doc): from its first evaluation at or past
-        ``PLATEAU_SPAN[0]`` x the budget to its first at or past ``PLATEAU_SPAN[1]`` x it, both included (a curve
-        that has not reached the span yet: its first three values). By episodes, not by count: the first three
-        evaluations, the rule before 2026-12-07, meant 5-15 % of the budget to a study that evaluates every 5 %
-        and 10-30 % to one that evaluates every 10 %; on the pre-click rise that moved the click level, and
-        freeze_thaw's speed-up fell from 1.33 to 1.02 across the four recorded tables when their studies reported
-        every recorded evaluation (README "Pause and resume")."""
-        lo, hi = (f * self.max_t for f in PLATEAU_SPAN)
-        i0 = next((i for i, (t, _) in enumerate(h) if t >= lo), None)
-        if i0 is None:
-            return [v for _, v in h[:3]]
-        i1 = next((i for i, (t, _) in enumerate(h) if t >= hi), len(h) - 1)
-        return [v for _, v in h[i0:i1 + 1]]
+        """A curve's values in the plateau span: :func:`plateau_span`."""
+        return plateau_span(h, self.max_t)
 
     def incumbent(self) -> float:
         return max(v for h in self.history.values() for _, v in h)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from mann.config import ConfigError
@@ -129,3 +130,26 @@ def test_the_recorded_tables_of_other_tasks_are_complete_and_match_their_shipped
         assert all(0 <= e - k * every < batch for k, e in enumerate(c["episodes"], 1))
     points = draw_points(shipped, 60, 0)  # the draw is the shipped space's: a rerun goes on the same points
     assert all(c["point"] == points[c["config_id"]] for c in curves)
+
+
+def test_the_click_level_does_not_depend_on_how_often_a_table_was_recorded():
+    """The instruments take a curve's plateau from the schedulers' plateau span (10-30 % of the budget), so the
+    same curves recorded every 5 % and every 10 % get the same click level and clicks (the first three recorded
+    evaluations, the rule before, gave 5-15 % against 10-30 %: on a pre-click rise, a lower level and earlier
+    clicks for the finer recording)."""
+    from search.bench.signals import curve_plateau, signal_power
+
+    def curve(k, every):
+        eps = list(range(every, 101, every))
+        rise = [min(0.2 + 0.01 * e, 0.45) for e in eps]  # 0.25 at 5 %, 0.3 at 10 % ... a slow pre-click rise
+        vals = [v if e < 40 + 10 * k else 0.6 + 0.05 * k for e, v in zip(eps, rise)]  # curve k clicks at 40+10k %
+        return {"episodes": eps, "objective": vals, "train_s": [1.0] * len(eps), "wall_s": 1.0}
+
+    fine = [curve(k, 5) for k in range(4)]
+    coarse = [curve(k, 10) for k in range(4)]
+    assert curve_plateau(fine[0], 100) == pytest.approx(0.4) == curve_plateau(coarse[0], 100)  # the 20 % value
+    a, b = signal_power(fine, 100, fractions=(0.25,), n_boot=50), signal_power(coarse, 100, fractions=(0.25,), n_boot=50)
+    assert a["click_level"] == b["click_level"] == pytest.approx(0.4 + 0.25 * (0.75 - 0.4))
+    assert a["shape"]["click_at_quartiles"] == b["shape"]["click_at_quartiles"]
+    # the first three recorded values' median (the old rule) would have put the fine table's plateau at 0.3
+    assert float(np.median(fine[0]["objective"][:3])) == pytest.approx(0.3)

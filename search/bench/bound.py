@@ -5,7 +5,7 @@ not a method a study can run).
 The oracle samples (configuration, seed) curves of the table uniformly at random, as random search does, and
 learns a configuration's true value (its mean final objective over seeds) the moment its curve clicks. A curve
 clicks as in ``mann-search curves signals`` (the plateau rule's level: ``click_fraction`` of the way from the
-plateau, the median of the curves' first-three medians, to the best final value); a curve that never clicks is
+plateau, the median of the curves' medians over the plateau span, to the best final value); a curve that never clicks is
 known at the full budget. The oracle watches each curve until it clicks or until the *deadline*, the latest
 click time of any curve of a configuration at or under the target regret (a curve not clicked by then cannot be
 one of those), and stops at the first curve of such a configuration. Its episodes to the target: the episodes
@@ -32,7 +32,7 @@ from ray.tune.schedulers import TrialScheduler
 
 from search import FreezeThaw
 
-from .signals import CLICK_FRACTION, click_labels
+from .signals import CLICK_FRACTION, click_labels, curve_plateau
 
 
 def click_episodes(table, click_fraction: float = CLICK_FRACTION) -> list[list[float]]:
@@ -45,7 +45,7 @@ def click_episodes(table, click_fraction: float = CLICK_FRACTION) -> list[list[f
                 for v in c["objective"]]
 
     _, level = click_labels(np.array([vals(c)[-1] for c in curves]),
-                            np.array([np.median(vals(c)[:3]) for c in curves]), click_fraction)
+                            np.array([curve_plateau(c, max_t, table.sign) for c in curves]), click_fraction)
     return [[next((min(float(e), max_t) for e, v in zip(c["episodes"], vals(c)) if v >= level), max_t)
              for c in cs] for cs in table.curves]
 

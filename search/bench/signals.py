@@ -9,8 +9,9 @@ evaluation at or before f of the table's budget, and the objective at the curve'
   bootstrap interval over the curves;
 * **AUROC for "will click"**: the chance that a curve that clicks has a higher signal than one that does not
   (ties count half). A curve *clicks* as in the plateau rule (``search.schedulers.PlateauRule``): its final value
-  reaches ``click_fraction`` (0.25) of the way from the plateau (the median over curves of their first three
-  evaluations' median) to the best final value of the table.
+  reaches ``click_fraction`` (0.25) of the way from the plateau (the median over curves of the median of their
+  values in the scheduler's plateau span, ``search.schedulers.plateau_span``: 10-30 % of the budget; the first
+  three recorded evaluations until 2026-12-07) to the best final value of the table.
 
 Besides, the table's **shape** (``shape``): per curve the episodes to its click (its first evaluation at or above
 the click level; the full budget if it never gets there), as fractions of the budget: the median over curves (the
@@ -86,8 +87,19 @@ def _at(curve: dict[str, Any], budget: float) -> int | None:
     return idx[-1] if idx else None
 
 
+def curve_plateau(curve: dict[str, Any], budget: float, sign: float = 1.0) -> float:
+    """The median of a recorded curve's finite values in the plateau span (``search.schedulers.plateau_span``,
+    the stretch the schedulers take a study's plateau from), times ``sign``; -inf if it has none."""
+    from search.schedulers import plateau_span
+
+    points = [(float(e), sign * float(v)) for e, v in zip(curve["episodes"], curve["objective"])
+              if v is not None and math.isfinite(float(v))]
+    span = plateau_span(points, budget)
+    return float(np.median(span)) if span else -math.inf
+
+
 def click_labels(finals: np.ndarray, firsts: np.ndarray, click_fraction: float = CLICK_FRACTION) -> tuple[np.ndarray, float]:
-    """(clicked per curve, the click level) from the final values and each curve's first-three median."""
+    """(clicked per curve, the click level) from the final values and each curve's plateau (:func:`curve_plateau`)."""
     plateau = float(np.median(firsts))
     level = plateau + click_fraction * (float(np.max(finals)) - plateau)
     return finals >= level, level
@@ -99,7 +111,7 @@ def signal_power(curves: list[dict[str, Any]], budget: float, fractions=FRACTION
     usable = [c for c in curves if not c.get("diverged") and c["objective"] and c["objective"][-1] is not None
               and c["episodes"][-1] >= budget - 1e-9]
     finals = np.array([float(c["objective"][-1]) for c in usable])
-    firsts = np.array([float(np.median([v for v in c["objective"][:3] if v is not None])) for c in usable])
+    firsts = np.array([curve_plateau(c, budget) for c in usable])
     clicked, level = click_labels(finals, firsts)
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {"curves": len(curves), "used": len(usable), "budget": budget,
