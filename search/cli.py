@@ -216,7 +216,8 @@ def cmd_benchmark(args) -> int:
     from mann.config import ConfigError
 
     from .bench.curves import read_header
-    from .bench.replay import BENCHMARK_SET, benchmark_tables
+    from .bench.methods import BENCHMARK_SET
+    from .bench.replay import benchmark_tables
     from .config import load_search_config
 
     def shipped_of(path: str):

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 import search  # noqa: F401  (before Ray: token auth)
-from search.bench.replay import BASELINE, load_table, pick_seed, run_study, trajectory
+from search.bench.methods import BASELINE
+from search.bench.replay import run_study, trajectory
+from search.bench.table import load_table, pick_seed
 from search.config import load_search_config
 from search.schedulers import CONTINUE, STOP, PlateauRule
 

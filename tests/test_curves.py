@@ -148,7 +148,8 @@ def test_the_click_level_does_not_depend_on_how_often_a_table_was_recorded():
     fine = [curve(k, 5) for k in range(4)]
     coarse = [curve(k, 10) for k in range(4)]
     assert curve_plateau(fine[0], 100) == pytest.approx(0.4) == curve_plateau(coarse[0], 100)  # the 20 % value
-    a, b = signal_power(fine, 100, fractions=(0.25,), n_boot=50), signal_power(coarse, 100, fractions=(0.25,), n_boot=50)
+    a = signal_power(fine, 100, fractions=(0.25,), n_boot=50)
+    b = signal_power(coarse, 100, fractions=(0.25,), n_boot=50)
     assert a["click_level"] == b["click_level"] == pytest.approx(0.4 + 0.25 * (0.75 - 0.4))
     assert a["shape"]["click_at_quartiles"] == b["shape"]["click_at_quartiles"]
     # the first three recorded values' median (the old rule) would have put the fine table's plateau at 0.3

@@ -14,7 +14,9 @@ import pytest
 import search  # noqa: F401  (before Ray: token auth)
 from search import Ending
 from search.bench import stats
-from search.bench.replay import BASELINE, load_table, trajectory
+from search.bench.methods import BASELINE
+from search.bench.replay import trajectory
+from search.bench.table import load_table
 from search.bench.sim import run_study_sim
 
 from .test_config import REPO
@@ -355,7 +357,7 @@ def test_benchmark_set_reaches_a_scheduler_the_shipped_config_does_not_run():
     defaults); ASHA keeps the shipped settings, and without --set the defaults hold."""
     from dataclasses import replace
 
-    from search.bench.replay import method_study
+    from search.bench.methods import method_study
     from search.config import FreezeThawConfig, load_search_config
 
     table = load_table(TINY)
@@ -387,7 +389,7 @@ def test_benchmark_set_reaches_every_methods_sampler_settings_and_refuses_what_i
     """``--set sampler.n_startup_trials`` / ``sampler.constant_liar`` reach every method's sampler (the baseline's
     too; they were silently dropped: the methods took the table's recorded sampler); the sampler's kind stays the
     method's and its seed the repetition's; a key the benchmark does not read is refused by name."""
-    from search.bench.replay import method_study
+    from search.bench.methods import method_study
     from search.cli import main
     from search.config import load_search_config
     from search.space import make_sampler

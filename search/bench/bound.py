@@ -51,7 +51,7 @@ def click_episodes(table, click_fraction: float = CLICK_FRACTION) -> list[list[f
 
 
 def oracle_screen(table, target_regret: float, draws: int = 4000, seed: int = 0) -> dict[str, Any]:
-    """The oracle screen of the module doc on ``table`` (:class:`search.bench.replay.Table`) for a target in
+    """The oracle screen of the module doc on ``table`` (:class:`search.bench.table.Table`) for a target in
     points of regret: ``{"episodes_to_target": median over draws, "deadline": as a fraction of the budget,
     "good_configs": how many configurations are at or under the target}``."""
     good = good_configurations(table, target_regret)

@@ -1,14 +1,14 @@
 """``mann-search benchmark``: search methods compared on a table of recorded learning curves, through the real
 search path (the Tuner, searcher, sampler and scheduler that ``mann-search run`` builds), without training.
 
-* **Replay.** A trial's sampled point is mapped to the *nearest recorded configuration* in a normalised space
-  (numbers scaled to [0, 1] over their range, on a log scale where the space says ``log``; a categorical or an
-  inactive conditional parameter adds 1 to the squared distance when it differs). The trial then serves one
-  recorded seed of that configuration (chosen per repetition and point), reporting each evaluation through
-  ``tune.report`` after sleeping the recorded training time between evaluations times ``compress``, so
-  asynchronous trials reach their rungs in a realistic order. Nearest neighbour works on any table in the
-  documented format, random draws included, and never invents a curve; its leave-one-out check (the final
-  accuracy of each configuration predicted by its nearest other one) is printed as ``mapping_loo``.
+* **Replay.** A trial's sampled point is mapped to the *nearest recorded configuration* (:mod:`search.bench.table`)
+  in a normalised space (numbers scaled to [0, 1] over their range, on a log scale where the space says ``log``; a
+  categorical or an inactive conditional parameter adds 1 to the squared distance when it differs). The trial then
+  serves one recorded seed of that configuration (chosen per repetition and point), reporting each evaluation
+  through ``tune.report`` after sleeping the recorded training time between evaluations times ``compress``, so
+  asynchronous trials reach their rungs in a realistic order. Nearest neighbour works on any table in the documented
+  format, random draws included, and never invents a curve; its leave-one-out check (the final accuracy of each
+  configuration predicted by its nearest other one) is printed as ``mapping_loo``.
 * **Scores.** The table's value of a configuration is the mean over its seeds of the final objective. At any point
   of a study the selected configuration is the trial with the best latest reported objective (what selection
   ranks by); its regret is the table's best value minus the selected configuration's, in points.
@@ -19,12 +19,12 @@ search path (the Tuner, searcher, sampler and scheduler that ``mann-search run``
   config's ``num_samples`` trials, no cap. Its spend (median over repeats) is the budget unit of ``regret_at``;
   its largest spend is the episode cap (``budget.max_episodes``) every other method then gets, with up to
   ``4 x num_samples`` trials to spend it on, so early stopping buys more trials, as in a capped study.
-* **Methods.** Each is the table's recorded search config with a few overrides (``METHODS``): sampler and
-  scheduler kind; ASHA and median stopping keep the recorded settings, the plateau rule and freeze_thaw take the
-  shipped config's when it uses them (else a grace of 15 % of the budget and the shipped config's
-  ``scheduler.plateau`` / ``scheduler.freeze_thaw`` section, never the table's recorded one: that holds the
-  defaults of the day it was recorded). Trials report every ``every``-th recorded evaluation (the CLI matches the
-  shipped config's ``eval_every``).
+* **Methods.** Each is the table's recorded search config with a few overrides (:mod:`search.bench.methods`):
+  sampler and scheduler kind; ASHA and median stopping keep the recorded settings, the plateau rule and freeze_thaw
+  take the shipped config's when it uses them (else a grace of 15 % of the budget and the shipped config's
+  ``scheduler.plateau`` / ``scheduler.freeze_thaw`` section, never the table's recorded one: that holds the defaults
+  of the day it was recorded). Trials report every ``every``-th recorded evaluation (the CLI matches the shipped
+  config's ``eval_every``).
 
 One Ray instance runs every study (``parallel`` at once, each its own Tuner in a thread); no MLflow callback;
 Optuna storage: a SQLite file per study in /dev/shm (Ray's OptunaSearch for the baseline: in memory).
@@ -32,177 +32,29 @@ Optuna storage: a SQLite file per study in /dev/shm (Ray's OptunaSearch for the 
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
 import math
 import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mann import metrics
 from mann.config import ConfigError
-from search import (BudgetWatch, DefineByRun, Ending, LoadedSearch, SearchConfig, Study, TrialOutcome, TrialReport,
-                    build_tuner, connect_ray, decide, make_sampler, make_searcher, sampled_point)
+from search import BudgetWatch, Ending, LoadedSearch, SearchConfig, TrialReport, build_tuner, connect_ray, decide
 
-from ..config import SchedulerConfig
 from . import bound, stats
-from .curves import read_table
+from .methods import BASELINE, METHODS, Run, method_searcher, method_study
+from .sim import SIM_ONLY, run_study_sim
+from .table import Table, finite, final_objective, load_table, recorded_values, with_shape
 
-BASELINE = "tpe+asha (ray optuna)"
-# name -> (search-config overrides, searcher flavour: "study" = StudySearch, "ray" = Ray's plain OptunaSearch)
-METHODS: dict[str, tuple[dict[str, Any], str]] = {
-    "random": ({"sampler.kind": "random", "scheduler.kind": "none"}, "study"),
-    "tpe": ({"sampler.kind": "tpe", "scheduler.kind": "none"}, "study"),
-    BASELINE: ({"sampler.kind": "tpe", "scheduler.kind": "asha"}, "ray"),
-    "tpe+asha": ({"sampler.kind": "tpe", "scheduler.kind": "asha"}, "study"),
-    "tpe+median": ({"sampler.kind": "tpe", "scheduler.kind": "median"}, "study"),
-    "tpe+plateau": ({"sampler.kind": "tpe", "scheduler.kind": "plateau"}, "study"),
-    "tpe+freeze_thaw": ({"sampler.kind": "tpe", "scheduler.kind": "freeze_thaw"}, "study"),
-}
 FRACTIONS = (0.25, 0.5, 1.0)
 
 
-# --- the table -----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Table:
-    header: dict[str, Any]
-    search: LoadedSearch
-    points: list[dict[str, Any]]  # one per recorded configuration
-    curves: list[list[dict[str, Any]]]  # per configuration, its usable seeds' curves
-    value: np.ndarray  # per configuration: mean over seeds of the final objective (larger = better)
-    vectors: np.ndarray  # per configuration: its normalised coordinates
-    top_quartile: float  # of the curves' final objectives
-    sign: float = 1.0  # -1 for a "min" objective: every value here is larger = better
-
-    @property
-    def best(self) -> float:
-        return float(self.value.max())
-
-    @property
-    def n_curves(self) -> int:
-        return sum(len(c) for c in self.curves)
-
-    def curve_of(self, config: dict[str, Any], salt: int) -> tuple[int, int]:
-        """(configuration, seed) a trial with this Tune config replays in repetition ``salt``."""
-        point = sampled_point(config)
-        idx = self.nearest(point)
-        return idx, pick_seed(len(self.curves[idx]), point, salt)
-
-    def nearest(self, point: dict[str, Any]) -> int:
-        d = ((self.vectors - coordinates(self.search, point)) ** 2).sum(axis=1)
-        return int(np.argmin(d))
-
-    def mapping_loo(self) -> float:
-        """Correlation of each configuration's value with its nearest other configuration's."""
-        if len(self.points) < 3:
-            return float("nan")
-        d = ((self.vectors[:, None, :] - self.vectors[None, :, :]) ** 2).sum(axis=2)
-        np.fill_diagonal(d, np.inf)
-        return float(np.corrcoef(self.value, self.value[d.argmin(axis=1)])[0, 1])
-
-
-def _finite(v) -> bool:
-    return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
-
-
-def search_from_header(header: dict[str, Any], overrides: dict[str, Any] | None = None) -> LoadedSearch:
-    """The table's search (config and base MANN tree, both in its header), with search-config overrides."""
-    return LoadedSearch.from_trees(header["search"], header["base"], overrides)
-
-
-def coordinates(search: LoadedSearch, point: dict[str, Any]) -> np.ndarray:
-    out: list[float] = []
-    for path, spec in search.config.space.items():
-        v = point.get(path)
-        if spec.type == "categorical":
-            out.extend(math.sqrt(0.5) * float(v == c) for c in spec.choices)
-            out.append(math.sqrt(0.5) * float(v is None and path not in point))
-            continue
-        if v is None:
-            out.extend([0.0, 1.0])  # inactive: 1 away from any active value
-            continue
-        lo, hi, x = float(spec.low), float(spec.high), float(v)
-        if spec.log:
-            lo, hi, x = math.log(lo), math.log(hi), math.log(x)
-        out.extend([(x - lo) / (hi - lo) if hi > lo else 0.0, 0.0])
-    return np.array(out)
-
-
-def load_table(path: str | Path) -> Table:
-    header, rows = read_table(path)
-    search = search_from_header(header)
-    sign = 1.0 if header["objective"]["mode"] == "max" else -1.0
-    by_key: dict[str, list[dict[str, Any]]] = {}
-    points: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        key = json.dumps(row["point"], sort_keys=True)
-        points.setdefault(key, row["point"])
-        by_key.setdefault(key, []).append(row)
-    keys = sorted(by_key, key=lambda k: min(r["config_id"] for r in by_key[k]))
-    if len(keys) < 2:
-        raise ConfigError(f"{path}: a benchmark needs curves of at least 2 configurations, the table has {len(keys)}")
-    finals = []
-    value = []
-    for k in keys:
-        f = [sign * _last(r) for r in by_key[k]]
-        finals.extend(f)
-        value.append(float(np.mean(f)))
-    return Table(header, search, [points[k] for k in keys], [by_key[k] for k in keys], np.array(value),
-                 np.stack([coordinates(search, points[k]) for k in keys]), float(np.quantile(finals, 0.75)), sign)
-
-
-def with_shape(table: Table, num_samples: int | None = None, max_concurrent: int | None = None) -> Table:
-    """The table with another study shape for the baseline (``budget.num_samples``, ``budget.max_concurrent`` of
-    its recorded search; ``None``: as recorded): how a method does with a cluster's many concurrent trials."""
-    budget = {k: v for k, v in (("num_samples", num_samples), ("max_concurrent", max_concurrent)) if v is not None}
-    if not budget:
-        return table
-    header = copy.deepcopy(table.header)
-    header["search"].setdefault("budget", {}).update(budget)
-    return replace(table, header=header, search=search_from_header(header))
-
-
-def _last(row: dict[str, Any]) -> float:
-    """A curve's final objective; a diverged or cut curve counts as the worst value it reached (or chance 0)."""
-    vals = [v for v in row["objective"] if _finite(v)]
-    if row.get("diverged") or not vals or len(vals) < len(row["objective"]):
-        return min(vals) if vals else 0.0
-    return float(vals[-1])
-
-
 # --- the replay trainable ------------------------------------------------------------------------------------
-
-
-def pick_seed(n: int, point: dict[str, Any], salt: int) -> int:
-    h = hashlib.sha256(f"{salt}:{json.dumps(point, sort_keys=True)}".encode()).digest()
-    return int.from_bytes(h[:4], "little") % n
-
-
-# The recorded columns a replayed evaluation reports beside the objective, under the names the trainable uses.
-RECORDED_SIGNALS = {"train_loss": "train/loss", "val_loss": "val/loss"}
-
-
-def recorded_values(curve: dict[str, Any], i: int, metric: str) -> dict[str, float]:
-    """What evaluation ``i`` of a recorded curve reports, as the trainable reported it: the objective under
-    ``metric`` and the losses the table recorded (a scheduler may read them; missing or non-finite ones left
-    out)."""
-    out = {}
-    for column, name in RECORDED_SIGNALS.items():
-        col = curve.get(column) or []
-        v = col[i] if i < len(col) else None
-        if _finite(v):
-            out[name] = float(v)
-    out[metric] = float(curve["objective"][i])
-    return out
 
 
 def replay_trial(config: dict[str, Any], table: Table, compress: float, salt: int, every: int = 1,
@@ -223,11 +75,11 @@ def replay_trial(config: dict[str, Any], table: Table, compress: float, salt: in
         prev = float(curve["train_s"][start - 1]) if start else 0.0
     n = len(curve["episodes"])
     for i, (episodes, value, train_s) in enumerate(zip(curve["episodes"], curve["objective"], curve["train_s"])):
-        if i < start or ((i + 1) % every and i + 1 < n and _finite(value)):
+        if i < start or ((i + 1) % every and i + 1 < n and finite(value)):
             continue
         time.sleep(max(0.0, (float(train_s) - prev) * compress))
         prev = float(train_s)
-        if not _finite(value):
+        if not finite(value):
             tune.report(TrialReport(int(episodes), {metric: 0.0 if table.sign > 0 else 1e9}, diverged=True,
                                     failure="the recorded curve diverged").to_result())
             return
@@ -241,19 +93,6 @@ def replay_trial(config: dict[str, Any], table: Table, compress: float, salt: in
 
 
 # --- one study -----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    """What one study did: its results in arrival order and how its trials ended."""
-
-    results: list[tuple[str, float, float, int, int]] = field(default_factory=list)  # trial, episodes, value, cfg, curve
-    ended: dict[str, TrialOutcome] = field(default_factory=dict)  # trial -> how it ended (search.decide)
-    started: list[str] = field(default_factory=list)  # trial ids in the order the searcher created them
-    paused: list[str] = field(default_factory=list)  # paused and never resumed (the simulated engine)
-    resumed: dict[str, int] = field(default_factory=dict)  # trial -> times resumed after a pause (sim)
-    wall_s: float = 0.0
-    sim_s: float = 0.0  # simulated seconds of the study (the simulated engine)
 
 
 def _recorder(run: Run, table: Table, search: LoadedSearch, salt: int):
@@ -307,65 +146,6 @@ def _recorder(run: Run, table: Table, search: LoadedSearch, salt: int):
                                                    paused=t.trial_id in self.paused_now)
 
     return Recorder()
-
-
-def scheduler_overrides(table: Table, kind: str, shipped: SearchConfig | None) -> dict[str, Any]:
-    """A method's scheduler settings: the shipped config's when it uses that kind, else the table's recorded
-    search's (ASHA and median as recorded); the plateau rule and freeze_thaw without either wait 15 % of the budget
-    and take the shipped config's section of their kind (``scheduler.plateau`` / ``scheduler.freeze_thaw``: its
-    defaults, or what ``--set`` put there; without a shipped config, today's defaults), never the table's recorded
-    one: that holds the defaults of the day the table was recorded."""
-    for cfg in (shipped, table.search.config):
-        if cfg is not None and cfg.scheduler.kind == kind:
-            return {"scheduler": cfg.scheduler.to_dict()}
-    if kind in ("plateau", "freeze_thaw"):
-        out: dict[str, Any] = {"scheduler.grace_episodes": max(1, round(0.15 * table.search.max_episodes))}
-        own = shipped.scheduler if shipped is not None else SchedulerConfig()
-        out[f"scheduler.{kind}"] = getattr(own, kind).to_dict()
-        return out
-    return {}
-
-
-# The shipped config's sampler settings every method takes (its kind is the method's, its seed the repetition's).
-SAMPLER_SETTINGS = ("n_startup_trials", "constant_liar")
-# What `mann-search benchmark --set` may change: the shipped config's settings the benchmark reads (key prefixes).
-BENCHMARK_SET = ("scheduler.", *(f"sampler.{k}" for k in SAMPLER_SETTINGS), "overrides.train.eval_every")
-
-
-def sampler_overrides(shipped: SearchConfig | None) -> dict[str, Any]:
-    """Every method's sampler settings beyond its kind and seed: the shipped config's (what ``--set sampler.*``
-    changed; the baseline's too), else the table's recorded search's."""
-    if shipped is None:
-        return {}
-    return {f"sampler.{k}": getattr(shipped.sampler, k) for k in SAMPLER_SETTINGS}
-
-
-def method_study(table: Table, method: str, repeat: int, num_samples: int, cap: int | None,
-                 shipped: SearchConfig | None, optuna_storage: str, path: str) -> tuple[LoadedSearch, Study, str]:
-    """A method's study on the table: the table's recorded search with the method's overrides, seed ``repeat``,
-    ``num_samples`` trials and the episode cap; (search, study, searcher flavour). Both engines build it."""
-    from .sim import SIM_ONLY
-
-    overrides, flavour = SIM_ONLY[method][0] if method in SIM_ONLY else METHODS[method][0], \
-        "study" if method in SIM_ONLY else METHODS[method][1]
-    search = search_from_header(table.header, {
-        **sampler_overrides(shipped), **overrides, **scheduler_overrides(table, overrides["scheduler.kind"], shipped),
-        "sampler.seed": repeat,
-        "budget.num_samples": num_samples, "budget.max_episodes": cap,
-        "budget.time_budget_s": None, "budget.max_failures": 0, "resources.cpus_per_trial": 1,
-        "resources.gpus_per_trial": 0, "storage": str(Path(path).parent), "optuna.storage": optuna_storage})
-    return search, Study.create(search, path=path), flavour
-
-
-def method_searcher(search: LoadedSearch, study: Study, flavour: str):
-    """The method's searcher: Ray's plain OptunaSearch ("ray", the baseline) or the study's StudySearch."""
-    if flavour == "ray":
-        from ray.tune.search.optuna import OptunaSearch
-
-        primary = search.config.primary
-        return OptunaSearch(space=DefineByRun(search), metric=primary.metric, mode=primary.mode,
-                            sampler=make_sampler(search))
-    return make_searcher(study)
 
 
 def run_study(table: Table, method: str, repeat: int, workdir: Path, compress: float,
@@ -428,7 +208,7 @@ def kills(table: Table, run: Run) -> tuple[int, int, int, int]:
     paused = set(run.paused)
     stopped = top = held = held_top = 0
     for trial, (cfg, c) in curve_of.items():
-        good = table.sign * _last(table.curves[cfg][c]) >= table.top_quartile
+        good = table.sign * final_objective(table.curves[cfg][c]) >= table.top_quartile
         if trial in paused:
             held += 1
             held_top += good
@@ -482,7 +262,6 @@ def _run_tune(table: Table, methods: list[str], repeats: int, compress: float, s
 def _run_sim(table: Table, methods: list[str], repeats: int, shipped, every: int, progress,
              t0: float) -> dict[str, list[Run]]:
     """Every method's studies on the simulated engine, one after another in this process."""
-    from .sim import run_study_sim
 
     num_samples = table.search.config.budget.num_samples
     runs: dict[str, list[Run]] = {}
@@ -526,7 +305,6 @@ def benchmark(curves: str | Path, repeats: int = 100, methods: list[str] | None 
     default: the table's recorded search). ``keep_runs``: the studies too (under ``"_runs"``, not JSON)."""
     import optuna
 
-    from .sim import SIM_ONLY
 
     if engine not in ENGINES:
         raise ConfigError(f"--engine: {engine!r}; known: {list(ENGINES)}")

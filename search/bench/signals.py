@@ -98,8 +98,10 @@ def curve_plateau(curve: dict[str, Any], budget: float, sign: float = 1.0) -> fl
     return float(np.median(span)) if span else -math.inf
 
 
-def click_labels(finals: np.ndarray, firsts: np.ndarray, click_fraction: float = CLICK_FRACTION) -> tuple[np.ndarray, float]:
-    """(clicked per curve, the click level) from the final values and each curve's plateau (:func:`curve_plateau`)."""
+def click_labels(finals: np.ndarray, firsts: np.ndarray,
+                 click_fraction: float = CLICK_FRACTION) -> tuple[np.ndarray, float]:
+    """(clicked per curve, the click level) from the final values and each curve's plateau
+    (:func:`curve_plateau`)."""
     plateau = float(np.median(firsts))
     level = plateau + click_fraction * (float(np.max(finals)) - plateau)
     return finals >= level, level

@@ -12,7 +12,7 @@ What it does as Tune does (Ray 2.60, ``ray/tune/execution/tune_controller.py``):
   (the table's ``budget.max_concurrent``, 2 when unset), and a free slot goes to the trial the scheduler's
   ``choose_trial_to_run`` picks (FIFO: pending trials first, then paused ones).
 * **Results.** A trial reports the recorded evaluations of the configuration nearest to its point (the replay
-  trainable's mapping and seed, :meth:`replay.Table.curve_of`; every ``every``-th one and the last) at simulated
+  trainable's mapping and seed, :meth:`table.Table.curve_of`; every ``every``-th one and the last) at simulated
   time ``start + recorded train_s``. Per result, in Tune's order: the episode-cap stopper, else
   ``scheduler.on_trial_result``; then ``searcher.on_trial_result`` unless STOP; then the recorder. After a
   trial's last evaluation its function returns: Tune hands the last result again (``done``) to the scheduler and
@@ -22,7 +22,7 @@ What it does as Tune does (Ray 2.60, ``ray/tune/execution/tune_controller.py``):
   ``choose_trial_to_run`` picks it). ``stop_trial`` on the controller ends a trial (HyperBand calls it).
 * **End.** When the episode cap (``budget.max_episodes``) is spent, or nothing runs and nothing can start. Trials
   still running, pending or paused then end as Tune's callbacks see them at the experiment's end
-  (:func:`search.decide` with ``study_ended``); :attr:`replay.Run.paused` lists the paused ones never resumed.
+  (:func:`search.decide` with ``study_ended``); :attr:`methods.Run.paused` lists the paused ones never resumed.
 
 Where it differs from a Tuner: no actors, no checkpoints, no time budget, no retries; a trial is suggested only
 when a slot is free (Tune may suggest up to its pending-trial limit ahead, which matters only without the
@@ -36,7 +36,7 @@ import heapq
 import itertools
 import math
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from ray.tune.experiment import Trial
@@ -45,7 +45,8 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from search import BudgetWatch, TrialReport, decide
 
-from .replay import Run, Table, method_searcher, method_study, recorded_values
+from .methods import ORACLE, SIM_ONLY_OVERRIDES, Run, method_searcher, method_study
+from .table import Table, recorded_values
 
 PAUSE = TrialScheduler.PAUSE
 STOP = TrialScheduler.STOP
@@ -97,7 +98,7 @@ def report_steps(curve: dict[str, Any], every: int) -> list[int]:
 
 
 class SimStudy:
-    """One study on simulated time (see the module doc). ``run()`` returns its :class:`replay.Run`."""
+    """One study on simulated time (see the module doc). ``run()`` returns its :class:`methods.Run`."""
 
     def __init__(self, table: Table, searcher: Searcher, scheduler: TrialScheduler | None, search, salt: int,
                  slots: int, every: int = 1, limit: int | None = None):
@@ -304,19 +305,17 @@ def oracle_scheduler(study, table: Table, salt: int, target: float | None):
     return OracleAtClick(study, table, salt, target)
 
 
-ORACLE = "tpe+oracle@click"
 # methods only this engine runs: name -> (search-config overrides, scheduler factory of (study, table, the
 # repetition's salt, the benchmark's target regret))
 SIM_ONLY: dict[str, tuple[dict[str, Any], Callable]] = {
-    "i-epoch": ({"sampler.kind": "random", "scheduler.kind": "none", "budget.max_concurrent": None},
-                iepoch_scheduler),
-    ORACLE: ({"sampler.kind": "tpe", "scheduler.kind": "freeze_thaw"}, oracle_scheduler),
+    "i-epoch": (SIM_ONLY_OVERRIDES["i-epoch"], iepoch_scheduler),
+    ORACLE: (SIM_ONLY_OVERRIDES[ORACLE], oracle_scheduler),
 }
 
 
 def run_study_sim(table: Table, method: str, repeat: int, num_samples: int, cap: int | None, every: int = 1,
                   shipped=None, scheduler: Callable | None = None, target: float | None = None) -> Run:
-    """One study of ``method`` (a ``replay.METHODS`` or :data:`SIM_ONLY` name) on simulated time.
+    """One study of ``method`` (a ``methods.METHODS`` or :data:`SIM_ONLY` name) on simulated time.
     ``scheduler``: a factory ``study -> scheduler`` replacing the method's (tests; pause-capable schedulers).
     ``target``: the benchmark's target regret (the oracle reference needs it)."""
     from search import FreezeThaw, SlotLimiter, make_scheduler
