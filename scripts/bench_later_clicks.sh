@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The later-click stress test of freeze_thaw (README "Later clicks"): each recorded table delayed by 30 % of its
+# The later-click stress test of freeze_thaw (docs/freeze-thaw.md, "Later clicks"): each recorded table delayed by 30 % of its
 # evaluations (scripts/shift_curves.py), then the benchmark of TPE + freeze_thaw against the baseline on it, with
 # the first horizon's escalation (the default) and without it (escalate_after so large it never acts). Each table
 # takes its own shipped config's ASHA and reporting settings, freeze_thaw a grace of 15 % of the budget as on the

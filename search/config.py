@@ -135,7 +135,7 @@ class FreezeThawConfig(Section):
     # click_rank: a trial that clicks while fewer than min_clicked others have cannot be ranked yet; with defer_at
     # > 0 it is paused at defer_at x the budget instead of running to the end on no evidence, and resumes ahead of
     # fresh trials once the study's clicks rank it among the kept. 0 (the default): it runs on. Ahead on tables
-    # that click early, behind on tables that click late (README "Deferring the first clickers").
+    # that click early, behind on tables that click late (docs/freeze-thaw.md, "Deferring the first clickers").
     defer_at: float = Field(0.0, ge=0, lt=1)
     # index: a running trial is paused when its index (chance of ending near the top per episode it still needs)
     # is below this share of the best alternative's (a paused trial, or a fresh one while samples are left).

@@ -343,10 +343,10 @@ class FreezeThawRule:
 
     * a trial not clicked by the *horizon* is paused: the ``wait_quantile`` quantile of the click times of the
       study's other clicked trials, times ``wait_slack``; before ``min_clicked`` of them clicked, the horizon is
-      ``first_rung`` x the budget (0.3: chosen on the four recorded tables, README "Pause and resume"), doubled
+      ``first_rung`` x the budget (0.3: chosen on the four recorded tables, docs/freeze-thaw.md), doubled
       (again and again, up to the budget) while no trial clicked by it although ``escalate_after`` trials got
       there: on a task that clicks later than ``first_rung`` x the budget a fixed first horizon would pause every
-      trial before its click until the episode cap ran out (README, "later clicks");
+      trial before its click until the episode cap ran out (docs/freeze-thaw.md, "Later clicks");
     * a trial that clicks later than the ``keep_quantile`` quantile of the others' click times is paused at its
       click (once ``min_clicked`` clicked); one that clicks earlier runs to the full budget;
     * a *probe* (``probes``: every ``probe_every``-th trial, by Optuna trial number, marked by
