@@ -578,3 +578,36 @@ def test_shift_curves_delays_every_series_and_keeps_the_table_loadable(tmp_path,
     assert new["objective"][n - k:] == [old["objective"][-1]] * k
     assert mod.main([str(tiny), "--by", "1.5", "--out", str(out)]) == 2
     assert "--by" in capsys.readouterr().err
+
+
+def test_sampler_first_good_counts_the_draws_until_a_good_configuration():
+    """scripts/sampler_first_good.py (an instrument: docs/freeze-thaw.md): with every configuration at the target
+    the first draw ends it; with only the best one, random sampling needs exactly the draws a RandomSampler of the
+    same seed makes until one maps to it (replayed here by hand), and TPE told the click or the final value needs
+    at least one."""
+    import importlib.util
+
+    import optuna
+
+    from search import DefineByRun
+
+    spec = importlib.util.spec_from_file_location("sampler_first_good", REPO / "scripts" / "sampler_first_good.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    table = load_table(TINY)
+    everything = 100.0 * (table.best - float(table.value.min()))
+    for told in ("random", "click", "final"):
+        assert mod.trials_to_first_good(table, everything, told, seed=0, n_startup=2) == 1
+    best = int(np.argmax(table.value))
+    for seed in range(3):
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+        define, k = DefineByRun(table.search), 0
+        while True:
+            k += 1
+            trial = study.ask()
+            define(trial)
+            if table.curve_of(trial.params, seed)[0] == best:
+                break
+            study.tell(trial, 0.0)
+        assert mod.trials_to_first_good(table, 0.0, "random", seed, n_startup=2) == k
+        assert 1 <= mod.trials_to_first_good(table, 0.0, "click", seed, n_startup=2) <= 200
