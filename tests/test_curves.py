@@ -154,3 +154,28 @@ def test_the_click_level_does_not_depend_on_how_often_a_table_was_recorded():
     assert a["shape"]["click_at_quartiles"] == b["shape"]["click_at_quartiles"]
     # the first three recorded values' median (the old rule) would have put the fine table's plateau at 0.3
     assert float(np.median(fine[0]["objective"][:3])) == pytest.approx(0.3)
+
+
+def test_signals_of_a_minimised_objective_are_those_of_its_negation(tmp_path):
+    """A table whose objective is minimised (header ``objective.mode: min``, e.g. a loss) is read negated: the
+    same curves stored as 1 - accuracy with mode min give the same clicks, shape and signal ranks as the
+    accuracy table, and the report says the objective was negated."""
+    from search.bench.signals import table_signals
+
+    src = REPO / "tests" / "data" / "curves-tiny.jsonl"
+    lines = src.read_text().splitlines()
+    head = json.loads(lines[0])
+    head["objective"] = {**head["objective"], "mode": "min"}
+    rows = [json.loads(x) for x in lines[1:]]
+    for r in rows:
+        r["objective"] = [None if v is None else 1.0 - v for v in r["objective"]]
+    flipped = tmp_path / "tiny-min.jsonl"
+    flipped.write_text("\n".join(json.dumps(x) for x in [head, *rows]) + "\n")
+    a, b = table_signals([str(src)], n_boot=50)["tiny"], table_signals([str(flipped)], n_boot=50)["tiny"]
+    assert not a["objective_negated"] and b["objective_negated"]
+    assert b["clicked"] == a["clicked"] and b["click_level"] == pytest.approx(a["click_level"] - 1.0, abs=1e-3)
+    assert b["shape"]["click_at_quartiles"] == a["shape"]["click_at_quartiles"]
+    assert b["shape"]["click_time_vs_final"] == a["shape"]["click_time_vs_final"]
+    for f, per in a["signals"]["objective"].items():
+        assert b["signals"]["objective"][f]["spearman"] == per["spearman"]
+        assert b["signals"]["objective"][f]["auroc_click"] == per["auroc_click"]

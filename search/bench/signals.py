@@ -24,7 +24,9 @@ summed over the curves, and the median curve's).
 Signals, each oriented so that higher should mean better: ``objective`` (the search's objective), ``acc_1`` (the
 accuracy at the 1st instance: what the controller learns without the memory), ``neg_val_loss``,
 ``neg_train_loss`` and ``neg_read_entropy`` (the memory's reads sharpening; recorded since 2026-12-06, absent from
-older tables). A signal a table does not have is left out.
+older tables). A signal a table does not have is left out. A table whose objective is minimised (its header's
+``objective.mode`` is ``min``, e.g. a loss) has its objective negated throughout (``objective_negated`` in the
+report), so larger is better here as in the benchmark.
 """
 
 from __future__ import annotations
@@ -199,7 +201,11 @@ def table_signals(paths: list[str], fractions=FRACTIONS, n_boot: int = 2000) -> 
     for path in paths:
         header, curves = read_table(path)
         budget = max(max(c["episodes"]) for c in curves if c["episodes"])
-        out[header.get("name", str(path))] = signal_power(curves, budget, fractions, n_boot)
+        negated = (header.get("objective") or {}).get("mode") == "min"
+        if negated:  # a "min" objective (a loss): negated, so that larger is better here as everywhere
+            curves = [{**c, "objective": [None if v is None else -float(v) for v in c["objective"]]} for c in curves]
+        out[header.get("name", str(path))] = {**signal_power(curves, budget, fractions, n_boot),
+                                              "objective_negated": negated}
     return out
 
 
@@ -207,7 +213,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = []
     for name, t in report.items():
         lines.append(f"{name}: {t['used']} of {t['curves']} curves ran the full {t['budget']:g} episodes; "
-                     f"{t['clicked']} clicked (final >= {t['click_level']:.3f})")
+                     f"{t['clicked']} clicked (final >= {t['click_level']:.3f})"
+                     + ("; a 'min' objective, negated throughout" if t.get("objective_negated") else ""))
         sh = t.get("shape")
         if sh:
             lines.append(f"  shape: {shape_line(sh)}")
@@ -242,7 +249,8 @@ def markdown_report(report: dict[str, Any]) -> str:
     for name, t in report.items():
         fr = sorted({f for sig in t["signals"].values() for f in sig}, key=float)
         sh = t.get("shape") or {}
-        lines.append(f"**{name}** ({t['used']} curves of {t['budget']:g} episodes; {t['clicked']} click)")
+        lines.append(f"**{name}** ({t['used']} curves of {t['budget']:g} episodes; {t['clicked']} click"
+                     + ("; a 'min' objective, negated throughout" if t.get("objective_negated") else "") + ")")
         if sh:
             lines.append(shape_line(sh))
         lines += ["", "| signal (higher = better) | " + " | ".join(f"at {float(f):.0%}: Spearman [95 % CI] | AUROC"
