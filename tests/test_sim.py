@@ -611,3 +611,20 @@ def test_sampler_first_good_counts_the_draws_until_a_good_configuration():
             study.tell(trial, 0.0)
         assert mod.trials_to_first_good(table, 0.0, "random", seed, n_startup=2) == k
         assert 1 <= mod.trials_to_first_good(table, 0.0, "click", seed, n_startup=2) <= 200
+
+
+def test_the_target_is_a_regret_most_baseline_studies_reach():
+    """With an even number of baseline studies the target is the upper of the two middle final regrets (their
+    mean, 2.5 here, is reached by only half the studies: the baseline's median episodes to it would be infinite
+    and its own speed-up 0), so the baseline's median episodes to its target are finite."""
+    from search.bench import stats
+    from search.bench.replay import target_regret
+
+    table = load_table(TINY)
+    finals = [1.0, 2.0, 3.0, 4.0]
+    baseline = [(np.array([10.0, 20.0 * (k + 1)]), np.array([9.0, f])) for k, f in enumerate(finals)]
+    target = target_regret(table, baseline)
+    assert target == 3.0
+    to_target = [float(xs[np.argmax(ys <= target)]) if (ys <= target).any() else math.inf for xs, ys in baseline]
+    assert math.isfinite(float(np.median(to_target))) and stats.speedup(to_target, to_target) == 1.0
+    assert target_regret(table, baseline[:3]) == 2.0  # odd: the median itself
