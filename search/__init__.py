@@ -34,6 +34,7 @@ _LAZY = {
     "suggest": "space", "make_sampler": "space", "DefineByRun": "space",
     "PlateauRule": "schedulers", "PlateauStopping": "schedulers", "StudyEvidence": "schedulers",
     "FreezeThawRule": "schedulers", "FreezeThaw": "schedulers", "SlotLimiter": "schedulers",
+    "plateau_span": "schedulers",
     "CONTINUE": "schedulers", "STOP": "schedulers",
     "connect_ray": "ray_cluster",
     "load_model": "model_format",

@@ -262,7 +262,6 @@ def _run_tune(table: Table, methods: list[str], repeats: int, compress: float, s
 def _run_sim(table: Table, methods: list[str], repeats: int, shipped, every: int, progress,
              t0: float) -> dict[str, list[Run]]:
     """Every method's studies on the simulated engine, one after another in this process."""
-
     num_samples = table.search.config.budget.num_samples
     runs: dict[str, list[Run]] = {}
     cap = target = None
@@ -307,7 +306,6 @@ def benchmark(curves: str | Path, repeats: int = 100, methods: list[str] | None 
     ``docs/benchmark.md``). ``num_samples``/``max_concurrent``: the baseline's study shape (:func:`with_shape`;
     default: the table's recorded search). ``keep_runs``: the studies too (under ``"_runs"``, not JSON)."""
     import optuna
-
 
     if engine not in ENGINES:
         raise ConfigError(f"--engine: {engine!r}; known: {list(ENGINES)}")

@@ -36,6 +36,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from search import plateau_span
+
 from .stats import interval, resample_index
 
 FRACTIONS = (0.1, 0.25)
@@ -92,8 +94,6 @@ def _at(curve: dict[str, Any], budget: float) -> int | None:
 def curve_plateau(curve: dict[str, Any], budget: float, sign: float = 1.0) -> float:
     """The median of a recorded curve's finite values in the plateau span (``search.schedulers.plateau_span``,
     the stretch the schedulers take a study's plateau from), times ``sign``; -inf if it has none."""
-    from search.schedulers import plateau_span
-
     points = [(float(e), sign * float(v)) for e, v in zip(curve["episodes"], curve["objective"])
               if v is not None and math.isfinite(float(v))]
     span = plateau_span(points, budget)
