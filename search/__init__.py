@@ -20,7 +20,7 @@ import sys as _sys
 RAY_IMPORTED_FIRST = "ray" in _sys.modules and "RAY_AUTH_MODE" not in _os.environ
 _os.environ.setdefault("RAY_AUTH_MODE", "token")
 
-from .config import LoadedSearch, SearchConfig, load_search_config
+from .config import LoadedSearch, SchedulerConfig, SearchConfig, load_search_config
 from .protocol import (TRIAL_NUMBER_KEY, BudgetWatch, Ending, StudyFacts, TrialOutcome, TrialReport, decide,
                        outcome_counts, sampled_point, selectable, trial_label, trial_name, label_of)
 from .study import SearchError, Study, git_commit
@@ -42,7 +42,7 @@ _LAZY = {
 
 __all__ = [
     # configuration and the study
-    "LoadedSearch", "SearchConfig", "load_search_config", "Study", "SearchError", "git_commit",
+    "LoadedSearch", "SearchConfig", "SchedulerConfig", "load_search_config", "Study", "SearchError", "git_commit",
     # the trial protocol
     "TrialReport", "TrialOutcome", "Ending", "StudyFacts", "BudgetWatch", "decide", "outcome_counts",
     "selectable", "trial_label", "trial_name", "label_of", "sampled_point", "TRIAL_NUMBER_KEY",

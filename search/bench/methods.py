@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from search import DefineByRun, LoadedSearch, SearchConfig, Study, TrialOutcome, make_sampler, make_searcher
+from search import (DefineByRun, LoadedSearch, SchedulerConfig, SearchConfig, Study, TrialOutcome, make_sampler,
+                    make_searcher)
 
-from ..config import SchedulerConfig
 from .table import Table, search_from_header
 
 BASELINE = "tpe+asha (ray optuna)"
