@@ -273,6 +273,8 @@ def cmd_benchmark(args) -> int:
                 for m, v in t["methods"].items()]
         for line in table(head, rows, right=set(range(1, 8))):
             print(line)
+        if noise_line(t):
+            print(noise_line(t))
         print(oracle_line(t))
         print(f"plot: {t['plot']}")
     for m, g in out["across_tables"].items():
@@ -303,6 +305,17 @@ def cmd_compare(args) -> int:
     if out["only_in_one"]:
         print(f"not compared (in one run only): {', '.join(out['only_in_one'])}")
     return 0
+
+
+def noise_line(t: dict) -> str | None:
+    """A warning where a table's configurations differ little beyond their seeds' noise (``config_share``)."""
+    from .bench.replay import NOISE_SHARE
+
+    share = t.get("config_share")
+    if share is None or share >= NOISE_SHARE:
+        return None
+    return (f"warning: only {share:.0%} of the spread of this table's final values lies between configurations, "
+            f"the rest between seeds of one: it ranks luck more than methods (speed-ups here mean little)")
 
 
 def oracle_line(t: dict) -> str:
@@ -346,7 +359,7 @@ def benchmark_markdown(out: dict) -> str:
                 + (f"{k['stopped'] * 100:.1f} % ({k['stopped_trials']})" if k["stopped_trials"] else "-") + " | "
                 + (f"{k['paused_never_resumed'] * 100:.1f} % ({k['paused_trials']})" if k["paused_trials"] else "-")
                 + " |")
-        lines += ["", oracle_line(t) + ".", ""]
+        lines += ["", *([noise_line(t) + ".", ""] if noise_line(t) else []), oracle_line(t) + ".", ""]
     if len(out.get("tables", {})) > 1 and out.get("across_tables"):
         lines += [f"Across {len(out['tables'])} tables: geometric mean of the speed-ups", "",
                   "| method | speed-up, geometric mean [95 % CI] |", "| --- | ---: |"]

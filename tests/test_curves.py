@@ -166,6 +166,7 @@ def test_signals_of_a_minimised_objective_are_those_of_its_negation(tmp_path):
     lines = src.read_text().splitlines()
     head = json.loads(lines[0])
     head["objective"] = {**head["objective"], "mode": "min"}
+    head["search"]["objectives"][0]["mode"] = "min"  # the header's objective is its search's primary one
     rows = [json.loads(x) for x in lines[1:]]
     for r in rows:
         r["objective"] = [None if v is None else 1.0 - v for v in r["objective"]]
@@ -179,3 +180,118 @@ def test_signals_of_a_minimised_objective_are_those_of_its_negation(tmp_path):
     for f, per in a["signals"]["objective"].items():
         assert b["signals"]["objective"][f]["spearman"] == per["spearman"]
         assert b["signals"]["objective"][f]["auroc_click"] == per["auroc_click"]
+
+
+def _tiny(tmp_path, name: str, edit_head=None, edit_rows=None):
+    """tests/data/curves-tiny.jsonl (12 real curves, 6 configurations) rewritten by ``edit_head(head)`` and
+    ``edit_rows(rows)`` into ``tmp_path / name``."""
+    lines = (REPO / "tests" / "data" / "curves-tiny.jsonl").read_text().splitlines()
+    head, rows = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
+    if edit_head:
+        edit_head(head)
+    if edit_rows:
+        edit_rows(rows)
+    out = tmp_path / name
+    out.write_text("\n".join(json.dumps(x) for x in [head, *rows]) + "\n")
+    return out
+
+
+def _set(rows, k, key, value):
+    rows[k] = {**rows[k], key: value}
+
+
+@pytest.mark.parametrize("why,edit_head,edit_rows,message", [
+    ("a column shorter than the episodes", None,
+     lambda rows: _set(rows, 2, "objective", rows[2]["objective"][:-1]),
+     r"t.jsonl:4: objective has 19 entries for 20 evaluations"),
+    ("a training-time column shorter", None, lambda rows: _set(rows, 0, "train_s", rows[0]["train_s"][:5]),
+     r"t.jsonl:2: train_s has 5 entries"),
+    ("objective values as strings", None, lambda rows: _set(rows, 1, "objective", [str(v) for v in rows[1]["objective"]]),
+     r"t.jsonl:3: objective values must be numbers"),
+    ("an empty curve", None, lambda rows: _set(rows, 1, "episodes", []), r"t.jsonl:3: episodes must be a non-empty"),
+    ("episodes out of order", None, lambda rows: _set(rows, 1, "episodes", rows[1]["episodes"][::-1]),
+     r"t.jsonl:3: episodes must increase"),
+    ("a header objective its search does not have", lambda h: h["objective"].update(mode="min"), None,
+     r"header's objective \(val/acc_2plus, min\) is not its search's primary objective \(val/acc_2plus, max\)"),
+    ("a misspelt mode", lambda h: h["objective"].update(mode="minimize"), None,
+     r"header's objective must be .*got .*minimize"),
+    ("curves longer than the header's budget", None,
+     lambda rows: [_set(rows, k, "episodes", [10 * e for e in r["episodes"]]) for k, r in enumerate(rows)],
+     r"t.jsonl:2 \(configuration 0, seed 0\): evaluated at 300000 episodes, past the search's budget of 30000"),
+    ("a cut curve not marked diverged", None,
+     lambda rows: _set(rows, 3, "episodes", rows[3]["episodes"][:8]) or [
+         _set(rows, 3, c, rows[3][c][:8]) for c in ("objective", "train_s", "acc_by_instance", "val_loss",
+                                                      "train_loss", "read_entropy") if rows[3].get(c)],
+     r"t.jsonl:5 \(configuration \d+, seed \d\): ends at 12000 episodes, before the budget of 30000, and is not "
+     r"marked diverged"),
+    ("a point outside its choices", None,
+     lambda rows: _set(rows, 4, "point", {**rows[4]["point"], "model.memory.width": 7}),
+     r"t.jsonl:6 .*model.memory.width = 7 is not one of its choices"),
+    ("a point outside its range", None,
+     lambda rows: _set(rows, 4, "point", {**rows[4]["point"], "train.lr": 5.0}),
+     r"t.jsonl:6 .*train.lr = 5.0 is outside its range"),
+    ("a point of another space", None,
+     lambda rows: _set(rows, 4, "point", {**rows[4]["point"], "model.memory.heads": 2}),
+     r"t.jsonl:6 .*point sets model.memory.heads, which is not in the search's space"),
+    ("a flat table", None,
+     lambda rows: [_set(rows, k, "objective", [0.2] * len(r["objective"])) for k, r in enumerate(rows)],
+     r"every configuration ends at the same val/acc_2plus \(0.2\): there is nothing for a search to find"),
+])
+def test_a_table_that_contradicts_itself_is_refused_naming_the_file_line_and_column(tmp_path, why, edit_head,
+                                                                                      edit_rows, message):
+    """Both readers of a table (the benchmark's ``load_table`` and ``mann-search curves signals``) check its curves
+    against their format and its header (objective, budget, space) and name the culprit, where a table of
+    another task, edited or converted by hand, would otherwise give figures that cannot be right."""
+    from search.bench.signals import table_signals
+    from search.bench.table import load_table
+
+    bad = _tiny(tmp_path, "t.jsonl", edit_head, edit_rows)
+    with pytest.raises(ConfigError, match=message):
+        load_table(bad)
+    with pytest.raises(ConfigError, match=message):
+        table_signals([str(bad)], n_boot=10)
+
+
+def test_a_diverged_curve_of_a_minimised_objective_counts_as_its_worst(tmp_path):
+    """A curve that diverged counts as the worst value it reached, in the objective's own direction: for a loss
+    (mode min) its largest, not its smallest (which made a diverged configuration the table's best); one without
+    any finite value counts as the table's worst. The same curves as accuracy (max) and as 1 - accuracy (min),
+    with a configuration diverged, give the same table."""
+    from search.bench.table import load_table
+
+    def diverge(rows):
+        for k in (0, 1):  # configuration 0, both seeds: NaN (null) from the 4th evaluation on, then none at all
+            rows[k]["diverged"] = True
+            rows[k]["objective"] = rows[k]["objective"][:3] + [None] * (len(rows[k]["objective"]) - 3)
+        rows[1]["objective"] = [None] * len(rows[1]["objective"])
+
+    def to_min(head):
+        head["objective"]["mode"] = head["search"]["objectives"][0]["mode"] = "min"
+
+    def min_rows(rows):
+        diverge(rows)
+        for r in rows:
+            r["objective"] = [None if v is None else 1.0 - v for v in r["objective"]]
+
+    a = load_table(_tiny(tmp_path, "max.jsonl", None, diverge))
+    b = load_table(_tiny(tmp_path, "min.jsonl", to_min, min_rows))
+    assert b.sign == -1.0 and a.sign == 1.0
+    np.testing.assert_allclose(b.value, a.value - 1.0, atol=1e-9)  # 1 - v negated: v - 1, larger = better
+    seed0 = json.loads((REPO / "tests" / "data" / "curves-tiny.jsonl").read_text().splitlines()[1])
+    assert a.value[0] == a.value.min()  # the diverged configuration is the table's worst, in both directions
+    # seed 0 at the worst of its 3 finite values, seed 1 (nothing finite) at the table's worst curve
+    assert a.value[0] <= min(seed0["objective"][:3])
+
+
+def test_signals_of_a_table_with_unflagged_non_finite_values_are_valid_json(tmp_path):
+    """A curve with NaN (or null) values not marked diverged is left out of the signals (it has no final value),
+    and the report is valid JSON (no NaN) in both formats."""
+    from search.bench.signals import format_report, table_signals
+
+    def nan(rows):
+        rows[2]["objective"] = rows[2]["objective"][:-1] + [float("nan")]
+
+    report = table_signals([str(_tiny(tmp_path, "nan.jsonl", None, nan))], n_boot=10)["tiny"]
+    assert report["used"] == report["curves"] - 1
+    json.dumps(report, allow_nan=False)
+    assert "tiny:" in format_report({"tiny": report})

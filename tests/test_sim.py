@@ -628,3 +628,29 @@ def test_the_target_is_a_regret_most_baseline_studies_reach():
     to_target = [float(xs[np.argmax(ys <= target)]) if (ys <= target).any() else math.inf for xs, ys in baseline]
     assert math.isfinite(float(np.median(to_target))) and stats.speedup(to_target, to_target) == 1.0
     assert target_regret(table, baseline[:3]) == 2.0  # odd: the median itself
+
+
+def test_a_table_of_seed_noise_is_flagged_as_unable_to_tell_methods_apart(tmp_path, capsys):
+    """``config_share`` (the share of the final values' variance between configurations rather than between seeds)
+    is high on a recorded table and near 0 on curves of noise around one level; the benchmark saves it and warns
+    below ``NOISE_SHARE``, where its speed-ups would rank luck."""
+    from search.bench.replay import NOISE_SHARE
+    from search.bench.table import load_table
+    from search.cli import main
+
+    rng = np.random.default_rng(0)
+    lines = TINY.read_text().splitlines()
+    rows = [json.loads(x) for x in lines[1:]]
+    for r in rows:
+        r["objective"] = [0.2 + 0.01 * float(x) for x in rng.standard_normal(len(r["objective"]))]
+    noise = tmp_path / "noise.jsonl"
+    noise.write_text("\n".join([lines[0], *(json.dumps(r) for r in rows)]) + "\n")
+    real, flat = load_table(REPO / "results" / "curves" / "quickstart.jsonl"), load_table(noise)
+    assert real.config_share() > 0.9 and flat.config_share() < NOISE_SHARE
+    for path, warned in ((noise, True), (TINY, False)):
+        assert main(["benchmark", "--curves", str(path), "--repeats", "3", "--markdown", "--plot",
+                     str(tmp_path / "p.png"), "--n-boot", "50", "--methods", "random",
+                     "--save", str(tmp_path / "out.json")]) == 0
+        assert ("warning: only" in capsys.readouterr().out) == warned
+        saved = json.loads((tmp_path / "out.json").read_text())
+        assert (saved["tables"]["tiny"]["config_share"] < NOISE_SHARE) == warned

@@ -140,10 +140,46 @@ def read_table(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         raise ConfigError(f"{path}: not a curves table (JSON Lines expected: {exc})") from None
     _check_header(path, rows[0] if rows else None)
     for i, row in enumerate(rows[1:], 2):
-        missing = [k for k in ("config_id", "seed", "point", "episodes", "objective", "train_s") if k not in row]
-        if missing:
-            raise ConfigError(f"{path}:{i}: curve without {', '.join(missing)}")
+        _check_curve(f"{path}:{i}", row)
     return rows[0], rows[1:]
+
+
+# Per-evaluation columns beside ``episodes``: each, where a curve has it, holds one entry per evaluation.
+PER_EVALUATION = ("objective", "train_s", "acc_by_instance", "val_loss", "train_loss", "read_entropy")
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_curve(where: str, row: Any) -> None:
+    """A curve's structure (the module doc's format): errors name the file, line and column."""
+    if not isinstance(row, dict):
+        raise ConfigError(f"{where}: a curve must be a JSON object, got {type(row).__name__}")
+    missing = [k for k in ("config_id", "seed", "point", "episodes", "objective", "train_s") if k not in row]
+    if missing:
+        raise ConfigError(f"{where}: curve without {', '.join(missing)}")
+    if not isinstance(row["point"], dict):
+        raise ConfigError(f"{where}: point must be an object of dotted paths to values")
+    eps = row["episodes"]
+    if not isinstance(eps, list) or not eps or not all(_number(e) and math.isfinite(e) for e in eps):
+        raise ConfigError(f"{where}: episodes must be a non-empty list of numbers (one per evaluation)")
+    if any(b <= a for a, b in zip(eps, eps[1:])):
+        raise ConfigError(f"{where}: episodes must increase from one evaluation to the next")
+    for column in PER_EVALUATION:
+        col = row.get(column)
+        if col is None or (column not in ("objective", "train_s") and col == []):
+            continue  # an optional column the curve does not have
+        if not isinstance(col, list) or len(col) != len(eps):
+            n = len(col) if isinstance(col, list) else type(col).__name__
+            raise ConfigError(f"{where}: {column} has {n} entries for {len(eps)} evaluations (episodes)")
+    if not all(v is None or _number(v) for v in row["objective"]):
+        bad = next(v for v in row["objective"] if not (v is None or _number(v)))
+        raise ConfigError(f"{where}: objective values must be numbers (or null where not finite), got {bad!r}")
+    if not all(_number(v) and math.isfinite(v) for v in row["train_s"]):
+        raise ConfigError(f"{where}: train_s must be finite numbers (cumulative training seconds)")
+    if "diverged" in row and not isinstance(row["diverged"], bool):
+        raise ConfigError(f"{where}: diverged must be true or false, got {row['diverged']!r}")
 
 
 def record(config_file: str, overrides: list[str], out: Path, configs: int, seeds: int, workers: int,

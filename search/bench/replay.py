@@ -8,7 +8,9 @@ search path (the Tuner, searcher, sampler and scheduler that ``mann-search run``
   through ``tune.report`` after sleeping the recorded training time between evaluations times ``compress``, so
   asynchronous trials reach their rungs in a realistic order. Nearest neighbour works on any table in the documented
   format, random draws included, and never invents a curve; its leave-one-out check (the final accuracy of each
-  configuration predicted by its nearest other one) is printed as ``mapping_loo``.
+  configuration predicted by its nearest other one) is printed as ``mapping_loo``; ``config_share``, the share of
+  the final values' variance between configurations rather than between seeds (:meth:`Table.config_share`), says
+  whether the table has anything to find: near 0 it ranks seeds, and the CLI warns (below :data:`NOISE_SHARE`).
 * **Scores.** The table's value of a configuration is the mean over its seeds of the final objective. At any point
   of a study the selected configuration is the trial with the best latest reported objective (what selection
   ranks by); its regret is the table's best value minus the selected configuration's, in points.
@@ -52,6 +54,9 @@ from .sim import SIM_ONLY, run_study_sim
 from .table import Table, finite, final_objective, load_table, recorded_values, with_shape
 
 FRACTIONS = (0.25, 0.5, 1.0)
+# Below this config_share a table's spread is mostly seed noise: the CLI warns that it cannot tell methods apart
+# (the recorded tables: 0.64-0.97; curves of noise around one level: 0.00-0.03).
+NOISE_SHARE = 0.3
 
 
 # --- the replay trainable ------------------------------------------------------------------------------------
@@ -208,7 +213,8 @@ def kills(table: Table, run: Run) -> tuple[int, int, int, int]:
     paused = set(run.paused)
     stopped = top = held = held_top = 0
     for trial, (cfg, c) in curve_of.items():
-        good = table.sign * final_objective(table.curves[cfg][c]) >= table.top_quartile
+        final = final_objective(table.curves[cfg][c], table.sign)
+        good = final is not None and final >= table.top_quartile
         if trial in paused:
             held += 1
             held_top += good
@@ -341,8 +347,11 @@ def score(table: Table, runs: dict[str, list[Run]], shipped: SearchConfig | None
     cap = int(max(full_study_episodes(x, num_samples) for x in runs[BASELINE]))
     blind = blind_regret(table)
     scale = 100.0 * (table.best - float(np.median(table.value)))  # normalised regret: 1 = the median config
+    if scale <= 0:  # more than half the configurations tie at the best: 1 = the mean configuration instead
+        scale = 100.0 * (table.best - float(np.mean(table.value)))  # > 0: load_table refuses a flat table
     trajs = {m: [trajectory(table, x) for x in rs] for m, rs in runs.items()}
     target = target_regret(table, trajs[BASELINE])
+    share = table.config_share()
     to_target = {m: np.array([stats.first_reach(xs, ys, target) for xs, ys in tr]) for m, tr in trajs.items()}
     grid = stats.log_grid(0.1 * max_t, max(cap, max_t), 100)
     out: dict[str, Any] = {
@@ -350,7 +359,8 @@ def score(table: Table, runs: dict[str, list[Run]], shipped: SearchConfig | None
         "default": _method_of(shipped or table.search.config), "full_study_episodes": full, "episode_cap": cap,
         "study_shape": {"num_samples": num_samples, "max_concurrent": table.search.config.budget.max_concurrent},
         "full_run_episodes": max_t, "table_best": table.best * table.sign, "target_regret": round(target, 3),
-        "normalisation_points": round(scale, 3), "mapping_loo": round(table.mapping_loo(), 3), "methods": {}}
+        "normalisation_points": round(scale, 3), "mapping_loo": round(table.mapping_loo(), 3),
+        "config_share": None if share is None else round(share, 3), "methods": {}}
     oracle = bound.oracle_screen(table, target)
     base_median = float(np.median(to_target[BASELINE]))
     out["oracle_screen"] = {**oracle, "speedup_bound": stats.finite_or_none(base_median / oracle["episodes_to_target"])}

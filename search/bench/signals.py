@@ -36,9 +36,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from mann.config import ConfigError
 from search import plateau_span
 
 from .stats import interval, resample_index
+from .table import load_table
 
 FRACTIONS = (0.1, 0.25)
 CLICK_FRACTION = 0.25  # as search.config.PlateauConfig.click_fraction
@@ -112,14 +114,17 @@ def click_labels(finals: np.ndarray, firsts: np.ndarray,
 def signal_power(curves: list[dict[str, Any]], budget: float, fractions=FRACTIONS, n_boot: int = 2000,
                  seed: int = 0) -> dict[str, Any]:
     """The report of the module doc for one table's curves (``budget``: the table's full episodes)."""
-    usable = [c for c in curves if not c.get("diverged") and c["objective"] and c["objective"][-1] is not None
+    usable = [c for c in curves if not c.get("diverged") and c["objective"] and _finite(c["objective"][-1])
               and c["episodes"][-1] >= budget - 1e-9]
+    if len(usable) < 2:
+        raise ConfigError(f"{len(usable)} of {len(curves)} curves ran the full {budget:g} episodes to a finite "
+                          f"objective: too few to measure signals on")
     finals = np.array([float(c["objective"][-1]) for c in usable])
     firsts = np.array([curve_plateau(c, budget) for c in usable])
     clicked, level = click_labels(finals, firsts)
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {"curves": len(curves), "used": len(usable), "budget": budget,
-                           "click_level": round(level, 4), "clicked": int(clicked.sum()),
+                           "click_level": _r(level, 4), "clicked": int(clicked.sum()),
                            "shape": shape(usable, budget, level, curves), "signals": {}}
     for name, read in SIGNALS.items():
         per: dict[str, Any] = {}
@@ -189,23 +194,29 @@ def shape_line(sh: dict[str, Any]) -> str:
             f"{f['top_quartile'] * 100:.1f} %, median {f['median'] * 100:.1f} %, worst {f['worst'] * 100:.1f} %")
 
 
-def _r(x: float):
-    return None if x is None or not math.isfinite(float(x)) else round(float(x), 3)
+def _r(x: float, digits: int = 3):
+    return None if x is None or not math.isfinite(float(x)) else round(float(x), digits)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def table_signals(paths: list[str], fractions=FRACTIONS, n_boot: int = 2000) -> dict[str, Any]:
     """``{table name: signal_power(...)}`` for tables written by ``mann-search curves record``."""
-    from .curves import read_table
-
     out = {}
     for path in paths:
-        header, curves = read_table(path)
-        budget = max(max(c["episodes"]) for c in curves if c["episodes"])
-        negated = (header.get("objective") or {}).get("mode") == "min"
+        table = load_table(path)  # the benchmark's checks: objective, budget and space as its header says
+        curves = [c for cs in table.curves for c in cs]
+        budget = float(table.search.max_episodes)
+        negated = table.sign < 0
         if negated:  # a "min" objective (a loss): negated, so that larger is better here as everywhere
             curves = [{**c, "objective": [None if v is None else -float(v) for v in c["objective"]]} for c in curves]
-        out[header.get("name", str(path))] = {**signal_power(curves, budget, fractions, n_boot),
-                                              "objective_negated": negated}
+        try:
+            report = signal_power(curves, budget, fractions, n_boot)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        out[table.header.get("name", str(path))] = {**report, "objective_negated": negated}
     return out
 
 
@@ -213,7 +224,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines = []
     for name, t in report.items():
         lines.append(f"{name}: {t['used']} of {t['curves']} curves ran the full {t['budget']:g} episodes; "
-                     f"{t['clicked']} clicked (final >= {t['click_level']:.3f})"
+                     f"{t['clicked']} clicked (final >= {_level(t['click_level'])})"
                      + ("; a 'min' objective, negated throughout" if t.get("objective_negated") else ""))
         sh = t.get("shape")
         if sh:
@@ -237,6 +248,10 @@ def format_report(report: dict[str, Any]) -> str:
                 row += f"  {_fmt(p['spearman']):>16s} [{_fmt(lo)}, {_fmt(hi)}]  {auc:>5s}"
             lines.append(row)
     return "\n".join(lines)
+
+
+def _level(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def _fmt(x) -> str:
