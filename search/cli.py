@@ -144,6 +144,9 @@ def cmd_status(args) -> int:
           + _counts(info["trial_outcomes"].values()))
     if info.get("paused"):
         print(f"paused (checkpoint kept, resumed when their turn comes): {', '.join(info['paused'])}")
+        for name in info["paused"]:
+            if info.get("paused_why", {}).get(name):
+                print(f"  {name}: {info['paused_why'][name]}")
     sched, budget = info["scheduler"], info["budget"]
     flat = {k: v for k, v in sched.items() if not isinstance(v, dict)}
     for v in sched.values():
@@ -275,6 +278,9 @@ def cmd_benchmark(args) -> int:
             print(line)
         if noise_line(t):
             print(noise_line(t))
+        for m, v in t["methods"].items():
+            if v.get("spend_to_target"):
+                print(spend_line(m, v))
         print(oracle_line(t))
         print(f"plot: {t['plot']}")
     for m, g in out["across_tables"].items():
@@ -318,6 +324,16 @@ def noise_line(t: dict) -> str | None:
             f"the rest between seeds of one: it ranks luck more than methods (speed-ups here mean little)")
 
 
+def spend_line(method: str, v: dict) -> str:
+    """Where a pause-and-resume method's episodes went before its studies reached the target (full runs per
+    study): on configurations at the target, and on the others by the scheduler's last word on each trial."""
+    spend = dict(v["spend_to_target"])
+    good = spend.pop("good", 0.0)
+    return (f"{method}, episodes before the target (full runs per study, mean): {good:.2f} on configurations at "
+            f"the target; on the others, by the scheduler's last word on the trial: "
+            + ", ".join(f"{k} {x:.2f}" for k, x in spend.items()))
+
+
 def oracle_line(t: dict) -> str:
     """One table's oracle-screen bound in a sentence (search.bench.bound)."""
     o = t["oracle_screen"]
@@ -359,7 +375,9 @@ def benchmark_markdown(out: dict) -> str:
                 + (f"{k['stopped'] * 100:.1f} % ({k['stopped_trials']})" if k["stopped_trials"] else "-") + " | "
                 + (f"{k['paused_never_resumed'] * 100:.1f} % ({k['paused_trials']})" if k["paused_trials"] else "-")
                 + " |")
-        lines += ["", *([noise_line(t) + ".", ""] if noise_line(t) else []), oracle_line(t) + ".", ""]
+        lines += ["", *([noise_line(t) + ".", ""] if noise_line(t) else []),
+                  *[spend_line(m, v) + "." for m, v in t["methods"].items() if v.get("spend_to_target")],
+                  oracle_line(t) + ".", ""]
     if len(out.get("tables", {})) > 1 and out.get("across_tables"):
         lines += [f"Across {len(out['tables'])} tables: geometric mean of the speed-ups", "",
                   "| method | speed-up, geometric mean [95 % CI] |", "| --- | ---: |"]

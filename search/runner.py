@@ -26,7 +26,8 @@ from .lineage import make_callback
 from .ray_cluster import check_ray_address, connect_ray
 from .schedulers import StudyEvidence
 from .protocol import sampled_point, trial_dirname, trial_name
-from .searcher import LostTrials, StudySearch, close_open_trials, storage_url, trial_outcomes, warm_sources, warm_start
+from .searcher import (LostTrials, StudySearch, close_open_trials, paused_reasons, storage_url, trial_outcomes,
+                       warm_sources, warm_start)
 from .space import make_sampler
 from .study import SearchError, Study
 from .tracking import StudyTracker, check_tracking_uri, redact, resolve_tracking_uri, ui_link
@@ -417,10 +418,10 @@ def status(path: str) -> dict[str, Any]:
         if v is not None and (best is None or (v > best[0] if primary.mode == "max" else v < best[0])):
             best = (v, sampled_point(t.config), trial_name(t.config, str(t)))
     try:
-        by_trial = trial_outcomes(study)
+        by_trial, why = trial_outcomes(study), paused_reasons(study)
     except Exception as exc:  # the Optuna storage unreachable: Tune's states still say something
         log.warning("optuna: no outcomes (%s)", exc)
-        by_trial = {}
+        by_trial, why = {}, {}
     outcomes: dict[str, int] = {}
     for o in by_trial.values():
         outcomes[o] = outcomes.get(o, 0) + 1
@@ -429,7 +430,7 @@ def status(path: str) -> dict[str, Any]:
     return {"study": study.key, "path": study.path, "num_samples": cfg.budget.num_samples,
             "scheduler": scheduler_settings(cfg.scheduler), "budget": cfg.budget.to_dict(),
             "trials": len(ea.trials), "states": states, "outcomes": outcomes, "trial_outcomes": by_trial,
-            "paused": sorted(n for n, o in by_trial.items() if o == "paused"),
+            "paused": sorted(n for n, o in by_trial.items() if o == "paused"), "paused_why": why,
             "metric": primary.metric,
             "best": {"value": best[0], "trial": best[2], "config": best[1]} if best else None,
             "tracking_uri": redact("uri", study.tracking_uri), "experiment": study.experiment,

@@ -218,9 +218,11 @@ class StudyEvidence:
                 for t in ot.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
                 if TUNE_TRIAL_ATTR in t.user_attrs}
 
-    def mark(self, number: int, paused_at: float | None = None, resumed_at: float | None = None) -> None:
-        """Write a pause (``paused_at``) or a resume (``resumed_at``; clears the pause) on Optuna trial
-        ``number``: the pause state survives a driver restart and shows in optuna-dashboard."""
+    def mark(self, number: int, paused_at: float | None = None, resumed_at: float | None = None,
+             why: str | None = None) -> None:
+        """Write a pause (``paused_at``, and ``why`` the scheduler paused it) or a resume (``resumed_at``; clears
+        the pause) on Optuna trial ``number``: the pause state survives a driver restart and shows in
+        optuna-dashboard."""
         from .searcher import open_storage, storage_url
 
         storage = open_storage(storage_url(self.study))
@@ -228,8 +230,10 @@ class StudyEvidence:
         if resumed_at is not None:
             storage.set_trial_user_attr(tid, RESUMED_ATTR, float(resumed_at))
             storage.set_trial_user_attr(tid, PAUSED_ATTR, "")
+            storage.set_trial_user_attr(tid, PAUSED_WHY_ATTR, "")
         else:
             storage.set_trial_user_attr(tid, PAUSED_ATTR, float(paused_at))
+            storage.set_trial_user_attr(tid, PAUSED_WHY_ATTR, why or "")
 
 
 class _StoredEvidence:
@@ -325,8 +329,22 @@ class StoredASHA(_StoredEvidence, AsyncHyperBandScheduler):
 # --- pause and resume: freeze-thaw on time to click (scheduler.kind: freeze_thaw) ---------------------------
 
 PAUSE = "PAUSE"
-from .searcher import PAUSED_ATTR  # noqa: E402  Optuna user attribute: episodes when paused ("": running)
+from .searcher import PAUSED_ATTR, PAUSED_WHY_ATTR  # noqa: E402  Optuna user attributes: episodes when paused
 RESUMED_ATTR = "mann.resumed_at"  # ... episodes at which it was last resumed
+
+# click_rank: why a trial ran on or was paused at its latest evaluation (FreezeThawRule.why; one word each, in the
+# benchmark's spend breakdown; a paused trial's sentence is FreezeThawRule.reason, stored as mann.paused_why).
+WHY = {
+    "grace": "within the grace episodes: not judged yet",
+    "resumed": "resumed after a pause, or nothing fresh left to run instead: runs to its end",
+    "probe": "a probe: not paused before its click",
+    "waiting": "not clicked yet, before the horizon",
+    "not_clicked": "paused: not clicked by the horizon",
+    "kept": "clicked early among the study's clicks: runs to its end",
+    "unranked": "clicked before enough other trials had: nothing to rank it by, runs on",
+    "deferred": "paused: clicked before enough others had (defer_at)",
+    "late": "paused: clicked later than the kept share of the study's clicks",
+}
 
 
 @dataclass
@@ -405,6 +423,8 @@ class FreezeThawRule:
     paused: dict[Any, float] = field(default_factory=dict)  # trial -> episodes when paused
     started: dict[Any, float] = field(default_factory=dict)  # trial -> episodes when it last (re)started
     probes: set = field(default_factory=set)  # trials never paused before their click (click_rank)
+    why: dict[Any, str] = field(default_factory=dict)  # click_rank: trial -> WHY key of its latest decision
+    reason: dict[Any, str] = field(default_factory=dict)  # click_rank: trial -> why it was paused, a sentence
     pauses: int = 0
     resumes: int = 0
 
@@ -524,6 +544,8 @@ class FreezeThawRule:
         """Record one evaluation of a running trial; CONTINUE or PAUSE (larger values are better)."""
         self.record(key, t, value)
         self.started.setdefault(key, 0.0)
+        if t < self.grace and self.policy == "click_rank":
+            self.why[key] = "grace"
         if key in self.paused or t >= self.max_t or t < self.grace:
             return CONTINUE
         if self.policy == "click_rank":
@@ -561,20 +583,38 @@ class FreezeThawRule:
         return h
 
     def _click_rank(self, key: Any, t: float, can_start_new: bool) -> str:
-        if self.started[key] > 0 or not can_start_new:  # resumed, or nothing fresh to run instead: runs on
+        why, reason = self._rank(key, t, can_start_new)
+        self.why[key] = why
+        if reason is None:
             return CONTINUE
+        self.reason[key] = reason
+        self.pause(key, t)
+        return PAUSE
+
+    def _rank(self, key: Any, t: float, can_start_new: bool) -> tuple[str, str | None]:
+        """click_rank's decision on a trial at ``t`` episodes: (its WHY key, the sentence if it is paused)."""
+        if self.started[key] > 0 or not can_start_new:  # resumed, or nothing fresh to run instead: runs on
+            return "resumed", None
         clicks = self.clicks()
         own = clicks.get(key, math.inf)
         if math.isfinite(own):
             others = self._other_clicks(clicks, key)
             if self._kept(own, others):
-                return CONTINUE
-            if len(others) < self.min_clicked and not (self.defer_at > 0 and t >= self.defer_at * self.max_t):
-                return CONTINUE  # nothing to rank it by yet: it runs on, unless deferred
-        elif key in self.probes or t < self.horizon(clicks, exclude=key):
-            return CONTINUE
-        self.pause(key, t)
-        return PAUSE
+                return "kept", None
+            if len(others) < self.min_clicked:
+                if not (self.defer_at > 0 and t >= self.defer_at * self.max_t):
+                    return "unranked", None  # nothing to rank it by yet: it runs on, unless deferred
+                return "deferred", (f"clicked at {own:.0f} episodes while {len(others)} other trial(s) had "
+                                    f"(min_clicked {self.min_clicked}): deferred at {t:.0f} until the study's "
+                                    f"clicks rank it")
+            return "late", (f"clicked at {own:.0f} episodes, later than {100 * self.keep_quantile:.0f} % of the study's "
+                            f"{len(others)} other clicks (by {np.quantile(others, self.keep_quantile):.0f})")
+        if key in self.probes:
+            return "probe", None
+        h = self.horizon(clicks, exclude=key)
+        if t < h:
+            return "waiting", None
+        return "not_clicked", f"not clicked by {t:.0f} episodes, the horizon being {h:.0f}"
 
     def ranked_in(self, clicks: dict[Any, float] | None = None) -> list[Any]:
         """click_rank with ``defer_at``: the deferred trials (paused after their click) whose click now ranks
@@ -731,7 +771,7 @@ class FreezeThaw(_StoredEvidence, FIFOScheduler):
         decision = self.rule.observe(trial.trial_id, float(t), float(v) if self._mode == "max" else -float(v),
                                      self.can_start_new())
         if decision == PAUSE:
-            self._mark(trial.trial_id, paused_at=float(t))
+            self._mark(trial.trial_id, paused_at=float(t), why=self.rule.reason.get(trial.trial_id))
             return FIFOScheduler.PAUSE
         return CONTINUE
 

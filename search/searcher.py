@@ -40,6 +40,7 @@ log = logging.getLogger("mann_search")
 
 STORAGE_ENV = "MANN_OPTUNA_STORAGE"
 PAUSED_ATTR = "mann.paused_at"  # set by the freeze_thaw scheduler while it has a trial paused (search/schedulers.py)
+PAUSED_WHY_ATTR = "mann.paused_why"  # ... and why it paused it (a sentence; "" once resumed)
 TUNE_TRIAL_ATTR = "tune_trial_id"
 REASKED_ATTR = "mann.reasked_from"  # on a trial asked again for one lost with a killed driver: that trial's number
 RESUME_ATTR = "mann.resume_from"  # ... and the lost trial's newest checkpoint, if it left one (its config's RESUME_KEY)
@@ -495,4 +496,14 @@ def trial_outcomes(study: Study) -> dict[str, str]:
             out[name] = "paused" if t.user_attrs.get(PAUSED_ATTR) not in (None, "") else "running"
             continue
         out[name] = t.user_attrs.get("outcome", t.state.name.lower())
+    return out
+
+
+def paused_reasons(study: Study) -> dict[str, str]:
+    """``{trial name: why the freeze_thaw scheduler paused it}`` for the trials it has paused now (``""`` where
+    the storage holds no reason: paused by a version before 2026-12-07's)."""
+    out = {}
+    for t in OptunaStudy(study).study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if WARM_ATTR not in t.user_attrs and t.user_attrs.get(PAUSED_ATTR) not in (None, ""):
+            out[t.user_attrs.get(NAME_ATTR, f"t{t.number:02d}")] = str(t.user_attrs.get(PAUSED_WHY_ATTR) or "")
     return out

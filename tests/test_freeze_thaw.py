@@ -13,7 +13,7 @@ import search  # noqa: F401  (before Ray: token auth)
 from mann.config import ConfigError
 from search.config import load_search_config
 from search.protocol import TRIAL_NUMBER_KEY, Ending, StudyFacts, TrialReport, decide
-from search.schedulers import CONTINUE, PAUSE, STOP, FreezeThawRule
+from search.schedulers import CONTINUE, PAUSE, STOP, WHY, FreezeThawRule
 from search.study import Study
 
 from .test_study import search_yaml
@@ -59,11 +59,16 @@ def test_click_rank_horizon_and_keep_follow_the_studys_click_times():
     assert rule.horizon(clicks, exclude="x") == pytest.approx(11100)
     paused_at = next(t for t, v in zip(T, _curve(None, 0)) if rule.observe("flat", t, v, True) == PAUSE)
     assert paused_at == 12000  # the first evaluation at or past the horizon
+    assert rule.why["flat"] == "not_clicked"
+    assert rule.reason["flat"] == "not clicked by 12000 episodes, the horizon being 11100"
     # keep: clicking at or before the 0.75 quantile of the others' clicks (3k..12k: 9.75k) runs to the end
     for t, v in zip(T, _curve(6000, 0.8)):  # clicks at 9k
         assert rule.observe("early", t, v, True) == CONTINUE
+    assert rule.why["early"] == "kept" and "early" not in rule.reason
     late = [(t, rule.observe("late", t, v, True)) for t, v in zip(T, _curve(9000, 0.8)) if "late" not in rule.paused]
     assert late[-1] == (12000, PAUSE)  # paused at its click (12k, later than 9.75k)
+    assert rule.why["late"] == "late" and rule.reason["late"].startswith("clicked at 12000 episodes, later than 75 %")
+    assert set(rule.why.values()) <= set(WHY)
     # resume order once the searcher has no samples left: the earliest click first
     assert rule.wants_fresh() and rule.next_paused() == "late"
     rule.resume("late")
@@ -472,12 +477,15 @@ def test_a_resumed_freeze_thaw_scheduler_decides_as_an_uninterrupted_one(tmp_pat
     assert any(x[-1] == PAUSE for x in second) and any(x[-1] == "resumed" for x in second)
     print(f"{len(pauses)} pauses, {len(resumes)} resumes, {len(second)} decisions after the restart")
     # the pauses are in the storage: Optuna shows them, and status lists the paused trials
-    from search.searcher import trial_outcomes
+    from search.searcher import paused_reasons, trial_outcomes
 
     stored = restored.evidence.pauses()
     paused_now = {k for k, (p, _) in stored.items() if p is not None}
     assert paused_now == set(restored.rule.paused)
     assert sum(o == "paused" for o in trial_outcomes(study).values()) == len(paused_now)
+    # ... with why each was paused (optuna-dashboard's user attributes, `mann-search status`)
+    why = paused_reasons(study)
+    assert len(why) == len(paused_now) and all(w.startswith(("not clicked by", "clicked at")) for w in why.values())
 
 
 def test_a_resumed_asha_stops_as_an_uninterrupted_one(tmp_path):

@@ -654,3 +654,31 @@ def test_a_table_of_seed_noise_is_flagged_as_unable_to_tell_methods_apart(tmp_pa
         assert ("warning: only" in capsys.readouterr().out) == warned
         saved = json.loads((tmp_path / "out.json").read_text())
         assert (saved["tables"]["tiny"]["config_share"] < NOISE_SHARE) == warned
+
+
+def test_freeze_thaws_spend_before_the_target_is_split_by_its_last_word_on_each_trial():
+    """``spend_to_target``: a study's episodes until it reached the target, in full runs, on configurations at
+    the target (``good``) and on the others by freeze_thaw's last word on each trial (schedulers.WHY): with a
+    target never reached they add up to the study's whole spend; with one reached at the first result, to that
+    result's episodes."""
+    from search.bench.replay import spend_to_target
+    from search.bench.table import load_table
+    from search.config import load_search_config
+    from search.schedulers import WHY
+
+    table = load_table(TINY)
+    shipped = load_search_config(REPO / "configs/search/quickstart.yaml").config
+    max_t = float(table.search.max_episodes)
+    none_good = np.zeros(len(table.value), dtype=bool)
+    for seed in range(3):
+        run = run_study_sim(table, "tpe+freeze_thaw", seed, num_samples=12, cap=None, shipped=shipped)
+        assert run.why and set(run.why.values()) <= set(WHY)
+        last: dict[str, float] = {}
+        for trial, e, *_ in run.results:
+            last[trial] = e
+        never = spend_to_target(table, run, -1.0, none_good)
+        assert set(never) <= set(WHY) | {"other"}
+        assert sum(never.values()) == pytest.approx(sum(last.values()) / max_t)
+        first = spend_to_target(table, run, 1e9, none_good)
+        assert sum(first.values()) == pytest.approx(run.results[0][1] / max_t)
+        assert set(spend_to_target(table, run, -1.0, ~none_good)) == {"good"}

@@ -42,6 +42,7 @@ class Run:
     started: list[str] = field(default_factory=list)  # trial ids in the order the searcher created them
     paused: list[str] = field(default_factory=list)  # paused and never resumed (the simulated engine)
     resumed: dict[str, int] = field(default_factory=dict)  # trial -> times resumed after a pause (sim)
+    why: dict[str, str] = field(default_factory=dict)  # trial -> freeze_thaw's last word on it (sim; schedulers.WHY)
     wall_s: float = 0.0
     sim_s: float = 0.0  # simulated seconds of the study (the simulated engine)
 

@@ -206,6 +206,25 @@ def full_study_episodes(run: Run, num_samples: int) -> float:
     return float(sum(last.get(t, 0.0) for t in run.started[:num_samples]))
 
 
+def spend_to_target(table: Table, run: Run, target: float, good: np.ndarray) -> dict[str, float]:
+    """Where a study's episodes went until it reached ``target`` (its whole spend if it never did), in full
+    runs: ``good`` for trials of configurations at the target, else by the scheduler's last word on the trial
+    (``Run.why``, :data:`search.schedulers.WHY`; ``other`` where it has none)."""
+    xs, ys = trajectory(table, run)
+    until = stats.first_reach(xs, ys, target)
+    spent: dict[str, float] = {}
+    cfg_of: dict[str, int] = {}
+    for trial, e, _, cfg, _ in run.results:
+        if sum(spent.values()) >= until:
+            break
+        spent[trial], cfg_of[trial] = e, cfg
+    out: dict[str, float] = {}
+    for trial, e in spent.items():
+        key = "good" if good[cfg_of[trial]] else run.why.get(trial, "other")
+        out[key] = out.get(key, 0.0) + e / float(table.search.max_episodes)
+    return out
+
+
 def kills(table: Table, run: Run) -> tuple[int, int, int, int]:
     """(stopped for good by the scheduler, of which the curve ends in the top quartile; paused and never
     resumed, of which the curve ends in the top quartile)."""
@@ -390,10 +409,21 @@ def score(table: Table, runs: dict[str, list[Run]], shipped: SearchConfig | None
             "normalized_regret_at": {str(f): round(float(np.mean([stats.value_at(xs, ys, f * full, blind)
                                                                  for xs, ys in tr])) / scale, 3) for f in FRACTIONS},
             "trials_per_study": round(float(np.mean([len(x.started) for x in runs[m]])), 1),
+            **({"spend_to_target": _mean_spend(table, runs[m], target)} if any(x.why for x in runs[m]) else {}),
             "wall_s": round(sum(x.wall_s for x in runs[m]), 1)}
         out["methods"][m]["_to_target"] = to_target[m]
     out["_bands"], out["_grid"] = bands, grid / max_t
     return out
+
+
+def _mean_spend(table: Table, runs: list[Run], target: float) -> dict[str, float]:
+    """:func:`spend_to_target`, the mean over a method's studies, largest first (full runs per study)."""
+    good = bound.good_configurations(table, target)
+    total: dict[str, float] = {}
+    for run in runs:
+        for k, v in spend_to_target(table, run, target, good).items():
+            total[k] = total.get(k, 0.0) + v / len(runs)
+    return {k: round(v, 2) for k, v in sorted(total.items(), key=lambda kv: -kv[1])}
 
 
 def benchmark_tables(tables: list[str | Path], per_table: list[dict[str, Any]] | None = None,

@@ -334,4 +334,7 @@ def run_study_sim(table: Table, method: str, repeat: int, num_samples: int, cap:
     if isinstance(sched, FreezeThaw):  # as build_tuner does: a paused trial frees its slot
         searcher, limit = SlotLimiter(searcher, sched), None
     sim = SimStudy(table, searcher, sched, search, repeat, slots, every, limit=limit)
-    return sim.run()
+    run = sim.run()
+    if isinstance(sched, FreezeThaw):
+        run.why = dict(sched.rule.why)
+    return run
