@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, DataConfig, load_train_config
+from .config import ConfigError, DataConfig, from_dict, load_train_config
 
 EXIT_USAGE = 2
 
@@ -124,6 +125,8 @@ def cmd_train(args) -> int:
 
     cfg = load_train_config(args.config, args.set)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
+    if out.exists() and not out.is_dir():  # before any training: its checkpoints could not be written there
+        raise ConfigError(f"--out {out}: exists and is not a folder (the run's checkpoints and metrics go in a folder)")
     progress = _Progress(cfg.train.episodes)
     task = cfg.task
     shape = (f"{task.classes} classes x {task.instances} instances" if task.sampling == "balanced" else
@@ -160,10 +163,13 @@ def cmd_evaluate(args) -> int:
 def cmd_data(args) -> int:
     from . import omniglot
 
-    cfg = DataConfig(
-        data_dir=args.data_dir, cache_dir=args.cache_dir, image_size=args.image_size,
-        verify_counts=not args.no_verify_counts,
-    )
+    given = {"data_dir": args.data_dir, "cache_dir": args.cache_dir, "image_size": args.image_size,
+             "verify_counts": not args.no_verify_counts}
+    try:
+        cfg = from_dict(DataConfig, {k: v for k, v in given.items() if v is not None})
+    except ConfigError as exc:  # name the flag, not the config key: "--image-size: ..." for "image_size: ..."
+        raise ConfigError(re.sub(r"^(data_dir|cache_dir|image_size)\b", lambda m: "--" + m.group(1).replace("_", "-"),
+                                 str(exc))) from None
     if args.action == "download":
         for path in omniglot.download(cfg.resolved_data_dir()):
             print(f"ok {path}")

@@ -391,9 +391,31 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
+def _section_at(cls: type | None, parts: list[str]) -> bool:
+    """Whether the dotted path ``parts`` names a section (a typed config class) of the schema ``cls``."""
+    schema = cls
+    for part in parts:
+        names = _fields(schema) if schema is not None else None
+        if not names or part not in names:
+            return False
+        schema = _unwrap(names[part].annotation)
+    return _fields(schema) is not None
+
+
+def _expand(key: str, value: Any, cls: type | None) -> list[tuple[str, Any]]:
+    """A mapping given for a whole section (``train={episodes: 5}``, or ``overrides: {train: {episodes: 5}}``)
+    sets the keys it names and keeps the section's others, as their dotted paths would; a section is never
+    replaced wholesale (that reset every setting the mapping left out to its default, silently)."""
+    if isinstance(value, dict) and cls is not None and _section_at(cls, key.split(".")):
+        return [pair for k, v in value.items() for pair in _expand(f"{key}.{k}", v, cls)]
+    return [(key, value)]
+
+
 def apply_overrides(tree: dict[str, Any], overrides: list[tuple[str, Any]], cls: type | None = None) -> dict:
-    """Set dotted keys in a nested dict (copying it). With ``cls``, a path that the schema lacks is an error."""
+    """Set dotted keys in a nested dict (copying it). With ``cls``, a path that the schema lacks is an error, and a
+    mapping given for a section sets the keys it names (:func:`_expand`)."""
     tree = _deep_copy(tree)
+    overrides = [pair for key, value in overrides for pair in _expand(str(key), value, cls)]
     for key, value in overrides:
         parts = key.split(".")
         node = tree
@@ -437,6 +459,26 @@ def _deep_copy(tree: Any) -> Any:
     return tree
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int):
+        super().__init__(key)
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key set twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, turning I/O and syntax problems, and a file with no settings, into ConfigError
     naming the file."""
@@ -448,7 +490,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.__class__.__name__})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}: line {exc.line}: {exc.key} is set twice in one mapping (YAML would keep the "
+                          f"last one silently); set it once") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

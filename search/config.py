@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from mann import metrics
 from mann.config import (
     ConfigError,
     Number,
@@ -206,6 +207,34 @@ class OptunaConfig(Section):
     # see search.searcher.warm_start. Copied once, when the study starts; never trained again.
     warm_start: list[str] = Field(default_factory=list)
 
+    @model_validator(mode="after")
+    def _storage_url(self) -> "OptunaConfig":
+        if self.storage is not None:
+            problem = storage_url_problem(self.storage)
+            require(problem is None, f"storage: {problem}")
+        return self
+
+
+def storage_url_problem(url: str) -> str | None:
+    """What is wrong with an Optuna storage URL before anything connects (None: nothing seen): it must parse as an
+    SQLAlchemy URL whose dialect and driver are installed (``memory://NAME``: the benchmark's in-process storage)."""
+    if url.startswith("memory://"):
+        return None
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        dialect = make_url(url).get_dialect()
+        if hasattr(dialect, "import_dbapi"):
+            dialect.import_dbapi()  # the driver (psycopg2 ...) is there
+    except NoSuchModuleError:  # (an ArgumentError)
+        return f"no SQLAlchemy dialect {url.split('://')[0]!r} (postgresql+psycopg2, sqlite, mysql ...)"
+    except ArgumentError:  # the URL itself is not repeated: it may hold a password
+        return "not an SQLAlchemy URL (e.g. postgresql+psycopg2://USER:PASSWORD@HOST:5432/DB, sqlite:///PATH)"
+    except ImportError as exc:
+        return f"the driver of {url.split('://')[0]!r} is not installed ({exc.name or exc})"
+    return None
+
 
 class SelectionConfig(Section):
     enabled: bool = True
@@ -317,6 +346,7 @@ class LoadedSearch(Section):
         loaded = cls(config=from_dict(SearchConfig, tree), base=from_dict(TrainConfig, base))
         _validate_space(loaded)
         _validate_constraints(loaded)
+        _validate_objectives(loaded)
         return loaded
 
     @property
@@ -411,6 +441,7 @@ def load_search_config(path: str | Path, overrides: list[str] | None = None) -> 
                           digest=_digest(path, base_path, overrides))
     _validate_space(loaded)
     _validate_constraints(loaded)
+    _validate_objectives(loaded)
     return loaded
 
 
@@ -420,6 +451,27 @@ def _exists(tree: dict[str, Any], path: str) -> bool:
         return True
     except KeyError:
         return False
+
+
+def _validate_objectives(loaded: LoadedSearch) -> None:
+    """Each objective is a metric a trial reports (mann.metrics) on the validation characters: a misspelt name
+    would only show once every trial had run without it, and the test characters are held out for selection."""
+    spec = loaded.config.space.get("task.instances")
+    most = max([loaded.base.task.instances, *([int(spec.high)] if spec is not None and spec.high is not None else []),
+                *(int(c) for c in (spec.choices if spec is not None and spec.choices else []) if isinstance(c, int))])
+    known = [metrics.name("val", w) for w in ("loss", "acc", "acc_2plus", "read_entropy")]
+    known += [metrics.instance("val", k) for k in range(1, most + 1)]
+    for i, o in enumerate(loaded.config.objectives):
+        where = f"objectives[{i}].metric"
+        if o.metric.startswith("test/"):
+            raise ConfigError(f"{where}: {o.metric}: the test characters are held out for selection, which scores "
+                              f"the chosen trials on them; a search ranks trials on val ({'val/' + o.metric[5:]})")
+        if o.metric.startswith("val/") and o.metric not in known:
+            raise ConfigError(f"{where}: {o.metric} is not a metric a trial reports (on val: loss, acc, acc_2plus, "
+                              f"acc_1 ... acc_{most}, read_entropy)")
+        if not o.metric.startswith(("val/", "train/", "model/", "time/")):
+            raise ConfigError(f"{where}: {o.metric}: an objective is a metric a trial reports: val/ (e.g. "
+                              f"val/acc_2plus), train/, model/ (model/parameters) or time/")
 
 
 def _validate_constraints(loaded: LoadedSearch) -> None:

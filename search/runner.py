@@ -20,14 +20,14 @@ from ray.tune import Callback, Stopper
 
 from mann import metrics
 
-from .config import LoadedSearch, load_search_config
+from .config import LoadedSearch, load_search_config, storage_url_problem
 from .console import print_start, quiet_libraries, trial_lines
 from .lineage import make_callback
 from .ray_cluster import check_ray_address, connect_ray
 from .schedulers import StudyEvidence
 from .protocol import sampled_point, trial_dirname, trial_name
-from .searcher import (LostTrials, StudySearch, close_open_trials, paused_reasons, storage_url, trial_outcomes,
-                       warm_sources, warm_start)
+from .searcher import (STORAGE_ENV, LostTrials, StudySearch, close_open_trials, paused_reasons, storage_url,
+                       trial_outcomes, warm_sources, warm_start)
 from .space import make_sampler
 from .study import SearchError, Study
 from .tracking import StudyTracker, check_tracking_uri, redact, resolve_tracking_uri, ui_link
@@ -201,8 +201,7 @@ def restore_tuner(study: Study, callback, verbose: int = 1):
     """The Tuner of an interrupted study, from its Tune state, with this driver's callback(s) and verbosity."""
     from ray import tune
 
-    if not tune.Tuner.can_restore(study.path):
-        raise SearchError(f"{study.path}: no Tune state to resume (the study never started?)")
+    _check_restorable(study)
     tuner = tune.Tuner.restore(study.path, _trainable(study.search), resume_unfinished=True, resume_errored=True)
     set_restored_callbacks(tuner, _callbacks(callback))
     tuner._local_tuner.get_run_config().verbose = verbose  # checked by set_restored_callbacks just above
@@ -242,6 +241,9 @@ def _preflight(search: LoadedSearch, tracking_uri: str | None = None) -> str:
         raise SearchError(str(exc)) from None
     if os.environ.get("RAY_ADDRESS"):
         check_ray_address(os.environ["RAY_ADDRESS"])
+    env = os.environ.get(STORAGE_ENV)
+    if not search.config.optuna.storage and env and storage_url_problem(env):
+        raise SearchError(f"{STORAGE_ENV}: {storage_url_problem(env)}")
     return tracking_uri
 
 
@@ -264,9 +266,17 @@ def run(config_file: str, overrides: list[str] | None = None, verbose: bool = Fa
     return _fit(study, fresh=True, verbose=verbose)
 
 
+def _check_restorable(study: Study) -> None:
+    from ray import tune
+
+    if not tune.Tuner.can_restore(study.path):
+        raise SearchError(f"{study.path}: no Tune state to resume (the study never started?)")
+
+
 def resume(path: str, verbose: bool = False) -> StudyOutcome:
     """Continue an interrupted study from its snapshot (never its YAML)."""
     study = Study.load(path)
+    _check_restorable(study)  # before Ray starts
     _preflight(study.search, study.tracking_uri)
     return _fit(study, fresh=False, verbose=verbose)
 

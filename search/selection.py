@@ -14,7 +14,7 @@ from typing import Any
 from mann.train import evaluate_checkpoint
 
 from .protocol import selectable
-from .study import Study
+from .study import SearchError, Study
 from .tracking import OUTCOME_TAG, ROLE_TAG, STUDY_TAG, StudyTracker
 
 log = logging.getLogger("mann_search.selection")
@@ -33,7 +33,7 @@ def select(study: Study, tracker: StudyTracker) -> dict[str, Any]:
     from mlflow.exceptions import MlflowException
 
     if not tracker.flush(force=True):
-        raise RuntimeError(f"MLflow unavailable ({tracker.last_error}); run `mann-search select {study.path}` later")
+        raise SearchError(f"MLflow unavailable ({tracker.last_error}); run `mann-search select {study.path}` later")
     cfg = study.search.config
     sel, primary = cfg.selection, cfg.primary
     client = tracker.client
@@ -46,7 +46,8 @@ def select(study: Study, tracker: StudyTracker) -> dict[str, Any]:
     runs = [r for r in runs if selectable(r.data.tags.get(OUTCOME_TAG))
             and primary.metric in r.data.metrics and r.data.tags.get("mann.model_uri")]
     if not runs:
-        raise RuntimeError("no finished trial with a logged model to select from")
+        raise SearchError(f"{study.path}: no finished trial with a logged model to select from (none completed, "
+                          f"or MLflow holds none of their models)")
     candidates = []
     for run in runs[: sel.top_k]:
         with tempfile.TemporaryDirectory() as tmp:

@@ -434,12 +434,21 @@ class StudyTracker:
 
     @classmethod
     def from_replay(cls, path: Path, tracking_uri: str | None = None) -> "StudyTracker":
-        lines = Path(path).read_text().splitlines()
-        head = json.loads(lines[0])
-        tracker = cls(tracking_uri or head["tracking_uri"], head["experiment"], head["study"], Path(path).parent)
-        for line in lines[1:]:
-            rec = json.loads(line)
-            if rec["trial"] and rec.get("name"):
-                tracker.trials.setdefault(rec["trial"], TrialRecord(rec["trial"], rec["name"]))
-            tracker.outbox.append(_Op(rec["trial"], rec["kind"], rec["payload"], rec["points"]))
+        from mann.config import ConfigError
+
+        lines = [x for x in Path(path).read_text().splitlines() if x.strip()]
+        if not lines:
+            raise ConfigError(f"{path}: an empty MLflow replay file (nothing to replay)")
+        line_no = 1
+        try:
+            head = json.loads(lines[0])
+            tracker = cls(tracking_uri or head["tracking_uri"], head["experiment"], head["study"], Path(path).parent)
+            for line_no, line in enumerate(lines[1:], 2):
+                rec = json.loads(line)
+                if rec["trial"] and rec.get("name"):
+                    tracker.trials.setdefault(rec["trial"], TrialRecord(rec["trial"], rec["name"]))
+                tracker.outbox.append(_Op(rec["trial"], rec["kind"], rec["payload"], rec["points"]))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            what = f"no {exc}" if isinstance(exc, KeyError) else exc.__class__.__name__
+            raise ConfigError(f"{path}:{line_no}: not an MLflow replay record ({what}); the file is damaged") from None
         return tracker

@@ -64,6 +64,9 @@ def test_data_check(omniglot_dir):
         (["evaluate", "--checkpoint", "x", "--split", "dev"], ["--split"]),
         (["frobnicate"], ["frobnicate"]),
         (["data", "check", "--data-dir", "/nonexistent/omniglot"], ["/nonexistent/omniglot", "does not exist"]),
+        (["data", "check", "--image-size", "200"], ["--image-size: must be in [4, 105], got 200"]),
+        (["train", "--config", "configs/mann/smoke.yaml", "--out", "README.md"],
+         ["--out README.md: exists and is not a folder"]),  # refused before any training
     ],
 )
 def test_bad_input_is_one_clear_line(args, needles):

@@ -114,3 +114,28 @@ def test_new_keys_default_to_the_earlier_behaviour():
     # a config written before task.sampling, task.steps and train.string_loss existed means what it meant
     cfg = load_train_config(REPO / "configs" / "mann" / "paper.yaml")
     assert (cfg.task.sampling, cfg.task.steps, cfg.task.length, cfg.train.string_loss) == ("balanced", None, 50, "mean")
+
+
+def test_a_key_set_twice_in_a_yaml_mapping_is_refused_naming_it_and_its_line(tmp_path):
+    """PyYAML keeps the last of two equal keys silently (a second ``seed:`` overrode the first unseen)."""
+    f = tmp_path / "dup.yaml"
+    f.write_text("seed: 1\ntrain:\n  lr: 0.01\n  episodes: 100\n  lr: 0.02\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: line 5: lr is set twice in one mapping"):
+        load_train_config(f)
+    f.write_text("seed: 1\ntrain:\n  lr: 0.01\nseed: 2\n")
+    with pytest.raises(ConfigError, match=r"line 4: seed is set twice"):
+        load_train_config(f)
+
+
+def test_a_mapping_for_a_whole_section_sets_only_what_it_names():
+    """``--set 'train={episodes: 5}'`` (or a search config's ``overrides: {train: {episodes: 5}}``) sets
+    train.episodes and keeps every other train setting of the file; it used to replace the section, resetting the
+    settings it left out to their defaults silently. A misspelt key inside the mapping is named by its path."""
+    base = load_train_config("configs/mann/small.yaml")
+    cfg = load_train_config("configs/mann/small.yaml", ["train={episodes: 5, eval_every: 5}"])
+    assert cfg.train.episodes == 5 and cfg.train.eval_every == 5
+    assert cfg.train.lr == base.train.lr and cfg.train.eval_episodes == base.train.eval_episodes
+    assert cfg.train.lr != TrainConfig().train.lr  # small.yaml's, not the default: the section was kept
+    assert load_train_config("configs/mann/small.yaml", ["model={memory: {slots: 7}}"]).model.memory.slots == 7
+    with pytest.raises(ConfigError, match=r"train.episdes: unknown key 'episdes' under train"):
+        load_train_config("configs/mann/small.yaml", ["train={episdes: 5}"])

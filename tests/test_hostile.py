@@ -150,3 +150,26 @@ def test_search_cli_never_tracebacks(tmp_path_factory, cmd, args):
     code, out, err = run_cli(search_main, argv)
     assert code == 2, (argv, code, out, err)
     assert "Traceback" not in err and err.startswith("mann-search: error: "), err
+
+
+def test_a_study_that_never_started_a_damaged_replay_and_nothing_to_select_are_one_clear_line(tmp_path):
+    """`mann-search resume` of a study folder without Tune state is refused before Ray starts; `replay` of a
+    damaged MLflow replay file names the file and line; `select` with no finished trial names the study: each one
+    line, exit 2, no traceback."""
+    import ray
+
+    from search.study import Study
+
+    study = Study.create(load_search_config(REPO / "configs/search/smoke.yaml"), [], f"sqlite:///{tmp_path}/m.db",
+                         path=str(tmp_path / "never"))
+    study.save()
+    code, _, err = run_cli(search_main, ["resume", study.path])
+    assert code == 2 and "no Tune state to resume" in err and "Traceback" not in err, err
+    assert not ray.is_initialized()  # refused before Ray was asked for
+    bad = tmp_path / "mlflow-replay.jsonl"
+    bad.write_text('{"tracking_uri": "sqlite:///x.db", "experiment": "e", "study": "s"}\n{"trial": "t1", "kind"\n')
+    code, _, err = run_cli(search_main, ["replay", str(bad)])
+    assert code == 2 and f"{bad}:2: not an MLflow replay record" in err and "Traceback" not in err, err
+    code, _, err = run_cli(search_main, ["select", study.path])
+    assert code == 2 and "no finished trial with a logged model" in err and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("mann-search: error: "), err  # (after MLflow's own DB lines)

@@ -63,12 +63,36 @@ def test_invalid_spaces_are_named(tmp_path, space, match):
         ("overrides: {model.memory.slotz: 3}", r"overrides.model.memory.slotz"),
         ("objectives: [{metric: a, mode: max}, {metric: b, mode: min}]", r"scheduler.kind: early stopping"),
         ("mlflow: {registered_model: 'bad name!'}", r"mlflow.registered_model"),
+        ("objectives: [{metric: val/acc_2plsu}]", r"objectives\[0\].metric: val/acc_2plsu is not a metric a trial"),
+        ("objectives: [{metric: val/acc_9}]", r"val/acc_9 is not a metric a trial reports .*acc_1 \.\.\. acc_4"),
+        ("objectives: [{metric: test/acc_2plus}]", r"test characters are held out for selection.*val/acc_2plus"),
+        ("objectives: [{metric: acc}]", r"objectives\[0\].metric: acc: an objective is a metric a trial reports"),
+        ("optuna: {storage: 'not a url'}", r"optuna.storage: not an SQLAlchemy URL"),
+        ("optuna: {storage: 'foo://host/db'}", r"optuna.storage: no SQLAlchemy dialect 'foo'"),
+        ("optuna: {storage: 'postgresql+asyncpg://u:secret@h/db'}", r"optuna.storage: the driver of "
+                                                                     r"'postgresql\+asyncpg' is not installed"),
     ],
 )
 def test_invalid_search_settings_are_named(tmp_path, extra, match):
     text = BASE + "space:\n  model.memory.read_heads: {type: int, low: 1, high: 4}\n" + extra + "\n"
     with pytest.raises(ConfigError, match=match):
         load_search_config(write(tmp_path, text))
+
+
+def test_a_storage_url_never_echoes_its_password(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_search_config(write(tmp_path, BASE + "optuna: {storage: 'foo://user:hunter2@h/db'}\n"))
+    assert "hunter2" not in str(err.value)
+
+
+def test_overrides_given_as_a_section_keep_the_bases_other_settings(tmp_path):
+    """``overrides: {train: {episodes: 480}}`` sets train.episodes and keeps the base's other train settings
+    (it used to replace the base's whole train section with defaults, silently)."""
+    space = "space:\n  model.memory.read_heads: {type: int, low: 1, high: 4}\n"
+    loaded = load_search_config(write(tmp_path, BASE + space + "overrides: {train: {episodes: 480}}\n"))
+    plain = load_search_config(write(tmp_path, BASE + space))
+    assert loaded.base.train.episodes == 480
+    assert loaded.base.train.to_dict() == {**plain.base.train.to_dict(), "episodes": 480}
 
 
 def test_missing_base_is_named(tmp_path):

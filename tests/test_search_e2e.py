@@ -268,6 +268,9 @@ def test_ctrl_c_ends_a_leg_and_resume_finishes_the_study_without_duplicates(tmp_
         (["--set", "space.model.memory.gamma={{type: float, low: 0.5, high: 1.5}}"], {},
          "space.model.memory.gamma.high"),
         (["--set", "overrides.data.val_characters=0"], {}, "data.val_characters: must be >= 1 to train"),
+        (["--set", "optuna.storage=foo://host/db"], {}, "optuna.storage: no SQLAlchemy dialect 'foo'"),
+        ([], {"MANN_OPTUNA_STORAGE": "not a url"}, "MANN_OPTUNA_STORAGE: not an SQLAlchemy URL"),
+        (["--set", "objectives=[{{metric: val/acc_2plsu, mode: max}}]"], {}, "objectives[0].metric: val/acc_2plsu"),
     ],
 )
 def test_unreachable_services_and_bad_configs_fail_fast_before_anything_starts(tmp_path, extra, env, needle):
