@@ -434,7 +434,14 @@ def apply_overrides(tree: dict[str, Any], overrides: list[tuple[str, Any]], cls:
                     child = node.setdefault(part, {})
                     if not isinstance(child, dict):
                         raise ConfigError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is not a mapping")
-                    child[".".join(parts[i + 1 :])] = value
+                    rest = ".".join(parts[i + 1 :])
+                    entry = next((k for k in child if isinstance(child[k], dict) and rest.startswith(k + ".")), None)
+                    args = typing.get_args(sub)
+                    if entry is not None and len(args) == 2 and _fields(_unwrap(args[1])) is not None:
+                        # a field of an existing entry (space.model.memory.gamma.low=0.5): set it, keep the rest
+                        child[entry] = {**child[entry], rest[len(entry) + 1 :]: value}
+                    else:
+                        child[rest] = value
                     break
                 schema = sub if _fields(sub) is not None else None
                 if i < len(parts) - 1 and schema is None:

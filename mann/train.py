@@ -338,10 +338,21 @@ def _check_resumable(cfg: TrainConfig, saved: dict[str, Any]) -> None:
     saved = train_config_from_dict(saved).to_dict()
     for section in ("model", "task"):
         if current[section] != saved[section]:
-            diff = [k for k in current[section] if current[section][k] != saved[section].get(k)]
-            raise ConfigError(f"{section}.{diff[0]}: differs from the checkpoint being resumed")
+            path, now, then = _first_difference(current[section], saved[section], section)
+            raise ConfigError(f"{path}: {now!r} here, {then!r} in the checkpoint being resumed (a resumed run keeps "
+                              f"its model and task)")
     if current["data"]["image_size"] != saved["data"]["image_size"]:
-        raise ConfigError("data.image_size: differs from the checkpoint being resumed")
+        raise ConfigError(f"data.image_size: {current['data']['image_size']!r} here, {saved['data']['image_size']!r} "
+                          f"in the checkpoint being resumed")
+
+
+def _first_difference(a: Any, b: Any, path: str) -> tuple[str, Any, Any]:
+    """(dotted path, value in ``a``, value in ``b``) of the first leaf where two config trees differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in a:
+            if a[k] != b.get(k):
+                return _first_difference(a[k], b.get(k), f"{path}.{k}")
+    return path, a, b
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -147,6 +147,12 @@ def test_set_overrides_reach_dotted_maps():
     assert loaded.base_tree["train"]["episodes"] == 320 and loaded.config.budget.num_samples == 2
     with pytest.raises(ConfigError, match=r"--set budgte.num_samples: unknown key 'budgte'"):
         load_search_config(SEARCH / "smoke.yaml", ["budgte.num_samples=2"])
+    # a field of a space entry: set it and keep the entry's others (it used to make a new entry named ...gamma.low)
+    q = load_search_config(SEARCH / "quickstart.yaml", ["space.model.memory.gamma.low=0.85"]).config.space
+    assert q["model.memory.gamma"].low == 0.85 and q["model.memory.gamma"].high == 0.99
+    assert "model.memory.gamma.low" not in q
+    with pytest.raises(ConfigError, match=r"space.model.memory.gamma.lw: unknown config key"):
+        load_search_config(SEARCH / "quickstart.yaml", ["space.model.memory.gamma.lw=0.5"])
 
 
 def test_tpe_counts_open_trials_as_bad_unless_told_not_to():
