@@ -37,6 +37,11 @@ _PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _CONSTRAINT = re.compile(r"^\s*([A-Za-z0-9_.+-]+)\s*(<=|<|>=|>)\s*([A-Za-z0-9_.+-]+)\s*$")
 
 
+def _g(v: Any) -> str:
+    """A bound as written: 16, not 16.0 (bounds are parsed as floats)."""
+    return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+
 class ParamSpec(Section):
     """One searched setting. ``when`` makes it conditional: ``{other.path: value or [values]}``."""
 
@@ -64,12 +69,12 @@ class ParamSpec(Section):
         if self.type == "int":
             for name in ("low", "high", "step"):
                 v = getattr(self, name)
-                require(v is None or float(v).is_integer(), f"{name}: must be an integer, got {v}")
-        require(self.low <= self.high, f"low: must be <= high ({self.high}), got {self.low}")
+                require(v is None or float(v).is_integer(), f"{name}: must be an integer, got {_g(v)}")
+        require(self.low <= self.high, f"low: must be <= high ({_g(self.high)}), got {_g(self.low)}")
         if self.type == "float":
-            require(self.low < self.high, f"low: must be < high ({self.high}) for a float, got {self.low}")
-        require(not self.log or self.low > 0, f"low: must be > 0 with log: true, got {self.low}")
-        require(self.step is None or self.step > 0, f"step: must be > 0, got {self.step}")
+            require(self.low < self.high, f"low: must be < high ({_g(self.high)}) for a float, got {_g(self.low)}")
+        require(not self.log or self.low > 0, f"low: must be > 0 with log: true, got {_g(self.low)}")
+        require(self.step is None or self.step > 0, f"step: must be > 0, got {_g(self.step)}")
         require(not (self.log and self.step is not None), "step: cannot be combined with log: true")
         return self
 
