@@ -366,8 +366,8 @@ def warm_sources(search, sources: list[str] | None = None) -> list[Study]:
         where = f"optuna.warm_start[{i}]: {source}"
         try:
             old = Study.load(source, note_changes=False)
-        except SearchError as exc:
-            raise SearchError(f"{where}: {exc}") from None
+        except SearchError as exc:  # its message starts with the folder or file already
+            raise SearchError(f"optuna.warm_start[{i}]: {exc}") from None
         if [(o.metric, o.mode) for o in old.search.config.objectives] != objectives:
             raise SearchError(f"{where}: its objectives {[o.metric for o in old.search.config.objectives]} are "
                               f"not this study's {[m for m, _ in objectives]}")
