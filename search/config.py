@@ -431,6 +431,9 @@ def load_search_config(path: str | Path, overrides: list[str] | None = None) -> 
     if not base_path.is_absolute():
         beside = path.parent / base_path
         base_path = beside if beside.exists() else Path.cwd() / base_path
+        if not base_path.exists():  # name where it was looked for first: beside the search config, as documented
+            raise ConfigError(f"base: {cfg.base}: not found beside the search config ({beside}) nor from the "
+                              f"working directory ({Path.cwd() / cfg.base})")
     try:
         base_tree = read_yaml(base_path)
     except ConfigError as exc:

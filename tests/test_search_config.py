@@ -96,8 +96,12 @@ def test_overrides_given_as_a_section_keep_the_bases_other_settings(tmp_path):
 
 
 def test_missing_base_is_named(tmp_path):
-    with pytest.raises(ConfigError, match=r"base: .*nope.yaml: config file not found"):
+    with pytest.raises(ConfigError, match=r"base: nope.yaml: not found beside the search config \(.*"
+                                          + str(tmp_path) + r"/nope.yaml\) nor from the working directory"):
         load_search_config(write(tmp_path, "name: t\nbase: nope.yaml\nspace: {train.lr: {type: float, low: 0.1, high: 1}}\n"))
+    with pytest.raises(ConfigError, match=r"base: .*gone.yaml: config file not found"):  # an absolute one
+        load_search_config(write(tmp_path, f"name: t\nbase: {tmp_path}/gone.yaml\n"
+                                           "space: {train.lr: {type: float, low: 0.1, high: 1}}\n"))
 
 
 def test_constraint_and_condition_hold_in_every_sample(tmp_path):
