@@ -422,6 +422,10 @@ def load_search_config(path: str | Path, overrides: list[str] | None = None) -> 
     overrides = list(overrides or [])
     tree = read_yaml(path)
     tree = apply_overrides(tree, [parse_override(o) for o in overrides], SearchConfig)
+    unknown = sorted(str(k) for k in tree if k not in SearchConfig.model_fields)
+    if unknown:  # before "required": `extends:` for `base:` is a misspelt key, not a missing one
+        raise ConfigError(f"{unknown[0]}: unknown config key in {path} (known: "
+                          f"{', '.join(sorted(SearchConfig.model_fields))})")
     for required in ("name", "base", "space"):
         if required not in tree:
             raise ConfigError(f"{required}: required in a search config ({path})")

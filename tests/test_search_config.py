@@ -95,6 +95,11 @@ def test_overrides_given_as_a_section_keep_the_bases_other_settings(tmp_path):
     assert loaded.base.train.to_dict() == {**plain.base.train.to_dict(), "episodes": 480}
 
 
+def test_a_misspelt_top_level_key_is_named_before_a_missing_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"^extends: unknown config key in .*s.yaml \(known: base, budget"):
+        load_search_config(write(tmp_path, "name: t\nextends: x.yaml\nspace: {train.lr: {type: float, low: 0.1, high: 1}}\n"))
+
+
 def test_missing_base_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"base: nope.yaml: not found beside the search config \(.*"
                                           + str(tmp_path) + r"/nope.yaml\) nor from the working directory"):
