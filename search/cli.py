@@ -315,13 +315,9 @@ def cmd_compare(args) -> int:
 
 def noise_line(t: dict) -> str | None:
     """A warning where a table's configurations differ little beyond their seeds' noise (``config_share``)."""
-    from .bench.replay import NOISE_SHARE
+    from .bench.table import noise_warning
 
-    share = t.get("config_share")
-    if share is None or share >= NOISE_SHARE:
-        return None
-    return (f"warning: only {share:.0%} of the spread of this table's final values lies between configurations, "
-            f"the rest between seeds of one: it ranks luck more than methods (speed-ups here mean little)")
+    return noise_warning(t.get("config_share"))
 
 
 def spend_line(method: str, v: dict) -> str:

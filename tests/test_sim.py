@@ -634,8 +634,7 @@ def test_a_table_of_seed_noise_is_flagged_as_unable_to_tell_methods_apart(tmp_pa
     """``config_share`` (the share of the final values' variance between configurations rather than between seeds)
     is high on a recorded table and near 0 on curves of noise around one level; the benchmark saves it and warns
     below ``NOISE_SHARE``, where its speed-ups would rank luck."""
-    from search.bench.replay import NOISE_SHARE
-    from search.bench.table import load_table
+    from search.bench.table import NOISE_SHARE, load_table
     from search.cli import main
 
     rng = np.random.default_rng(0)
@@ -654,6 +653,12 @@ def test_a_table_of_seed_noise_is_flagged_as_unable_to_tell_methods_apart(tmp_pa
         assert ("warning: only" in capsys.readouterr().out) == warned
         saved = json.loads((tmp_path / "out.json").read_text())
         assert (saved["tables"]["tiny"]["config_share"] < NOISE_SHARE) == warned
+        for fmt in ("--markdown", "--json"):  # `curves signals` says so too (and saves the share)
+            assert main(["curves", "signals", str(path), fmt]) == 0
+            out = capsys.readouterr().out
+            assert ("warning: only" in out) == (warned and fmt == "--markdown")
+        assert main(["curves", "signals", str(path)]) == 0
+        assert ("warning: only" in capsys.readouterr().out) == warned
 
 
 def test_freeze_thaws_spend_before_the_target_is_split_by_its_last_word_on_each_trial():

@@ -10,7 +10,8 @@ search path (the Tuner, searcher, sampler and scheduler that ``mann-search run``
   format, random draws included, and never invents a curve; its leave-one-out check (the final accuracy of each
   configuration predicted by its nearest other one) is printed as ``mapping_loo``; ``config_share``, the share of
   the final values' variance between configurations rather than between seeds (:meth:`Table.config_share`), says
-  whether the table has anything to find: near 0 it ranks seeds, and the CLI warns (below :data:`NOISE_SHARE`).
+  whether the table has anything to find: near 0 it ranks seeds, and the CLI warns (below
+  :data:`search.bench.table.NOISE_SHARE`).
 * **Scores.** The table's value of a configuration is the mean over its seeds of the final objective. At any point
   of a study the selected configuration is the trial with the best latest reported objective (what selection
   ranks by); its regret is the table's best value minus the selected configuration's, in points.
@@ -54,9 +55,6 @@ from .sim import SIM_ONLY, run_study_sim
 from .table import Table, finite, final_objective, load_table, recorded_values, with_shape
 
 FRACTIONS = (0.25, 0.5, 1.0)
-# Below this config_share a table's spread is mostly seed noise: the CLI warns that it cannot tell methods apart
-# (the recorded tables: 0.64-0.97; curves of noise around one level: 0.00-0.03).
-NOISE_SHARE = 0.3
 
 
 # --- the replay trainable ------------------------------------------------------------------------------------

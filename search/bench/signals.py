@@ -40,7 +40,8 @@ from mann.config import ConfigError
 from search import plateau_span
 
 from .stats import interval, resample_index
-from .table import load_table
+from .curves import read_table
+from .table import load_table, noise_warning
 
 FRACTIONS = (0.1, 0.25)
 CLICK_FRACTION = 0.25  # as search.config.PlateauConfig.click_fraction
@@ -207,7 +208,7 @@ def table_signals(paths: list[str], fractions=FRACTIONS, n_boot: int = 2000) -> 
     out = {}
     for path in paths:
         table = load_table(path)  # the benchmark's checks: objective, budget and space as its header says
-        curves = [c for cs in table.curves for c in cs]
+        curves = read_table(path)[1]  # in the file's order (the bootstrap's resamples follow it)
         budget = float(table.search.max_episodes)
         negated = table.sign < 0
         if negated:  # a "min" objective (a loss): negated, so that larger is better here as everywhere
@@ -216,7 +217,9 @@ def table_signals(paths: list[str], fractions=FRACTIONS, n_boot: int = 2000) -> 
             report = signal_power(curves, budget, fractions, n_boot)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-        out[table.header.get("name", str(path))] = {**report, "objective_negated": negated}
+        share = table.config_share()
+        out[table.header.get("name", str(path))] = {**report, "objective_negated": negated,
+                                                    "config_share": None if share is None else round(share, 3)}
     return out
 
 
@@ -226,6 +229,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{name}: {t['used']} of {t['curves']} curves ran the full {t['budget']:g} episodes; "
                      f"{t['clicked']} clicked (final >= {_level(t['click_level'])})"
                      + ("; a 'min' objective, negated throughout" if t.get("objective_negated") else ""))
+        if noise_warning(t.get("config_share")):
+            lines.append(f"  {noise_warning(t.get('config_share'))}")
         sh = t.get("shape")
         if sh:
             lines.append(f"  shape: {shape_line(sh)}")
@@ -268,6 +273,8 @@ def markdown_report(report: dict[str, Any]) -> str:
                      + ("; a 'min' objective, negated throughout" if t.get("objective_negated") else "") + ")")
         if sh:
             lines.append(shape_line(sh))
+        if noise_warning(t.get("config_share")):
+            lines += ["", noise_warning(t.get("config_share")) + "."]
         lines += ["", "| signal (higher = better) | " + " | ".join(f"at {float(f):.0%}: Spearman [95 % CI] | AUROC"
                                                                   for f in fr) + " |",
                   "| --- |" + " ---: | ---: |" * len(fr)]

@@ -23,6 +23,19 @@ from search import LoadedSearch, sampled_point
 from .curves import read_table
 
 
+# Below this config_share a table's spread is mostly seed noise: the benchmark and `curves signals` warn that it
+# cannot tell methods apart (the recorded tables: 0.64-0.97; curves of noise around one level: 0.00-0.03).
+NOISE_SHARE = 0.3
+
+
+def noise_warning(share: float | None) -> str | None:
+    """The warning of a table whose final values differ little between configurations beyond their seeds."""
+    if share is None or share >= NOISE_SHARE:
+        return None
+    return (f"warning: only {share:.0%} of the spread of this table's final values lies between configurations, "
+            f"the rest between seeds of one: it ranks luck more than methods, and its clicks are seed noise")
+
+
 @dataclass
 class Table:
     header: dict[str, Any]
