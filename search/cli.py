@@ -221,6 +221,7 @@ def cmd_benchmark(args) -> int:
     from .bench.curves import read_header
     from .bench.methods import BENCHMARK_SET
     from .bench.replay import benchmark_tables
+    from .bench.table import noise_warning
     from .config import load_search_config
 
     def shipped_of(path: str):
@@ -276,8 +277,8 @@ def cmd_benchmark(args) -> int:
                 for m, v in t["methods"].items()]
         for line in table(head, rows, right=set(range(1, 8))):
             print(line)
-        if noise_line(t):
-            print(noise_line(t))
+        if noise_warning(t.get("config_share")):
+            print(noise_warning(t.get("config_share")))
         for m, v in t["methods"].items():
             if v.get("spend_to_target"):
                 print(spend_line(m, v))
@@ -313,13 +314,6 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def noise_line(t: dict) -> str | None:
-    """A warning where a table's configurations differ little beyond their seeds' noise (``config_share``)."""
-    from .bench.table import noise_warning
-
-    return noise_warning(t.get("config_share"))
-
-
 def spend_line(method: str, v: dict) -> str:
     """Where a pause-and-resume method's episodes went before its studies reached the target (full runs per
     study): on configurations at the target, and on the others by the scheduler's last word on each trial."""
@@ -351,6 +345,8 @@ def _shape(t: dict) -> str:
 
 def benchmark_markdown(out: dict) -> str:
     """The benchmark's figures as Markdown tables (README and docs/benchmark.md are pasted from this)."""
+    from .bench.table import noise_warning
+
     lines = []
     for name, t in out["tables"].items():
         lines += [f"**{name}** ({t['curves']} curves of {t['configs']} configurations; {t['repeats']} repeats, "
@@ -371,7 +367,8 @@ def benchmark_markdown(out: dict) -> str:
                 + (f"{k['stopped'] * 100:.1f} % ({k['stopped_trials']})" if k["stopped_trials"] else "-") + " | "
                 + (f"{k['paused_never_resumed'] * 100:.1f} % ({k['paused_trials']})" if k["paused_trials"] else "-")
                 + " |")
-        lines += ["", *([noise_line(t) + ".", ""] if noise_line(t) else []),
+        warning = noise_warning(t.get("config_share"))
+        lines += ["", *([warning + ".", ""] if warning else []),
                   *[spend_line(m, v) + "." for m, v in t["methods"].items() if v.get("spend_to_target")],
                   oracle_line(t) + ".", ""]
     if len(out.get("tables", {})) > 1 and out.get("across_tables"):

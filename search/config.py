@@ -220,10 +220,13 @@ class OptunaConfig(Section):
         return self
 
 
+MEMORY_SCHEME = "memory://"  # ``optuna.storage: memory://NAME``: in this process only (the benchmark's studies)
+
+
 def storage_url_problem(url: str) -> str | None:
     """What is wrong with an Optuna storage URL before anything connects (None: nothing seen): it must parse as an
     SQLAlchemy URL whose dialect and driver are installed (``memory://NAME``: the benchmark's in-process storage)."""
-    if url.startswith("memory://"):
+    if url.startswith(MEMORY_SCHEME):
         return None
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
@@ -471,8 +474,8 @@ def _validate_objectives(loaded: LoadedSearch) -> None:
     spec = loaded.config.space.get("task.instances")
     most = max([loaded.base.task.instances, *([int(spec.high)] if spec is not None and spec.high is not None else []),
                 *(int(c) for c in (spec.choices if spec is not None and spec.choices else []) if isinstance(c, int))])
-    known = [metrics.name("val", w) for w in ("loss", "acc", "acc_2plus", "read_entropy")]
-    known += [metrics.instance("val", k) for k in range(1, most + 1)]
+    # the names an evaluation of `most` instances reports, built where the trainable builds them (mann.metrics)
+    known = [*metrics.evaluation("val", [0.0] * most, 0.0), metrics.name("val", "read_entropy")]
     for i, o in enumerate(loaded.config.objectives):
         where = f"objectives[{i}].metric"
         if o.metric.startswith("test/"):

@@ -26,8 +26,8 @@ from .lineage import make_callback
 from .ray_cluster import check_ray_address, connect_ray
 from .schedulers import StudyEvidence
 from .protocol import sampled_point, trial_dirname, trial_name
-from .searcher import (STORAGE_ENV, LostTrials, StudySearch, close_open_trials, paused_reasons, storage_url,
-                       trial_outcomes, warm_sources, warm_start)
+from .searcher import (STORAGE_ENV, LostTrials, OptunaStudy, StudySearch, close_open_trials, paused_reasons,
+                       storage_url, trial_outcomes, warm_sources, warm_start)
 from .space import make_sampler
 from .study import SearchError, Study
 from .tracking import StudyTracker, check_tracking_uri, redact, resolve_tracking_uri, ui_link
@@ -428,7 +428,8 @@ def status(path: str) -> dict[str, Any]:
         if v is not None and (best is None or (v > best[0] if primary.mode == "max" else v < best[0])):
             best = (v, sampled_point(t.config), trial_name(t.config, str(t)))
     try:
-        by_trial, why = trial_outcomes(study), paused_reasons(study)
+        trials = OptunaStudy(study).study.get_trials(deepcopy=False)  # read once for both
+        by_trial, why = trial_outcomes(study, trials), paused_reasons(study, trials)
     except Exception as exc:  # the Optuna storage unreachable: Tune's states still say something
         log.warning("optuna: no outcomes (%s)", exc)
         by_trial, why = {}, {}

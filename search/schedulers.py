@@ -607,8 +607,8 @@ class FreezeThawRule:
                 return "deferred", (f"clicked at {own:.0f} episodes while {len(others)} other trial(s) had "
                                     f"(min_clicked {self.min_clicked}): deferred at {t:.0f} until the study's "
                                     f"clicks rank it")
-            return "late", (f"clicked at {own:.0f} episodes, later than {100 * self.keep_quantile:.0f} % of the study's "
-                            f"{len(others)} other clicks (by {np.quantile(others, self.keep_quantile):.0f})")
+            return "late", (f"clicked at {own:.0f} episodes, later than {100 * self.keep_quantile:.0f} % of the "
+                            f"study's {len(others)} other clicks (by {np.quantile(others, self.keep_quantile):.0f})")
         if key in self.probes:
             return "probe", None
         h = self.horizon(clicks, exclude=key)

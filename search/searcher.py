@@ -29,7 +29,7 @@ from ray.tune.search import Searcher
 
 from mann.config import ConfigError
 
-from .config import base_value
+from .config import MEMORY_SCHEME, base_value
 from .protocol import RESUME_KEY, TRIAL_NUMBER_KEY, BudgetWatch, Ending, TrialOutcome, TrialReport, decide, trial_name
 from .space import suggest
 from .storage import open_storage as open_rdb_storage
@@ -56,7 +56,6 @@ def storage_url(study: Study) -> str:
     return configured or f"sqlite:///{(study.local_dir / 'optuna.db').resolve()}"
 
 
-MEMORY_SCHEME = "memory://"  # ``optuna.storage: memory://NAME``: in this process only (the benchmark's studies)
 _memory_storages: "weakref.WeakValueDictionary[str, optuna.storages.BaseStorage]" = weakref.WeakValueDictionary()
 
 
@@ -484,11 +483,11 @@ def _last_report(trial: optuna.trial.FrozenTrial, metric: str) -> TrialReport | 
     return TrialReport(int(step), {metric: float(trial.intermediate_values[step])})
 
 
-def trial_outcomes(study: Study) -> dict[str, str]:
+def trial_outcomes(study: Study, trials: list | None = None) -> dict[str, str]:
     """``{trial name: outcome}`` from the study's Optuna storage (``running`` while a trial runs or waits,
-    ``paused`` while the freeze_thaw scheduler has it paused)."""
+    ``paused`` while the freeze_thaw scheduler has it paused); ``trials``: its Optuna trials, if read already."""
     out = {}
-    for t in OptunaStudy(study).study.get_trials(deepcopy=False):
+    for t in trials if trials is not None else OptunaStudy(study).study.get_trials(deepcopy=False):
         if WARM_ATTR in t.user_attrs:
             continue  # copied from an earlier study (warm_start)
         name = t.user_attrs.get(NAME_ATTR, f"t{t.number:02d}")
@@ -499,11 +498,12 @@ def trial_outcomes(study: Study) -> dict[str, str]:
     return out
 
 
-def paused_reasons(study: Study) -> dict[str, str]:
+def paused_reasons(study: Study, trials: list | None = None) -> dict[str, str]:
     """``{trial name: why the freeze_thaw scheduler paused it}`` for the trials it has paused now (``""`` where
-    the storage holds no reason: paused by a version before 2026-12-07's)."""
+    the storage holds no reason: paused by a version before 2026-12-07's); ``trials`` as :func:`trial_outcomes`."""
     out = {}
-    for t in OptunaStudy(study).study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if WARM_ATTR not in t.user_attrs and t.user_attrs.get(PAUSED_ATTR) not in (None, ""):
+    for t in trials if trials is not None else OptunaStudy(study).study.get_trials(deepcopy=False):
+        if (t.state == optuna.trial.TrialState.RUNNING and WARM_ATTR not in t.user_attrs
+                and t.user_attrs.get(PAUSED_ATTR) not in (None, "")):
             out[t.user_attrs.get(NAME_ATTR, f"t{t.number:02d}")] = str(t.user_attrs.get(PAUSED_WHY_ATTR) or "")
     return out

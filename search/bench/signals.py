@@ -39,9 +39,9 @@ import numpy as np
 from mann.config import ConfigError
 from search import plateau_span
 
-from .stats import interval, resample_index
 from .curves import read_table
-from .table import load_table, noise_warning
+from .stats import interval, resample_index
+from .table import finite, noise_warning, table_of
 
 FRACTIONS = (0.1, 0.25)
 CLICK_FRACTION = 0.25  # as search.config.PlateauConfig.click_fraction
@@ -115,7 +115,7 @@ def click_labels(finals: np.ndarray, firsts: np.ndarray,
 def signal_power(curves: list[dict[str, Any]], budget: float, fractions=FRACTIONS, n_boot: int = 2000,
                  seed: int = 0) -> dict[str, Any]:
     """The report of the module doc for one table's curves (``budget``: the table's full episodes)."""
-    usable = [c for c in curves if not c.get("diverged") and c["objective"] and _finite(c["objective"][-1])
+    usable = [c for c in curves if not c.get("diverged") and c["objective"] and finite(c["objective"][-1])
               and c["episodes"][-1] >= budget - 1e-9]
     if len(usable) < 2:
         raise ConfigError(f"{len(usable)} of {len(curves)} curves ran the full {budget:g} episodes to a finite "
@@ -199,16 +199,12 @@ def _r(x: float, digits: int = 3):
     return None if x is None or not math.isfinite(float(x)) else round(float(x), digits)
 
 
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def table_signals(paths: list[str], fractions=FRACTIONS, n_boot: int = 2000) -> dict[str, Any]:
     """``{table name: signal_power(...)}`` for tables written by ``mann-search curves record``."""
     out = {}
     for path in paths:
-        table = load_table(path)  # the benchmark's checks: objective, budget and space as its header says
-        curves = read_table(path)[1]  # in the file's order (the bootstrap's resamples follow it)
+        header, curves = read_table(path)  # in the file's order (the bootstrap's resamples follow it)
+        table = table_of(path, header, curves)  # the benchmark's checks: objective, budget and space as its header says
         budget = float(table.search.max_episodes)
         negated = table.sign < 0
         if negated:  # a "min" objective (a loss): negated, so that larger is better here as everywhere
@@ -229,8 +225,9 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{name}: {t['used']} of {t['curves']} curves ran the full {t['budget']:g} episodes; "
                      f"{t['clicked']} clicked (final >= {_level(t['click_level'])})"
                      + ("; a 'min' objective, negated throughout" if t.get("objective_negated") else ""))
-        if noise_warning(t.get("config_share")):
-            lines.append(f"  {noise_warning(t.get('config_share'))}")
+        warning = noise_warning(t.get("config_share"))
+        if warning:
+            lines.append(f"  {warning}")
         sh = t.get("shape")
         if sh:
             lines.append(f"  shape: {shape_line(sh)}")
@@ -273,8 +270,9 @@ def markdown_report(report: dict[str, Any]) -> str:
                      + ("; a 'min' objective, negated throughout" if t.get("objective_negated") else "") + ")")
         if sh:
             lines.append(shape_line(sh))
-        if noise_warning(t.get("config_share")):
-            lines += ["", noise_warning(t.get("config_share")) + "."]
+        warning = noise_warning(t.get("config_share"))
+        if warning:
+            lines += ["", warning + "."]
         lines += ["", "| signal (higher = better) | " + " | ".join(f"at {float(f):.0%}: Spearman [95 % CI] | AUROC"
                                                                   for f in fr) + " |",
                   "| --- |" + " ---: | ---: |" * len(fr)]

@@ -118,7 +118,11 @@ def coordinates(search: LoadedSearch, point: dict[str, Any]) -> np.ndarray:
 def load_table(path: str | Path) -> Table:
     """A recorded table (:func:`search.bench.curves.read_table`), checked against its own header: the objective,
     the budget and the space the curves claim; errors name the file, and the line of a curve."""
-    header, rows = read_table(path)
+    return table_of(path, *read_table(path))
+
+
+def table_of(path: str | Path, header: dict[str, Any], rows: list[dict[str, Any]]) -> Table:
+    """:func:`load_table` of a table already read (its header and curves in the file's order)."""
     search = search_from_header(header)
     sign = _check_objective(path, header, search)
     _check_curves(path, header, search, rows)
