@@ -37,6 +37,8 @@ def trial_lines(study: Study, out: IO[str] | None = None, interrupted=None):
     set when the user stopped the driver (its running trials go on at ``mann-search resume``: no end line)."""
     from ray import tune
 
+    from .searcher import pause_reason
+
     class TrialLines(tune.Callback):
         def __init__(self):
             self.started = time.monotonic()
@@ -64,7 +66,8 @@ def trial_lines(study: Study, out: IO[str] | None = None, interrupted=None):
         def on_step_end(self, iteration, trials, **info):
             now = {t.trial_id: t for t in trials if t.status == "PAUSED"}
             for key in sorted(set(now) - self.paused):
-                self._print(f"{_name(now[key])}  {self.progress.paused(now[key])}")
+                why = pause_reason(study, now[key])
+                self._print(f"{_name(now[key])}  {self.progress.paused(now[key])}" + (f": {why}" if why else ""))
             self.paused = (self.paused | set(now)) - {t.trial_id for t in trials if t.status in ("PENDING", "RUNNING")}
             self.was_paused |= self.paused
 

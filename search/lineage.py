@@ -16,7 +16,7 @@ from . import plots
 from .protocol import (TRIAL_NUMBER_KEY, BudgetWatch, Ending, TrialOutcome, TrialReport, decide, is_probe,
                        outcome_counts, sampled_point, trial_name)
 from .ray_cluster import ray_job_id
-from .searcher import LOST_REASON, storage_url
+from .searcher import LOST_REASON, PAUSED_WHY_ATTR, pause_reason, storage_url
 from .study import Study, git_commit, versions
 from .tracking import StudyTracker, redact
 
@@ -72,11 +72,12 @@ def make_callback(tracker: StudyTracker, study: Study, fresh: bool, interrupted=
                 if t.status == "PAUSED" and t.trial_id not in self.paused and t.trial_id in tracker.trials:
                     self.paused[t.trial_id] = int((t.last_result or {}).get(metrics.EPISODES, 0))
                     tracker.trial_tags(t.trial_id, {"mann.paused": "true",
-                                                    "mann.paused_at": str(self.paused[t.trial_id])})
+                                                    "mann.paused_at": str(self.paused[t.trial_id]),
+                                                    PAUSED_WHY_ATTR: pause_reason(study, t)})
                     changed = True
                 elif t.status in ("PENDING", "RUNNING") and t.trial_id in self.paused:
                     del self.paused[t.trial_id]
-                    tracker.trial_tags(t.trial_id, {"mann.paused": "false"})
+                    tracker.trial_tags(t.trial_id, {"mann.paused": "false", PAUSED_WHY_ATTR: ""})
                     changed = True
             if changed:
                 self._progress(trials)

@@ -483,6 +483,20 @@ def _last_report(trial: optuna.trial.FrozenTrial, metric: str) -> TrialReport | 
     return TrialReport(int(step), {metric: float(trial.intermediate_values[step])})
 
 
+def pause_reason(study: Study, trial) -> str:
+    """Why the freeze_thaw scheduler paused Tune ``trial`` (the sentence it stored as ``mann.paused_why``; ``""``
+    where there is none, or the storage cannot say): what the console's pause line and the MLflow tag show."""
+    number = trial.config.get(TRIAL_NUMBER_KEY)
+    if not isinstance(number, int):
+        return ""
+    try:
+        storage = open_storage(storage_url(study))
+        tid = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.key), number)
+        return str(storage.get_trial(tid).user_attrs.get(PAUSED_WHY_ATTR) or "")
+    except Exception:  # no such study or trial (yet), or the storage down: the pause is shown without its why
+        return ""
+
+
 def trial_outcomes(study: Study, trials: list | None = None) -> dict[str, str]:
     """``{trial name: outcome}`` from the study's Optuna storage (``running`` while a trial runs or waits,
     ``paused`` while the freeze_thaw scheduler has it paused); ``trials``: its Optuna trials, if read already."""

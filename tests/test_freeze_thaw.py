@@ -327,8 +327,9 @@ def test_the_console_says_when_a_trial_is_paused_and_when_it_resumes(tmp_path):
 
 def test_a_probe_says_so_on_the_console_and_in_mlflow_and_a_paused_run_is_tagged(tmp_path, mlflow_server):
     """Trial 7 of a freeze_thaw study (probe_every 8) is a probe: its start line says so and its MLflow run has
-    ``mann.probe``; trial 3 is not. A paused trial's run is tagged ``mann.paused`` (with where), and ``false``
-    again once it runs."""
+    ``mann.probe``; trial 3 is not. A paused trial's run is tagged ``mann.paused`` (with where, and why: the
+    sentence the scheduler stored in Optuna, which its console line also ends with), and ``false`` again once it
+    runs."""
     import io
 
     import mlflow
@@ -338,7 +339,15 @@ def test_a_probe_says_so_on_the_console_and_in_mlflow_and_a_paused_run_is_tagged
     from search.lineage import make_callback
     from search.tracking import StudyTracker
 
+    from search.runner import make_searcher
+    from search.schedulers import StudyEvidence
+
     study = _study(tmp_path)
+    searcher = make_searcher(study)
+    for _ in range(8):
+        searcher.optuna.study.ask()
+    why = "not clicked by 240 episodes, the horizon being 240"
+    StudyEvidence(study).mark(3, paused_at=240, why=why)  # as the scheduler does when it pauses trial 3
     out = io.StringIO()
     lines = trial_lines(study, out=out)
     tracker = StudyTracker(mlflow_server.uri, "probe-tags", study.key, tmp_path / "staging")
@@ -354,6 +363,8 @@ def test_a_probe_says_so_on_the_console_and_in_mlflow_and_a_paused_run_is_tagged
     plain.update_last_result({"episodes": 240, M: 0.25})
     plain.set_status(Trial.PAUSED)
     lineage.on_step_end(1, [probe, plain])
+    lines.on_step_end(1, [probe, plain])
+    assert out.getvalue().splitlines()[-1].endswith(f"(checkpoint kept; resumes when its turn comes): {why}")
     assert tracker.flush(force=True)
     client = mlflow.MlflowClient(mlflow_server.uri)
     (exp,) = [e for e in client.search_experiments() if e.name == "probe-tags"]
@@ -361,10 +372,12 @@ def test_a_probe_says_so_on_the_console_and_in_mlflow_and_a_paused_run_is_tagged
             if r.data.tags.get("mann.role") == "trial"}
     assert runs["t07"].data.tags.get("mann.probe") == "true" and "mann.probe" not in runs["t03"].data.tags
     assert runs["t03"].data.tags.get("mann.paused") == "true" and runs["t03"].data.tags.get("mann.paused_at") == "240"
+    assert runs["t03"].data.tags.get("mann.paused_why") == why
     plain.set_status(Trial.RUNNING)
     lineage.on_step_end(2, [probe, plain])
     assert tracker.flush(force=True)
-    assert client.get_run(runs["t03"].info.run_id).data.tags.get("mann.paused") == "false"
+    tags = client.get_run(runs["t03"].info.run_id).data.tags
+    assert tags.get("mann.paused") == "false" and not tags.get("mann.paused_why")
 
 
 # --- resume: the evidence (curves and pauses) rebuilt from the Optuna storage ---------------------------------
@@ -486,6 +499,9 @@ def test_a_resumed_freeze_thaw_scheduler_decides_as_an_uninterrupted_one(tmp_pat
     # ... with why each was paused (optuna-dashboard's user attributes, `mann-search status`)
     why = paused_reasons(study)
     assert len(why) == len(paused_now) and all(w.startswith(("not clicked by", "clicked at")) for w in why.values())
+    from search.searcher import pause_reason  # what the console's pause line and the MLflow tag show
+
+    assert sorted(pause_reason(study, trials[k]) for k in paused_now) == sorted(why.values())
 
 
 def test_a_resumed_asha_stops_as_an_uninterrupted_one(tmp_path):
