@@ -118,5 +118,5 @@ def make_sampler(loaded: LoadedSearch) -> optuna.samplers.BaseSampler:
     if s.kind == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
     if s.kind == "qmc":
-        return optuna.samplers.QMCSampler(seed=s.seed)
+        return optuna.samplers.QMCSampler(seed=s.seed, scramble=True)  # unscrambled, every seed gives the same points
     return optuna.samplers.NSGAIISampler(seed=s.seed)
