@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import optuna
@@ -108,15 +109,63 @@ class DefineByRun:
         return None
 
 
+def sobol_sampler(seed: int, **kwargs: Any) -> optuna.samplers.QMCSampler:
+    """Scrambled Sobol points: unscrambled, every seed gives the same points, from the space's lower corner."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # stable in use since Optuna 3
+        return optuna.samplers.QMCSampler(seed=seed, scramble=True, **kwargs)
+
+
+class SobolStart(optuna.samplers.BaseSampler):
+    """A model-based sampler (TPE, CMA-ES) whose first ``n_startup`` trials are a scrambled Sobol sequence
+    (``sampler.startup: qmc``) instead of its own independent random draws: a low-discrepancy start covers the
+    space evenly, so a small region of good configurations is hit after fewer trials, and rarely after many (README,
+    "Pause and resume"). A trial is drawn by the start while fewer than ``n_startup`` trials are finished
+    (COMPLETE or PRUNED: what TPE and CMA-ES count), by the model after; the choice is made once per trial."""
+
+    FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+    def __init__(self, model: optuna.samplers.BaseSampler, n_startup: int, seed: int):
+        self.model, self.n_startup = model, n_startup
+        self.start = sobol_sampler(seed, warn_independent_sampling=False)
+        self._by_trial: dict[int, optuna.samplers.BaseSampler] = {}
+
+    def _for(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> optuna.samplers.BaseSampler:
+        chosen = self._by_trial.get(trial._trial_id)
+        if chosen is None:
+            done = len(study._get_trials(deepcopy=False, states=self.FINISHED, use_cache=True))
+            chosen = self._by_trial[trial._trial_id] = self.start if done < self.n_startup else self.model
+        return chosen
+
+    def infer_relative_search_space(self, study, trial):
+        return self._for(study, trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._for(study, trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._for(study, trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        self._for(study, trial).before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._by_trial.pop(trial._trial_id, self.model).after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.model.reseed_rng()
+        self.start.reseed_rng()
+
+
 def make_sampler(loaded: LoadedSearch) -> optuna.samplers.BaseSampler:
     s = loaded.config.sampler
-    if s.kind == "tpe":
-        return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials,
-                                          constant_liar=s.constant_liar)
-    if s.kind == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+    if s.kind in ("tpe", "cmaes"):
+        model = (optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials,
+                                            constant_liar=s.constant_liar) if s.kind == "tpe" else
+                 optuna.samplers.CmaEsSampler(seed=s.seed, n_startup_trials=s.n_startup_trials))
+        return SobolStart(model, s.n_startup_trials, s.seed) if s.startup == "qmc" else model
     if s.kind == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
     if s.kind == "qmc":
-        return optuna.samplers.QMCSampler(seed=s.seed, scramble=True)  # unscrambled, every seed gives the same points
+        return sobol_sampler(s.seed)
     return optuna.samplers.NSGAIISampler(seed=s.seed)

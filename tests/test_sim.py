@@ -387,8 +387,9 @@ def test_benchmark_set_reaches_a_scheduler_the_shipped_config_does_not_run():
 
 def test_benchmark_set_reaches_every_methods_sampler_settings_and_refuses_what_it_does_not_read(capsys):
     """``--set sampler.n_startup_trials`` / ``sampler.constant_liar`` reach every method's sampler (the baseline's
-    too; they were silently dropped: the methods took the table's recorded sampler); the sampler's kind stays the
-    method's and its seed the repetition's; a key the benchmark does not read is refused by name."""
+    too; they were silently dropped: the methods took the table's recorded sampler), ``sampler.startup`` every
+    method's but the baseline's (Ray's plain TPE); the sampler's kind stays the method's and its seed the
+    repetition's; a key the benchmark does not read is refused by name."""
     from search.bench.methods import method_study
     from search.cli import main
     from search.config import load_search_config
@@ -402,11 +403,14 @@ def test_benchmark_set_reaches_every_methods_sampler_settings_and_refuses_what_i
         return search.config.sampler, make_sampler(search)
 
     cfg, sampler = sampler_of("tpe+freeze_thaw", [])
-    assert cfg.kind == "tpe" and cfg.seed == 7 and cfg.n_startup_trials == 6 and sampler._constant_liar
-    cfg, sampler = sampler_of("tpe+freeze_thaw", ["sampler.constant_liar=false", "sampler.n_startup_trials=9"])
-    assert not sampler._constant_liar and cfg.n_startup_trials == 9
+    assert cfg.kind == "tpe" and cfg.seed == 7 and cfg.n_startup_trials == 6 and cfg.startup == "qmc"
+    assert sampler.model._constant_liar and sampler.n_startup == 6  # TPE after a Sobol start (the default)
+    cfg, sampler = sampler_of("tpe+freeze_thaw", ["sampler.constant_liar=false", "sampler.n_startup_trials=9",
+                                                  "sampler.startup=random"])
+    assert not sampler._constant_liar and cfg.n_startup_trials == 9 and cfg.startup == "random"
     cfg, sampler = sampler_of(BASELINE, ["sampler.n_startup_trials=9", "sampler.kind=random"])
-    assert cfg.kind == "tpe" and cfg.n_startup_trials == 9 and sampler._constant_liar
+    # the baseline is Ray's plain TPE: the shipped start does not reach it
+    assert cfg.kind == "tpe" and cfg.n_startup_trials == 9 and cfg.startup == "random" and sampler._constant_liar
     assert sampler_of("random", [])[0].kind == "random"
     for key, hint in (("budget.num_samples=3", "--num-samples"), ("sampler.kind=random", "sampler kind"),
                       ("sampler.seed=3", "seed")):
@@ -596,7 +600,7 @@ def test_sampler_first_good_counts_the_draws_until_a_good_configuration():
     spec.loader.exec_module(mod)
     table = load_table(TINY)
     everything = 100.0 * (table.best - float(table.value.min()))
-    for told in ("random", "click", "final"):
+    for told in ("random", "qmc", "click", "final"):
         assert mod.trials_to_first_good(table, everything, told, seed=0, n_startup=2) == 1
     best = int(np.argmax(table.value))
     for seed in range(3):

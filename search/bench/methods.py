@@ -17,9 +17,9 @@ from .table import Table, search_from_header
 BASELINE = "tpe+asha (ray optuna)"
 # name -> (search-config overrides, searcher flavour: "study" = StudySearch, "ray" = Ray's plain OptunaSearch)
 METHODS: dict[str, tuple[dict[str, Any], str]] = {
-    "random": ({"sampler.kind": "random", "scheduler.kind": "none"}, "study"),
+    "random": ({"sampler.kind": "random", "sampler.startup": "random", "scheduler.kind": "none"}, "study"),
     "tpe": ({"sampler.kind": "tpe", "scheduler.kind": "none"}, "study"),
-    BASELINE: ({"sampler.kind": "tpe", "scheduler.kind": "asha"}, "ray"),
+    BASELINE: ({"sampler.kind": "tpe", "sampler.startup": "random", "scheduler.kind": "asha"}, "ray"),
     "tpe+asha": ({"sampler.kind": "tpe", "scheduler.kind": "asha"}, "study"),
     "tpe+median": ({"sampler.kind": "tpe", "scheduler.kind": "median"}, "study"),
     "tpe+plateau": ({"sampler.kind": "tpe", "scheduler.kind": "plateau"}, "study"),
@@ -28,7 +28,8 @@ METHODS: dict[str, tuple[dict[str, Any], str]] = {
 ORACLE = "tpe+oracle@click"
 # methods only the simulated engine runs (search.bench.sim.SIM_ONLY adds their schedulers): name -> overrides
 SIM_ONLY_OVERRIDES: dict[str, dict[str, Any]] = {
-    "i-epoch": {"sampler.kind": "random", "scheduler.kind": "none", "budget.max_concurrent": None},
+    "i-epoch": {"sampler.kind": "random", "sampler.startup": "random", "scheduler.kind": "none",
+                "budget.max_concurrent": None},
     ORACLE: {"sampler.kind": "tpe", "scheduler.kind": "freeze_thaw"},
 }
 
@@ -64,8 +65,9 @@ def scheduler_overrides(table: Table, kind: str, shipped: SearchConfig | None) -
     return {}
 
 
-# The shipped config's sampler settings every method takes (its kind is the method's, its seed the repetition's).
-SAMPLER_SETTINGS = ("n_startup_trials", "constant_liar")
+# The shipped config's sampler settings every method takes (its kind is the method's, its seed the repetition's;
+# the baseline, Ray's plain TPE, and the random-sampling methods draw their start at random whatever it says).
+SAMPLER_SETTINGS = ("n_startup_trials", "constant_liar", "startup")
 # What `mann-search benchmark --set` may change: the shipped config's settings the benchmark reads (key prefixes).
 BENCHMARK_SET = ("scheduler.", *(f"sampler.{k}" for k in SAMPLER_SETTINGS), "overrides.train.eval_every")
 
