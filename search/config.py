@@ -94,8 +94,16 @@ class SamplerConfig(Section):
     # How those first trials are drawn (TPE, CMA-ES): qmc, a scrambled Sobol sequence that spreads them over the
     # space instead of leaving gaps and clumps, so a small region of good configurations is found after fewer
     # trials (the default since 2026-12-08); random, Optuna's own independent draws (before). Under freeze_thaw
-    # most of a small study is drawn so (docs/freeze-thaw.md, "An even start").
-    startup: Literal["random", "qmc"] = "qmc"
+    # most of a small study is drawn so (docs/freeze-thaw.md, "An even start"). Unset: qmc for tpe and cmaes;
+    # other kinds have no start.
+    startup: Literal["random", "qmc"] | None = None
+
+    @property
+    def start(self) -> str | None:
+        """How the first trials are drawn: ``random`` or ``qmc``; None for a kind without a start."""
+        if self.kind not in ("tpe", "cmaes"):
+            return None
+        return self.startup or "qmc"
     # TPE: model the running trials (paused ones included) as bad until they end (Optuna's constant liar), so the
     # trials a study holds open repel new samples. Optuna 5's default, set here so an Optuna 4 install (default
     # off) samples the same.
@@ -291,8 +299,7 @@ class SearchConfig(Section):
             require(self.scheduler.kind == "none",
                     "scheduler.kind: early stopping needs a single objective; use 'none' for a multi-objective "
                     "search")
-        require("startup" not in self.sampler.model_fields_set or self.sampler.startup == "random"
-                or self.sampler.kind in ("tpe", "cmaes"),
+        require(self.sampler.startup in (None, "random") or self.sampler.kind in ("tpe", "cmaes"),
                 f"sampler.startup: {self.sampler.startup} applies to sampler.kind tpe or cmaes (their first "
                 f"n_startup_trials trials), not {self.sampler.kind}")
         return self

@@ -163,7 +163,7 @@ def make_sampler(loaded: LoadedSearch) -> optuna.samplers.BaseSampler:
         model = (optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials,
                                             constant_liar=s.constant_liar) if s.kind == "tpe" else
                  optuna.samplers.CmaEsSampler(seed=s.seed, n_startup_trials=s.n_startup_trials))
-        return SobolStart(model, s.n_startup_trials, s.seed) if s.startup == "qmc" else model
+        return SobolStart(model, s.n_startup_trials, s.seed) if s.start == "qmc" else model
     if s.kind == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
     if s.kind == "qmc":

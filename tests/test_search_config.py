@@ -259,9 +259,12 @@ def test_a_sobol_start_covers_the_space_more_evenly_then_hands_over_to_tpe():
 
 
 def test_a_sobol_start_is_refused_for_a_sampler_without_a_start():
-    """Set for a sampler kind without a start it is refused by name; left at its default it does not apply."""
-    for kind in ("random", "qmc", "nsga2"):
-        assert load_search_config(SEARCH / "smoke.yaml", [f"sampler.kind={kind}"]).config.sampler.kind == kind
+    """Set for a sampler kind without a start it is refused by name; left unset it does not apply, and the config
+    (as a study's snapshot writes and reads it back) stays valid."""
+    for kind in ("random", "qmc", "nsga2", "tpe"):
+        cfg = load_search_config(SEARCH / "smoke.yaml", [f"sampler.kind={kind}"]).config
+        assert cfg.sampler.kind == kind and cfg.sampler.start == ("qmc" if kind == "tpe" else None)
+        assert type(cfg).model_validate(cfg.model_dump()).sampler == cfg.sampler
     with pytest.raises(ConfigError, match=r"sampler.startup: qmc applies to sampler.kind tpe or cmaes .* not random"):
         load_search_config(SEARCH / "smoke.yaml", ["sampler.kind=random", "sampler.startup=qmc"])
     with pytest.raises(ConfigError, match=r"sampler.startup"):

@@ -403,14 +403,14 @@ def test_benchmark_set_reaches_every_methods_sampler_settings_and_refuses_what_i
         return search.config.sampler, make_sampler(search)
 
     cfg, sampler = sampler_of("tpe+freeze_thaw", [])
-    assert cfg.kind == "tpe" and cfg.seed == 7 and cfg.n_startup_trials == 6 and cfg.startup == "qmc"
+    assert cfg.kind == "tpe" and cfg.seed == 7 and cfg.n_startup_trials == 6 and cfg.start == "qmc"
     assert sampler.model._constant_liar and sampler.n_startup == 6  # TPE after a Sobol start (the default)
     cfg, sampler = sampler_of("tpe+freeze_thaw", ["sampler.constant_liar=false", "sampler.n_startup_trials=9",
                                                   "sampler.startup=random"])
-    assert not sampler._constant_liar and cfg.n_startup_trials == 9 and cfg.startup == "random"
+    assert not sampler._constant_liar and cfg.n_startup_trials == 9 and cfg.start == "random"
     cfg, sampler = sampler_of(BASELINE, ["sampler.n_startup_trials=9", "sampler.kind=random"])
     # the baseline is Ray's plain TPE: the shipped start does not reach it
-    assert cfg.kind == "tpe" and cfg.n_startup_trials == 9 and cfg.startup == "random" and sampler._constant_liar
+    assert cfg.kind == "tpe" and cfg.n_startup_trials == 9 and cfg.start == "random" and sampler._constant_liar
     assert sampler_of("random", [])[0].kind == "random"
     for key, hint in (("budget.num_samples=3", "--num-samples"), ("sampler.kind=random", "sampler kind"),
                       ("sampler.seed=3", "seed")):
