@@ -97,6 +97,10 @@ class SamplerConfig(Section):
     # most of a small study is drawn so (docs/freeze-thaw.md, "An even start"). Unset: qmc for tpe and cmaes;
     # other kinds have no start.
     startup: Literal["random", "qmc"] | None = None
+    # TPE: model the running trials (paused ones included) as bad until they end (Optuna's constant liar), so the
+    # trials a study holds open repel new samples. Optuna 5's default, set here so an Optuna 4 install (default
+    # off) samples the same.
+    constant_liar: bool = True
 
     @property
     def start(self) -> str | None:
@@ -104,10 +108,6 @@ class SamplerConfig(Section):
         if self.kind not in ("tpe", "cmaes"):
             return None
         return self.startup or "qmc"
-    # TPE: model the running trials (paused ones included) as bad until they end (Optuna's constant liar), so the
-    # trials a study holds open repel new samples. Optuna 5's default, set here so an Optuna 4 install (default
-    # off) samples the same.
-    constant_liar: bool = True
 
 
 class PlateauConfig(Section):
@@ -299,7 +299,7 @@ class SearchConfig(Section):
             require(self.scheduler.kind == "none",
                     "scheduler.kind: early stopping needs a single objective; use 'none' for a multi-objective "
                     "search")
-        require(self.sampler.startup in (None, "random") or self.sampler.kind in ("tpe", "cmaes"),
+        require(self.sampler.startup in (None, "random") or self.sampler.start is not None,
                 f"sampler.startup: {self.sampler.startup} applies to sampler.kind tpe or cmaes (their first "
                 f"n_startup_trials trials), not {self.sampler.kind}")
         return self

@@ -119,8 +119,8 @@ def sobol_sampler(seed: int, **kwargs: Any) -> optuna.samplers.QMCSampler:
 class SobolStart(optuna.samplers.BaseSampler):
     """A model-based sampler (TPE, CMA-ES) whose first ``n_startup`` trials are a scrambled Sobol sequence
     (``sampler.startup: qmc``) instead of its own independent random draws: a low-discrepancy start covers the
-    space evenly, so a small region of good configurations is hit after fewer trials, and rarely after many (README,
-    "Pause and resume"). A trial is drawn by the start while fewer than ``n_startup`` trials are finished
+    space evenly, so a small region of good configurations is hit after fewer trials, and rarely after many
+    (docs/freeze-thaw.md, "An even start"). A trial is drawn by the start while fewer than ``n_startup`` trials are finished
     (COMPLETE or PRUNED: what TPE and CMA-ES count), by the model after; the choice is made once per trial."""
 
     FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
