@@ -127,6 +127,8 @@ def cmd_train(args) -> int:
     out = Path(args.out) if args.out else Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
     if out.exists() and not out.is_dir():  # before any training: its checkpoints could not be written there
         raise ConfigError(f"--out {out}: exists and is not a folder (the run's checkpoints and metrics go in a folder)")
+    from .omniglot import find_sources
+    find_sources(cfg.data.resolved_data_dir(), cfg.data.data_dir_origin)  # a bad data setting: before the start line
     progress = _Progress(cfg.train.episodes)
     task = cfg.task
     shape = (f"{task.classes} classes x {task.instances} instances" if task.sampling == "balanced" else
@@ -174,7 +176,10 @@ def cmd_data(args) -> int:
         for path in omniglot.download(cfg.resolved_data_dir()):
             print(f"ok {path}")
         return 0
-    info = omniglot.describe(cfg)
+    try:
+        info = omniglot.describe(cfg)
+    except omniglot.DataError as exc:  # the flag that set the directory, not the config key it fills
+        raise omniglot.DataError(str(exc).replace("(from data.data_dir)", "(from --data-dir)")) from None
     if args.json:
         print(json.dumps(info))
         return 0

@@ -148,6 +148,11 @@ class DataConfig(Section):
                 f"max_shift: must be in [0, {self.image_size // 2}), got {self.max_shift}")
         return self
 
+    @property
+    def data_dir_origin(self) -> str:
+        """Where the data directory was set, as a user would change it: ``data.data_dir`` or ``MANN_DATA_DIR``."""
+        return "data.data_dir" if self.data_dir else "MANN_DATA_DIR"
+
     def resolved_data_dir(self) -> Path:
         raw = self.data_dir or os.environ.get("MANN_DATA_DIR")
         if not raw:

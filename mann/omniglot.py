@@ -80,12 +80,14 @@ class Splits:
 # Finding and fingerprinting the sources
 
 
-def find_sources(data_dir: Path) -> dict[str, Path]:
-    """Map each present source (``images_background``, ``images_evaluation``) to its zip or folder."""
+def find_sources(data_dir: Path, origin: str | None = None) -> dict[str, Path]:
+    """Map each present source (``images_background``, ``images_evaluation``) to its zip or folder. ``origin``:
+    the setting the directory came from (``MANN_DATA_DIR``, ``data.data_dir``), named in the errors."""
+    where = f" (from {origin})" if origin else ""
     if not data_dir.exists():
-        raise DataError(f"{data_dir}: data directory does not exist")
+        raise DataError(f"{data_dir}: data directory does not exist{where}")
     if not data_dir.is_dir():
-        raise DataError(f"{data_dir}: not a directory")
+        raise DataError(f"{data_dir}: not a directory{where}")
     found = {}
     for name in SOURCES:
         folder, archive = data_dir / name, data_dir / f"{name}.zip"
@@ -95,7 +97,7 @@ def find_sources(data_dir: Path) -> dict[str, Path]:
             found[name] = archive
     if not found:
         raise DataError(
-            f"{data_dir}: no Omniglot found (expected images_background.zip and images_evaluation.zip, "
+            f"{data_dir}{where}: no Omniglot found (expected images_background.zip and images_evaluation.zip, "
             "or the extracted folders); `mann data download --data-dir DIR` fetches them"
         )
     return found
@@ -211,7 +213,7 @@ def _span(values: list[int]) -> str:
 def load_omniglot(cfg: DataConfig) -> Omniglot:
     """Read (or load from cache) all characters of the sources in the data directory."""
     data_dir = cfg.resolved_data_dir()
-    sources = find_sources(data_dir)
+    sources = find_sources(data_dir, cfg.data_dir_origin)
     if cfg.verify_counts and set(sources) != set(SOURCES):
         missing = sorted(set(SOURCES) - set(sources))
         raise DataError(f"{data_dir}: missing {', '.join(missing)} (zip or folder)")
@@ -319,7 +321,7 @@ def describe(cfg: DataConfig) -> dict:
     alphabets = len({"/".join(n.split("/")[:2]) for n in data.names})
     return {
         "data_dir": str(cfg.resolved_data_dir()),
-        "sources": {k: str(v) for k, v in find_sources(cfg.resolved_data_dir()).items()},
+        "sources": {k: str(v) for k, v in find_sources(cfg.resolved_data_dir(), cfg.data_dir_origin).items()},
         "characters": len(data.images),
         "characters_per_source": per_source,
         "alphabets": alphabets,

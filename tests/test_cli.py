@@ -79,6 +79,28 @@ def test_missing_data_setting_is_named(tmp_path):
     assert_one_line_error(proc, "data.data_dir", "MANN_DATA_DIR")
 
 
+@pytest.mark.parametrize("how", ["env", "set"])
+def test_wrong_data_directory_names_its_setting_before_training(tmp_path, how):
+    """A data directory that does not exist, or holds no Omniglot, is refused by the setting it came from, before
+    the run's start line (nothing is created in --out)."""
+    missing, empty = tmp_path / "nope", tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "run"
+    for folder, needle in ((missing, "data directory does not exist"), (empty, "no Omniglot found")):
+        if how == "env":
+            proc = mann("train", "--config", "configs/mann/smoke.yaml", "--out", str(out),
+                        env={"MANN_DATA_DIR": str(folder)})
+            origin = "(from MANN_DATA_DIR)"
+        else:
+            proc = mann("train", "--config", "configs/mann/smoke.yaml", "--out", str(out),
+                        "--set", f"data.data_dir={folder}")
+            origin = "(from data.data_dir)"
+        assert_one_line_error(proc, str(folder), needle, origin)
+        assert proc.stdout == "" and not out.exists(), proc.stdout
+    proc = mann("data", "check", "--data-dir", str(missing))
+    assert_one_line_error(proc, str(missing), "(from --data-dir)")
+
+
 def test_empty_config_file_is_named(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("# only a comment\n")
