@@ -6,6 +6,7 @@ Bad input (config, data, arguments) exits with status 2 and one line naming the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -120,6 +121,20 @@ class _Progress:
         )
 
 
+@contextlib.contextmanager
+def _data_dir_flag(flag: str | None):
+    """A data error names ``--data-dir`` when the flag set the directory (it fills the config key
+    ``data.data_dir``, which the error would name otherwise)."""
+    from .omniglot import DataError
+
+    try:
+        yield
+    except DataError as exc:
+        if not flag:
+            raise
+        raise DataError(str(exc).replace("(from data.data_dir)", "(from --data-dir)")) from None
+
+
 def cmd_train(args) -> int:
     from .train import train
 
@@ -143,8 +158,9 @@ def cmd_evaluate(args) -> int:
     from .train import evaluate_checkpoint
 
     t0 = time.perf_counter()
-    result, payload, cfg = evaluate_checkpoint(args.checkpoint, args.split, args.episodes, args.seed, args.device,
-                                               args.data_dir)
+    with _data_dir_flag(args.data_dir):
+        result, payload, cfg = evaluate_checkpoint(args.checkpoint, args.split, args.episodes, args.seed, args.device,
+                                                   args.data_dir)
     seconds = time.perf_counter() - t0
     out = result.as_dict()
     out.update(checkpoint=str(args.checkpoint), seed=args.seed, trained_episodes=payload.get("episodes"),
@@ -176,10 +192,8 @@ def cmd_data(args) -> int:
         for path in omniglot.download(cfg.resolved_data_dir()):
             print(f"ok {path}")
         return 0
-    try:
+    with _data_dir_flag(args.data_dir):
         info = omniglot.describe(cfg)
-    except omniglot.DataError as exc:  # the flag that set the directory, not the config key it fills
-        raise omniglot.DataError(str(exc).replace("(from data.data_dir)", "(from --data-dir)")) from None
     if args.json:
         print(json.dumps(info))
         return 0

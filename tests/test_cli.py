@@ -99,6 +99,8 @@ def test_wrong_data_directory_names_its_setting_before_training(tmp_path, how):
         assert proc.stdout == "" and not out.exists(), proc.stdout
     proc = mann("data", "check", "--data-dir", str(missing))
     assert_one_line_error(proc, str(missing), "(from --data-dir)")
+    proc = mann("evaluate", "--checkpoint", "results/mann_paper.pt", "--data-dir", str(missing), "--episodes", "2")
+    assert_one_line_error(proc, str(missing), "(from --data-dir)")
 
 
 def test_empty_config_file_is_named(tmp_path):
