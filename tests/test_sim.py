@@ -615,6 +615,19 @@ def test_sampler_first_good_counts_the_draws_until_a_good_configuration():
             study.tell(trial, 0.0)
         assert mod.trials_to_first_good(table, 0.0, "random", seed, n_startup=2) == k
         assert 1 <= mod.trials_to_first_good(table, 0.0, "click", seed, n_startup=2) <= 200
+    # the oracle screen over the same draws: every curve watched to its click or the deadline, until the best
+    # configuration's curve clicks by the deadline; none among the draws: inf
+    from search.bench.bound import click_episodes
+
+    clicks, max_t = click_episodes(table), float(table.search.max_episodes)
+    drawn = list(mod.draws(table, "random", 0, 0, limit=60))
+    first = next(i for i, (c, _) in enumerate(drawn) if c == best)
+    for deadline in (0.5 * max_t, max_t):
+        want = sum(min(clicks[c][v], deadline) for c, v in drawn[:first])
+        if clicks[best][drawn[first][1]] <= deadline:
+            assert mod.screen_episodes(table, 0.0, drawn, deadline) == want + clicks[best][drawn[first][1]]
+    assert mod.screen_episodes(table, everything, drawn, max_t) == clicks[drawn[0][0]][drawn[0][1]]
+    assert mod.screen_episodes(table, 0.0, drawn[:first], max_t) == float("inf")
 
 
 def test_the_target_is_a_regret_most_baseline_studies_reach():
