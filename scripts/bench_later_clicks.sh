@@ -9,6 +9,9 @@
 #   scripts/bench_later_clicks.sh docs/benchmark-earlier-clicks 100 -0.3
 # BENCH_ARGS: more benchmark arguments, e.g. cluster.yaml's study shape, escalation on only (MODES=new):
 #   MODES=new BENCH_ARGS="--num-samples 64 --max-concurrent 32" scripts/bench_later_clicks.sh OUT 100 0.3
+# BY smoothP (e.g. smooth0.5): no click at all, each curve's objective a smooth rise ** P from its first to its last
+# value (scripts/shift_curves.py --smooth; escalation on only), with random search beside freeze_thaw:
+#   scripts/bench_later_clicks.sh docs/benchmark-smooth 100 smooth0.5
 # Usage: scripts/bench_later_clicks.sh [OUT] [REPEATS] [BY]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,14 +19,22 @@ out=${1:-docs/benchmark-later-clicks}
 repeats=${2:-100}
 by=${3:-0.3}
 read -r -a modes <<< "${MODES:-new old}"
-[[ $by == -* ]] && modes=(new)
+[[ $by == -* || $by == smooth* ]] && modes=(new)
 read -r -a bench_args <<< "${BENCH_ARGS:-}"
-tag=shift$(python3 -c "import sys; print(round(100 * float(sys.argv[1])))" "$by")
+methods=(tpe+freeze_thaw)
+if [[ $by == smooth* ]]; then
+  how=(--smooth "${by#smooth}")
+  tag=smooth$(python3 -c "import sys; print(round(100 * float(sys.argv[1])))" "${by#smooth}")
+  methods+=(random)
+else
+  how=(--by "$by")
+  tag=shift$(python3 -c "import sys; print(round(100 * float(sys.argv[1])))" "$by")
+fi
 mkdir -p "$out"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 for t in quickstart paper5x10 strings3x5 onehot5x5; do
-  .venv/bin/python scripts/shift_curves.py "results/curves/$t.jsonl" --by "$by" --out "$tmp/$t-$tag.jsonl"
+  .venv/bin/python scripts/shift_curves.py "results/curves/$t.jsonl" "${how[@]}" --out "$tmp/$t-$tag.jsonl"
   grace=$(.venv/bin/python -c "import json, sys; h = json.loads(open(sys.argv[1]).readline()); \
 print(round(0.15 * h['search']['overrides']['train.episodes']))" "$tmp/$t-$tag.jsonl")
   for mode in "${modes[@]}"; do
@@ -32,6 +43,6 @@ print(round(0.15 * h['search']['overrides']['train.episodes']))" "$tmp/$t-$tag.j
     echo "== $t-$tag, escalation $([[ $mode == new ]] && echo on || echo off)"
     .venv/bin/mann-search benchmark --curves "$tmp/$t-$tag.jsonl" --config "configs/search/$t.yaml" \
       --set scheduler.kind=freeze_thaw --set scheduler.grace_episodes="$grace" "${extra[@]}" "${bench_args[@]}" \
-      --methods tpe+freeze_thaw --repeats "$repeats" --markdown --save "$out/$t-$mode.json" --plot "$tmp/$t-$mode.png"
+      --methods "${methods[@]}" --repeats "$repeats" --markdown --save "$out/$t-$mode.json" --plot "$tmp/$t-$mode.png"
   done
 done

@@ -10,12 +10,22 @@ the same way.
     python scripts/shift_curves.py results/curves/quickstart.jsonl --by 0.3 --out /tmp/quickstart-shift30.jsonl
     python scripts/shift_curves.py results/curves/quickstart.jsonl --by -0.3 --out /tmp/quickstart-shift-30.jsonl
 
-The table keeps its search (header) and is named ``<name>-shift<percent>`` (``-shift-30`` when advanced)."""
+The table keeps its search (header) and is named ``<name>-shift<percent>`` (``-shift-30`` when advanced).
+
+``--smooth P`` instead takes the click away: each curve's objective is replaced by a smooth rise from its first to
+its last recorded value, ``first + (last - first) * ((i + 1) / n) ** P`` at its i-th of n evaluations (P 0.5: a
+square-root rise; smaller P rises sooner and flattens), as a task whose curves rise without sitting at chance
+would; every other series stays as recorded, and so does a curve with a missing or non-finite value. The table
+is named ``<name>-smooth<100 P>``.
+
+    python scripts/shift_curves.py results/curves/quickstart.jsonl --smooth 0.5 --out /tmp/quickstart-smooth50.jsonl
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -32,22 +42,42 @@ def shift_row(row: dict, by: float) -> dict:
     return out
 
 
+def smooth_row(row: dict, power: float) -> dict:
+    obj = row.get("objective")
+    if not isinstance(obj, list) or len(obj) < 2 or not all(
+            isinstance(v, (int, float)) and math.isfinite(v) for v in obj):
+        return row
+    n, first, last = len(obj), obj[0], obj[-1]
+    return {**row, "objective": [first + (last - first) * ((i + 1) / n) ** power for i in range(n)]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("table")
-    p.add_argument("--by", type=float, required=True, help="share of each curve's evaluations to delay it by")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--by", type=float, help="share of each curve's evaluations to delay it by")
+    how.add_argument("--smooth", type=float, metavar="P", help="replace each curve's objective by a rise ** P")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    if not (0 < abs(a.by) < 1):
+    if a.by is not None and not (0 < abs(a.by) < 1):
         print(f"--by: a share of the evaluations in (-1, 0) or (0, 1), got {a.by}", file=sys.stderr)
+        return 2
+    if a.smooth is not None and not (0 < a.smooth <= 4):
+        print(f"--smooth: a power in (0, 4], got {a.smooth}", file=sys.stderr)
         return 2
     lines = Path(a.table).read_text().splitlines()
     head = json.loads(lines[0])
-    head["name"] = f"{head.get('name') or Path(a.table).stem}-shift{round(100 * a.by)}"
-    rows = [json.dumps(shift_row(json.loads(x), a.by)) for x in lines[1:] if x.strip()]
+    name = head.get("name") or Path(a.table).stem
+    if a.smooth is not None:
+        head["name"] = f"{name}-smooth{round(100 * a.smooth)}"
+        rows = [json.dumps(smooth_row(json.loads(x), a.smooth)) for x in lines[1:] if x.strip()]
+        said = f"each objective a rise ** {a.smooth:g} from its first to its last value"
+    else:
+        head["name"] = f"{name}-shift{round(100 * a.by)}"
+        rows = [json.dumps(shift_row(json.loads(x), a.by)) for x in lines[1:] if x.strip()]
+        said = f"{'delayed' if a.by > 0 else 'advanced'} by {abs(a.by):.0%} of their evaluations"
     Path(a.out).write_text("\n".join([json.dumps(head), *rows]) + "\n")
-    how = "delayed" if a.by > 0 else "advanced"
-    print(f"{a.out}: {len(rows)} curves of {head['name']}, {how} by {abs(a.by):.0%} of their evaluations")
+    print(f"{a.out}: {len(rows)} curves of {head['name']}, {said}")
     return 0
 
 

@@ -582,6 +582,16 @@ def test_shift_curves_delays_every_series_and_keeps_the_table_loadable(tmp_path,
     assert new["objective"][n - k:] == [old["objective"][-1]] * k
     assert mod.main([str(tiny), "--by", "1.5", "--out", str(out)]) == 2
     assert "--by" in capsys.readouterr().err
+    smooth = tmp_path / "smooth.jsonl"  # no click: a rise ** P from the first to the last value, the rest as recorded
+    assert mod.main([str(tiny), "--smooth", "0.5", "--out", str(smooth)]) == 0
+    assert load_table(smooth).header["name"].endswith("-smooth50")
+    new = json.loads(smooth.read_text().splitlines()[1])
+    first, last = old["objective"][0], old["objective"][-1]
+    assert new["objective"] == pytest.approx([first + (last - first) * ((i + 1) / n) ** 0.5 for i in range(n)])
+    assert new["episodes"] == old["episodes"] and new.get("train_loss") == old.get("train_loss")
+    assert new["objective"][-1] == pytest.approx(last) and new["objective"] != old["objective"]
+    assert mod.main([str(tiny), "--smooth", "0", "--out", str(smooth)]) == 2
+    assert "--smooth" in capsys.readouterr().err
 
 
 def test_sampler_first_good_counts_the_draws_until_a_good_configuration():
