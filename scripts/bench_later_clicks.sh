@@ -12,6 +12,9 @@
 # BY smoothP (e.g. smooth0.5): no click at all, each curve's objective a smooth rise ** P from its first to its last
 # value (scripts/shift_curves.py --smooth; escalation on only), with random search beside freeze_thaw:
 #   scripts/bench_later_clicks.sh docs/benchmark-smooth 100 smooth0.5
+# BY rankR (e.g. rank0.4): each curve delayed by R x the quantile of its final value, the best clicking last
+# (scripts/shift_curves.py --by-rank; escalation on only), random search beside:
+#   scripts/bench_later_clicks.sh docs/benchmark-rank40 100 rank0.4
 # Usage: scripts/bench_later_clicks.sh [OUT] [REPEATS] [BY]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,12 +22,16 @@ out=${1:-docs/benchmark-later-clicks}
 repeats=${2:-100}
 by=${3:-0.3}
 read -r -a modes <<< "${MODES:-new old}"
-[[ $by == -* || $by == smooth* ]] && modes=(new)
+[[ $by == -* || $by == smooth* || $by == rank* ]] && modes=(new)
 read -r -a bench_args <<< "${BENCH_ARGS:-}"
 methods=(tpe+freeze_thaw)
 if [[ $by == smooth* ]]; then
   how=(--smooth "${by#smooth}")
   tag=smooth$(python3 -c "import sys; print(round(100 * float(sys.argv[1])))" "${by#smooth}")
+  methods+=(random)
+elif [[ $by == rank* ]]; then
+  how=(--by-rank "${by#rank}")
+  tag=rank$(python3 -c "import sys; print(round(100 * float(sys.argv[1])))" "${by#rank}")
   methods+=(random)
 else
   how=(--by "$by")

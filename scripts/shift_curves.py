@@ -19,6 +19,12 @@ would; every other series stays as recorded, and so does a curve with a missing 
 is named ``<name>-smooth<100 P>``.
 
     python scripts/shift_curves.py results/curves/quickstart.jsonl --smooth 0.5 --out /tmp/quickstart-smooth50.jsonl
+
+``--by-rank BY`` turns the click's usual order round: each curve is delayed (as ``--by``) by ``BY`` x the quantile
+of its final value among the table's curves, so the curves that end highest click latest (cut at the budget,
+they also end lower than recorded). Named ``<name>-rank<percent>``.
+
+    python scripts/shift_curves.py results/curves/quickstart.jsonl --by-rank 0.4 --out /tmp/quickstart-rank40.jsonl
 """
 
 from __future__ import annotations
@@ -51,16 +57,35 @@ def smooth_row(row: dict, power: float) -> dict:
     return {**row, "objective": [first + (last - first) * ((i + 1) / n) ** power for i in range(n)]}
 
 
+def final_quantiles(rows: list[dict]) -> list[float]:
+    """Per curve: the quantile (0 lowest, 1 highest) of its final objective among the rows (a missing or
+    non-finite final counts lowest; ties keep the rows' order)."""
+    def final(r):
+        obj = r.get("objective") or []
+        v = obj[-1] if obj else None
+        return v if isinstance(v, (int, float)) and math.isfinite(v) else -math.inf
+
+    order = sorted(range(len(rows)), key=lambda i: final(rows[i]))
+    q = [0.0] * len(rows)
+    for k, i in enumerate(order):
+        q[i] = k / max(1, len(rows) - 1)
+    return q
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("table")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--by", type=float, help="share of each curve's evaluations to delay it by")
     how.add_argument("--smooth", type=float, metavar="P", help="replace each curve's objective by a rise ** P")
+    how.add_argument("--by-rank", type=float, metavar="BY", help="delay each curve by BY x its final's quantile")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     if a.by is not None and not (0 < abs(a.by) < 1):
         print(f"--by: a share of the evaluations in (-1, 0) or (0, 1), got {a.by}", file=sys.stderr)
+        return 2
+    if a.by_rank is not None and not (0 < a.by_rank < 1):
+        print(f"--by-rank: a share of the evaluations in (0, 1), got {a.by_rank}", file=sys.stderr)
         return 2
     if a.smooth is not None and not (0 < a.smooth <= 4):
         print(f"--smooth: a power in (0, 4], got {a.smooth}", file=sys.stderr)
@@ -68,7 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     lines = Path(a.table).read_text().splitlines()
     head = json.loads(lines[0])
     name = head.get("name") or Path(a.table).stem
-    if a.smooth is not None:
+    if a.by_rank is not None:
+        head["name"] = f"{name}-rank{round(100 * a.by_rank)}"
+        rows = [json.loads(x) for x in lines[1:] if x.strip()]
+        rows = [json.dumps(shift_row(r, a.by_rank * q)) for r, q in zip(rows, final_quantiles(rows))]
+        said = f"each delayed by {a.by_rank:.0%} x its final's quantile of their evaluations (the best clicks last)"
+    elif a.smooth is not None:
         head["name"] = f"{name}-smooth{round(100 * a.smooth)}"
         rows = [json.dumps(smooth_row(json.loads(x), a.smooth)) for x in lines[1:] if x.strip()]
         said = f"each objective a rise ** {a.smooth:g} from its first to its last value"

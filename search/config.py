@@ -147,9 +147,10 @@ class FreezeThawConfig(Section):
     # click_rank, before min_clicked trials clicked: while no trial clicked by the first horizon although this
     # many trials got there unclicked, the horizon doubles (a task that clicks later than first_rung x budget).
     escalate_after: int = Field(8, ge=1)
-    # click_rank: every probe_every-th trial (by Optuna trial number) is a probe, never paused before its click:
-    # the clicks a study sees come from the trials it let run, so a horizon set from them alone can only shorten
-    # and would hide a task's late clicks; the probes show them. 0: no probes.
+    # click_rank: every probe_every-th trial (by Optuna trial number) is a probe, never paused (it runs to its
+    # end): the clicks a study sees come from the trials it let run, so a horizon set from them alone can only
+    # shorten and would hide a task's late clicks, and a late clicker that ends highest; the probes show them.
+    # 0: no probes.
     probe_every: int = Field(8, ge=0)
     # click_rank: a trial that clicks while fewer than min_clicked others have cannot be ranked yet; with defer_at
     # > 0 it is paused at defer_at x the budget instead of running to the end on no evidence, and resumes ahead of

@@ -55,7 +55,7 @@ def trial_lines(study: Study, out: IO[str] | None = None, interrupted=None):
             if trial.trial_id in self.was_paused and trial.status != "PAUSED":
                 self._print(f"{_name(trial)}  resumed at {_episodes(trial)} episodes")
             elif is_probe(study.search.config.scheduler, trial.config.get(TRIAL_NUMBER_KEY)):
-                self._print(f"{_name(trial)}  started (a probe: not paused before its click)")
+                self._print(f"{_name(trial)}  started (a probe: never paused)")
             else:
                 self._print(f"{_name(trial)}  started")
 

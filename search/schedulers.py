@@ -337,7 +337,7 @@ RESUMED_ATTR = "mann.resumed_at"  # ... episodes at which it was last resumed
 WHY = {
     "grace": "within the grace episodes: not judged yet",
     "resumed": "resumed after a pause, or nothing fresh left to run instead: runs to its end",
-    "probe": "a probe: not paused before its click",
+    "probe": "a probe: never paused, runs to its end",
     "waiting": "not clicked yet, before the horizon",
     "not_clicked": "paused: not clicked by the horizon",
     "kept": "clicked early among the study's clicks: runs to its end",
@@ -368,9 +368,11 @@ class FreezeThawRule:
     * a trial that clicks later than the ``keep_quantile`` quantile of the others' click times is paused at its
       click (once ``min_clicked`` clicked); one that clicks earlier runs to the full budget;
     * a *probe* (``probes``: every ``probe_every``-th trial, by Optuna trial number, marked by
-      :class:`FreezeThaw`) is never paused before its click: the clicks a study sees come from the trials it let
-      run, so a horizon set from them alone only shortens and hides a task's late clicks (at 32 trials at once
-      the first clicks seen are all early ones); the probes keep measuring them.
+      :class:`FreezeThaw`) is never paused: it runs to its end. The clicks a study sees come from the trials it
+      let run, so a horizon set from them alone only shortens and hides a task's late clicks (at 32 trials at
+      once the first clicks seen are all early ones); and where a task's late clickers end highest (the rule's
+      premise turned round) only full curves show it. The probes keep measuring both (since 2026-12-08 also
+      past their click: docs/freeze-thaw.md, "When late clickers end highest").
 
     * a trial that clicks while fewer than ``min_clicked`` others have cannot be ranked: it runs to the end, or,
       with ``defer_at`` > 0, is *deferred*: paused at ``defer_at`` x the budget, and resumed ahead of fresh trials
@@ -595,6 +597,8 @@ class FreezeThawRule:
         """click_rank's decision on a trial at ``t`` episodes: (its WHY key, the sentence if it is paused)."""
         if self.started[key] > 0 or not can_start_new:  # resumed, or nothing fresh to run instead: runs on
             return "resumed", None
+        if key in self.probes:
+            return "probe", None
         clicks = self.clicks()
         own = clicks.get(key, math.inf)
         if math.isfinite(own):
@@ -609,8 +613,6 @@ class FreezeThawRule:
                                     f"clicks rank it")
             return "late", (f"clicked at {own:.0f} episodes, later than {100 * self.keep_quantile:.0f} % of the "
                             f"study's {len(others)} other clicks (by {np.quantile(others, self.keep_quantile):.0f})")
-        if key in self.probes:
-            return "probe", None
         h = self.horizon(clicks, exclude=key)
         if t < h:
             return "waiting", None

@@ -592,6 +592,16 @@ def test_shift_curves_delays_every_series_and_keeps_the_table_loadable(tmp_path,
     assert new["objective"][-1] == pytest.approx(last) and new["objective"] != old["objective"]
     assert mod.main([str(tiny), "--smooth", "0", "--out", str(smooth)]) == 2
     assert "--smooth" in capsys.readouterr().err
+    ranked = tmp_path / "rank.jsonl"  # the click's order turned round: the higher a curve ends, the later it starts
+    assert mod.main([str(tiny), "--by-rank", "0.5", "--out", str(ranked)]) == 0
+    assert load_table(ranked).header["name"].endswith("-rank50")
+    rows = [json.loads(x) for x in tiny.read_text().splitlines()[1:] if x.strip()]
+    out_rows = [json.loads(x) for x in ranked.read_text().splitlines()[1:] if x.strip()]
+    q = mod.final_quantiles(rows)
+    top, low = q.index(max(q)), q.index(min(q))
+    assert out_rows[top] == mod.shift_row(rows[top], 0.5) and out_rows[low] == rows[low]  # the best: a full half
+    assert sorted(q) == [k / (len(rows) - 1) for k in range(len(rows))]
+    assert mod.main([str(tiny), "--by-rank", "1", "--out", str(ranked)]) == 2
 
 
 def test_sampler_first_good_counts_the_draws_until_a_good_configuration():
