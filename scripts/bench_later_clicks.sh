@@ -24,19 +24,14 @@ by=${3:-0.3}
 read -r -a modes <<< "${MODES:-new old}"
 [[ $by == -* || $by == smooth* || $by == rank* ]] && modes=(new)
 read -r -a bench_args <<< "${BENCH_ARGS:-}"
+case $by in  # the kind of stress table and its value
+  smooth*) kind=smooth; value=${by#smooth}; how=(--smooth "$value") ;;
+  rank*) kind=rank; value=${by#rank}; how=(--by-rank "$value") ;;
+  *) kind=shift; value=$by; how=(--by "$value") ;;
+esac
+tag=$kind$(python3 -c "import sys; print(round(100 * float(sys.argv[1])))" "$value")
 methods=(tpe+freeze_thaw)
-if [[ $by == smooth* ]]; then
-  how=(--smooth "${by#smooth}")
-  tag=smooth$(python3 -c "import sys; print(round(100 * float(sys.argv[1])))" "${by#smooth}")
-  methods+=(random)
-elif [[ $by == rank* ]]; then
-  how=(--by-rank "${by#rank}")
-  tag=rank$(python3 -c "import sys; print(round(100 * float(sys.argv[1])))" "${by#rank}")
-  methods+=(random)
-else
-  how=(--by "$by")
-  tag=shift$(python3 -c "import sys; print(round(100 * float(sys.argv[1])))" "$by")
-fi
+[[ $kind == shift ]] || methods+=(random)
 mkdir -p "$out"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT

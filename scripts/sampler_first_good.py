@@ -33,7 +33,7 @@ from search.space import sobol_sampler
 def draws(table, told: str, seed: int, n_startup: int, limit: int = 200):
     """(configuration, curve) of each trial the sampler draws, in order, at most ``limit`` (TPE is told each
     trial's click time or final value right after it is drawn)."""
-    clicks = click_episodes(table)
+    clicks = click_episodes(table) if told == "click" else None
     sampler = (optuna.samplers.RandomSampler(seed=seed) if told == "random" else sobol_sampler(seed) if told == "qmc"
                else optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup))
     study = optuna.create_study(direction="minimize", sampler=sampler)
@@ -43,8 +43,8 @@ def draws(table, told: str, seed: int, n_startup: int, limit: int = 200):
         define(trial)
         cfg, curve = table.curve_of(trial.params, seed)
         yield cfg, curve
-        value = {"click": clicks[cfg][curve] / table.search.max_episodes,  # lower = sooner = better
-                 "final": -float(table.value[cfg])}.get(told, 0.0)
+        value = (clicks[cfg][curve] / table.search.max_episodes if told == "click" else  # lower = sooner = better
+                 -float(table.value[cfg]) if told == "final" else 0.0)
         study.tell(trial, value)
 
 
@@ -61,7 +61,10 @@ def screen_episodes(table, target: float, drawn: list[tuple[int, int]], deadline
     """The oracle screen (search.bench.bound) over these draws instead of uniform ones: every curve is watched
     until its click or the deadline, and the first curve of a configuration at or under ``target`` that clicks by
     the deadline ends it; its episodes (inf: none among the draws)."""
-    good, clicks = good_configurations(table, target), click_episodes(table)
+    return _screened(good_configurations(table, target), click_episodes(table), drawn, deadline)
+
+
+def _screened(good, clicks, drawn: list[tuple[int, int]], deadline: float) -> float:
     total = 0.0
     for cfg, curve in drawn:
         c = clicks[cfg][curve]
@@ -81,7 +84,7 @@ def screen_bounds(table, target: float, baseline_episodes: float, repeats: int, 
     out = {}
     for told in ("random", "qmc"):
         seqs = [list(draws(table, told, r, 0, limit)) for r in range(repeats)]
-        by = {d: float(np.median([screen_episodes(table, target, s, d) for s in seqs]))
+        by = {d: float(np.median([_screened(good, clicks, s, d) for s in seqs]))
               for d in sorted({latest, *(max_t * np.linspace(0.05, 1.0, 20))})}
         best = min(by, key=by.get)
         out[told] = {"latest": (latest / max_t, baseline_episodes / by[latest]),

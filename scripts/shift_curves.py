@@ -48,10 +48,13 @@ def shift_row(row: dict, by: float) -> dict:
     return out
 
 
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
 def smooth_row(row: dict, power: float) -> dict:
     obj = row.get("objective")
-    if not isinstance(obj, list) or len(obj) < 2 or not all(
-            isinstance(v, (int, float)) and math.isfinite(v) for v in obj):
+    if not isinstance(obj, list) or len(obj) < 2 or not all(_finite(v) for v in obj):
         return row
     n, first, last = len(obj), obj[0], obj[-1]
     return {**row, "objective": [first + (last - first) * ((i + 1) / n) ** power for i in range(n)]}
@@ -62,8 +65,7 @@ def final_quantiles(rows: list[dict]) -> list[float]:
     non-finite final counts lowest; ties keep the rows' order)."""
     def final(r):
         obj = r.get("objective") or []
-        v = obj[-1] if obj else None
-        return v if isinstance(v, (int, float)) and math.isfinite(v) else -math.inf
+        return obj[-1] if obj and _finite(obj[-1]) else -math.inf
 
     order = sorted(range(len(rows)), key=lambda i: final(rows[i]))
     q = [0.0] * len(rows)
